@@ -1,0 +1,3 @@
+"""tff_fad: Federated automatic differentiation for TensorFlow Federated."""
+
+from tff_fad import runtime
