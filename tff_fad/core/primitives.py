@@ -1,0 +1,631 @@
+"""Differentiable federated primitives and their derivative rules.
+
+Each primitive is one class holding, side by side, its type rule, its primal
+emission, its JVP rule and its transpose (VJP) rule. Every rule emits only
+TFF's existing intrinsics, so a derivative program is again a federated
+program built from the same primitives (the closure property of Federated
+AD) and runs on TFF's runtime unchanged.
+
+  primitive       JVP (forward)                   transpose (reverse)
+  --------------  ------------------------------  ---------------------------------
+  broadcast       broadcast <x, dx>               sum of client cotangents
+  sum             sum <x, dx>                     broadcast of the cotangent
+  mean            mean <x, dx>                    broadcast of cotangent / n
+  weighted mean   sum <wx, w dx + dw x, w, dw>,   broadcast <ct / W, mean>; client i:
+                  d mean = (B - mean dW) / W      ct_x = w_i ct / W,
+                                                  ct_w = <ct, x_i - mean> / W
+  map / apply     local ForwardAccumulator        local GradientTape, at the same
+                                                  placement
+  min, max,       no rule: NotDifferentiableError at transform time
+  aggregate
+
+Forward mode packs each value with its tangent into one struct, so a JVP
+sends the same number of messages as the primal. Reverse mode's forward sweep
+aggregates `<x, 1>` (or `<w x, w>`) in one message to keep the denominator the
+transpose needs.
+"""
+
+import inspect
+from typing import Any, Callable, List, Optional, Sequence
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fad.core import errors
+from tff_fad.core import ir
+from tff_fad.core import local_ad
+from tff_fad.core import types as fad_types
+
+
+# ---------------------------------------------------------------------------
+# Emission helpers: every helper below emits existing TFF intrinsics.
+
+
+def local_call(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+  """Runs a TF function on federated values where they are placed.
+
+  Emits one `federated_map` (clients) or `federated_apply` (server); several
+  arguments are zipped first, as TFF does.
+
+  Args:
+    fn: A TF function taking `len(args)` positional structures.
+    args: TFF federated values, all at one placement.
+
+  Returns:
+    The federated result, at the arguments' placement.
+  """
+  member_types = [a.type_signature.member for a in args]
+  if len(args) == 1:
+    comp = tff.tensorflow.computation(lambda x: fn(x), member_types[0])  # pylint: disable=unnecessary-lambda
+    arg = args[0]
+  else:
+    comp = tff.tensorflow.computation(
+        lambda xs: fn(*xs), tff.StructWithPythonType(member_types, tuple)
+    )
+    arg = tff.federated_zip(tuple(args))
+  # tff.federated_map emits federated_apply for server-placed arguments.
+  return tff.federated_map(comp, arg)
+
+
+def add_all(values: Sequence[Any]) -> Any:
+  """Sums cotangent contributions (same placement) with one local call."""
+  if len(values) == 1:
+    return values[0]
+  return local_call(
+      lambda *xs: tf.nest.map_structure(lambda *ls: tf.add_n(ls), *xs),
+      values,
+  )
+
+
+def zero_tangent(value: Any, num_directions: Optional[int]) -> Any:
+  """A zero tangent for a federated value, computed where it lives."""
+  return local_call(
+      lambda x: local_ad.zeros_like_tangent(x, num_directions), [value]
+  )
+
+
+class Dual:
+  """A federated value with its tangent, as a pair or packed in one struct.
+
+  Communication rules ask for `packed()` so a value and its tangent travel in
+  one message; local rules ask for whichever form they consume. Conversions
+  are emitted lazily and at most once.
+  """
+
+  def __init__(self, primal=None, tangent=None, packed=None):
+    self._primal = primal
+    self._tangent = tangent
+    self._packed = packed
+
+  def packed(self):
+    if self._packed is None:
+      self._packed = tff.federated_zip((self._primal, self._tangent))
+    return self._packed
+
+  def primal(self):
+    if self._primal is None:
+      self._primal = self._packed[0]
+    return self._primal
+
+  def tangent(self):
+    if self._tangent is None:
+      self._tangent = self._packed[1]
+    return self._tangent
+
+
+def primal_of(x):
+  return x.primal() if isinstance(x, Dual) else x
+
+
+def _outer(direction_scalars: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+  """`s * x`, or with `k` directions `[s_1 x, ..., s_k x]` stacked on axis 0."""
+  s = tf.cast(direction_scalars, x.dtype)
+  if s.shape.rank == 0:
+    return s * x
+  return tf.reshape(s, [-1] + [1] * x.shape.rank) * x[tf.newaxis]
+
+
+def _tree_vdot(a, b) -> tf.Tensor:
+  """Sum over all leaves of elementwise products (float leaves only)."""
+  terms = [
+      tf.reduce_sum(x * tf.cast(y, x.dtype))
+      for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b))
+      if x.dtype.is_floating
+  ]
+  return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+# ---------------------------------------------------------------------------
+# The rule table.
+
+
+class Primitive:
+  """A federated primitive with its derivative rules.
+
+  Subclasses implement `infer` (trace time), `primal` and, if differentiable,
+  `jvp` and `transpose`. `forward_with_residuals` is the primal used in
+  reverse mode's forward sweep; it may also return values the transpose needs.
+  """
+
+  name: str = 'primitive'
+  differentiable: bool = True
+
+  def infer(self, inputs: Sequence[ir.Value], **params) -> tff.FederatedType:
+    raise NotImplementedError
+
+  def primal(self, inputs: List[Any], **params) -> Any:
+    raise NotImplementedError
+
+  def jvp(self, inputs: List[Any], active: List[bool], num_directions,
+          **params) -> Dual:
+    raise NotImplementedError
+
+  def forward_with_residuals(self, inputs: List[Any], active: List[bool],
+                             **params):
+    return self.primal(inputs, **params), None
+
+  def transpose(self, cotangent: Any, inputs: Callable[[], List[Any]],
+                residuals: Any, active: List[bool], **params
+                ) -> List[Optional[Any]]:
+    raise NotImplementedError
+
+  def why_not_differentiable(self, node: ir.Node) -> str:
+    return ''
+
+
+def _require_placement(primitive: str, argument: str, value: Any, placement):
+  if not isinstance(value, ir.Value):
+    raise errors.FederatedADError(
+        f'tff_fad.{primitive}: argument {argument!r} must be a tff_fad '
+        f'federated value, found {value!r}.'
+    )
+  if value.placement is not placement:
+    raise errors.PlacementError(
+        f'tff_fad.{primitive}: argument {argument!r} must be placed at '
+        f'{placement}, but {value.name} has type {value.type_signature}.'
+    )
+
+
+class Broadcast(Primitive):
+  """T@SERVER -> T@CLIENTS."""
+
+  name = 'federated_broadcast'
+
+  def infer(self, inputs):
+    (x,) = inputs
+    _require_placement(self.name, 'value', x, tff.SERVER)
+    return tff.FederatedType(x.member, tff.CLIENTS, all_equal=True)
+
+  def primal(self, inputs):
+    return tff.federated_broadcast(inputs[0])
+
+  def jvp(self, inputs, active, num_directions):
+    return Dual(packed=tff.federated_broadcast(inputs[0].packed()))
+
+  def transpose(self, cotangent, inputs, residuals, active):
+    return [tff.federated_sum(cotangent)]
+
+
+class Sum(Primitive):
+  """{T}@CLIENTS -> T@SERVER."""
+
+  name = 'federated_sum'
+
+  def infer(self, inputs):
+    (x,) = inputs
+    _require_placement(self.name, 'value', x, tff.CLIENTS)
+    return tff.FederatedType(x.member, tff.SERVER)
+
+  def primal(self, inputs):
+    return tff.federated_sum(inputs[0])
+
+  def jvp(self, inputs, active, num_directions):
+    return Dual(packed=tff.federated_sum(inputs[0].packed()))
+
+  def transpose(self, cotangent, inputs, residuals, active):
+    return [tff.federated_broadcast(cotangent)]
+
+
+def _divide(tree, denominator):
+  return tf.nest.map_structure(
+      lambda t: t / tf.cast(denominator, t.dtype), tree
+  )
+
+
+class Mean(Primitive):
+  """{T}@CLIENTS -> T@SERVER, the unweighted mean over clients."""
+
+  name = 'federated_mean'
+
+  def infer(self, inputs):
+    (x,) = inputs
+    _require_placement(self.name, 'value', x, tff.CLIENTS)
+    if fad_types.non_float_leaves(x.member):
+      raise errors.FederatedADError(
+          f'tff_fad.federated_mean needs floating-point values; {x.name} has '
+          f'type {x.type_signature}.'
+      )
+    return tff.FederatedType(x.member, tff.SERVER)
+
+  def primal(self, inputs):
+    return tff.federated_mean(inputs[0])
+
+  def jvp(self, inputs, active, num_directions):
+    return Dual(packed=tff.federated_mean(inputs[0].packed()))
+
+  def forward_with_residuals(self, inputs, active):
+    # One message carries the value and a 1, so the server learns n.
+    totals = tff.federated_sum(
+        local_call(lambda x: (x, tf.constant(1.0, tf.float32)), inputs)
+    )
+    count = totals[1]
+    return local_call(lambda t: _divide(t[0], t[1]), [totals]), count
+
+  def transpose(self, cotangent, inputs, count, active):
+    scaled = local_call(_divide, [cotangent, count])
+    return [tff.federated_broadcast(scaled)]
+
+
+class WeightedMean(Primitive):
+  """({T}@CLIENTS, {float32}@CLIENTS) -> T@SERVER: sum(w x) / sum(w)."""
+
+  name = 'federated_mean(weight=...)'
+
+  def infer(self, inputs):
+    x, w = inputs
+    _require_placement('federated_mean', 'value', x, tff.CLIENTS)
+    _require_placement('federated_mean', 'weight', w, tff.CLIENTS)
+    if fad_types.non_float_leaves(x.member):
+      raise errors.FederatedADError(
+          f'tff_fad.federated_mean needs floating-point values; {x.name} has '
+          f'type {x.type_signature}.'
+      )
+    if not (isinstance(w.member, tff.TensorType) and not w.member.shape):
+      raise errors.FederatedADError(
+          'tff_fad.federated_mean: weight must be a scalar per client, found '
+          f'{w.type_signature}.'
+      )
+    return tff.FederatedType(x.member, tff.SERVER)
+
+  def primal(self, inputs):
+    return tff.federated_mean(inputs[0], weight=inputs[1])
+
+  def jvp(self, inputs, active, num_directions):
+    x, w = inputs
+    x_active, w_active = active
+    if not w_active:
+      return Dual(packed=tff.federated_mean(x.packed(), weight=w))
+    k = num_directions
+
+    def client_terms(x_dual, w_dual):
+      # x_dual is (x, dx) or x alone; w_dual is (w, dw).
+      if x_active:
+        xv, dx = x_dual
+      else:
+        xv, dx = x_dual, local_ad.zeros_like_tangent(x_dual, k)
+      wv, dw = w_dual
+      wv = tf.cast(wv, tf.float32)
+
+      wx = tf.nest.map_structure(lambda a: tf.cast(wv, a.dtype) * a, xv)
+      tangent = tf.nest.map_structure(
+          lambda a, da: tf.cast(wv, a.dtype) * da + _outer(dw, a), xv, dx
+      )
+      return wx, tangent, wv, tf.cast(dw, tf.float32)
+
+    x_in = x.packed() if x_active else x
+    totals = tff.federated_sum(local_call(client_terms, [x_in, w.packed()]))
+
+    def finish(t):
+      sum_wx, sum_tangent, sum_w, sum_dw = t
+      mean = _divide(sum_wx, sum_w)
+
+      def leaf_tangent(m, b):
+        return (b - _outer(sum_dw, m)) / tf.cast(sum_w, m.dtype)
+
+      return mean, tf.nest.map_structure(leaf_tangent, mean, sum_tangent)
+
+    return Dual(packed=local_call(finish, [totals]))
+
+  def forward_with_residuals(self, inputs, active):
+    def client_terms(xv, wv):
+      wv = tf.cast(wv, tf.float32)
+      return tf.nest.map_structure(lambda a: tf.cast(wv, a.dtype) * a, xv), wv
+
+    totals = tff.federated_sum(local_call(client_terms, inputs))
+    mean = local_call(lambda t: _divide(t[0], t[1]), [totals])
+    total_weight = totals[1]
+    return mean, (mean, total_weight)
+
+  def transpose(self, cotangent, inputs, residuals, active):
+    mean, total_weight = residuals
+    x_active, w_active = active
+    message = local_call(
+        lambda ct, m, tw: (_divide(ct, tw), m),
+        [cotangent, mean, total_weight],
+    )
+    at_clients = tff.federated_broadcast(message)
+
+    def client_cotangents(msg, xv, wv):
+      ct_over_w, m = msg
+      wv = tf.cast(wv, tf.float32)
+      ct_x = tf.nest.map_structure(
+          lambda c: tf.cast(wv, c.dtype) * c, ct_over_w
+      )
+      diff = tf.nest.map_structure(lambda a, b: a - b, xv, m)
+      ct_w = _tree_vdot(ct_over_w, diff)
+      return ct_x, ct_w
+
+    cts = local_call(client_cotangents, [at_clients] + list(inputs()))
+    return [cts[0] if x_active else None, cts[1] if w_active else None]
+
+
+def _callable_name(fn) -> str:
+  return getattr(fn, '__name__', type(fn).__name__)
+
+
+class _LocalFunction(Primitive):
+  """Shared rules of `federated_map` (clients) and `federated_apply` (server)."""
+
+  placement = None
+
+  def infer(self, inputs, fn):
+    for i, x in enumerate(inputs):
+      _require_placement(self.name, f'arg[{i}]', x, self.placement)
+    comp = self._primal_computation(fn, [x.member for x in inputs])
+    return tff.FederatedType(comp.type_signature.result, self.placement)
+
+  @staticmethod
+  def _primal_computation(fn, member_types):
+    if isinstance(fn, tff.Computation):
+      return fn
+    if len(member_types) == 1:
+      return tff.tensorflow.computation(lambda x: fn(x), member_types[0])  # pylint: disable=unnecessary-lambda
+    return tff.tensorflow.computation(
+        lambda xs: fn(*xs), tff.StructWithPythonType(member_types, tuple)
+    )
+
+  def primal(self, inputs, fn):
+    comp = self._primal_computation(
+        fn, [x.type_signature.member for x in inputs]
+    )
+    arg = inputs[0] if len(inputs) == 1 else tff.federated_zip(tuple(inputs))
+    return tff.federated_map(comp, arg)
+
+  def why_not_differentiable(self, node):
+    fn = node.params['fn']
+    if isinstance(fn, tff.Computation):
+      return (
+          f'{self.name} was given an already-compiled tff.Computation '
+          f'({fn.type_signature}); pass the Python TF function instead so '
+          'tff_fad can differentiate it.'
+      )
+    for i, x in enumerate(node.inputs):
+      if isinstance(x.member, tff.SequenceType):
+        return (
+            f'{self.name}({_callable_name(fn)}) takes a tf.data.Dataset '
+            f'(arg[{i}]: {x.type_signature}); derivatives cannot flow '
+            'through dataset iteration: pass differentiable client data as '
+            'tensors.'
+        )
+    return ''
+
+  def jvp(self, inputs, active, num_directions, fn):
+    def local_jvp(*args):
+      primals = [a[0] if on else a for a, on in zip(args, active)]
+      tangents = [a[1] if on else None for a, on in zip(args, active)]
+      return local_ad.jvp(fn, primals, tangents, num_directions)
+
+    args = [x.packed() if on else x for x, on in zip(inputs, active)]
+    return Dual(packed=local_call(local_jvp, args))
+
+  def transpose(self, cotangent, inputs, residuals, active, fn):
+    def local_vjp(*args):
+      *primals, ct = args
+      _, cts = local_ad.vjp(fn, primals, active, ct)
+      return tuple(c for c in cts if c is not None)
+
+    result = local_call(local_vjp, list(inputs()) + [cotangent])
+    selected = iter(range(sum(active)))
+    return [result[next(selected)] if on else None for on in active]
+
+
+class Map(_LocalFunction):
+  name = 'federated_map'
+  placement = tff.CLIENTS
+
+
+class Apply(_LocalFunction):
+  name = 'federated_apply'
+  placement = tff.SERVER
+
+
+class Opaque(Primitive):
+  """A TFF intrinsic with no derivative rule (min, max, aggregate, ...)."""
+
+  differentiable = False
+
+  def __init__(self, intrinsic: Callable[..., Any], name: str):
+    self.intrinsic = intrinsic
+    self.name = name
+
+  def infer(self, inputs, **kwargs):
+    arg_type = tff.StructType([x.type_signature for x in inputs])
+    probe = tff.federated_computation(
+        lambda arg: self.intrinsic(
+            *[arg[i] for i in range(len(inputs))], **kwargs
+        ),
+        arg_type,
+    )
+    return probe.type_signature.result
+
+  def primal(self, inputs, **kwargs):
+    return self.intrinsic(*inputs, **kwargs)
+
+  def why_not_differentiable(self, node):
+    args = ', '.join(f'{x.name}: {x.type_signature}' for x in node.inputs)
+    return (
+        f'{self.name} has no derivative rule, and its argument(s) ({args}) '
+        'depend on the differentiated inputs. Restructure the program so '
+        f'{self.name} only sees values that are constant w.r.t. `wrt`.'
+    )
+
+
+BROADCAST = Broadcast()
+SUM = Sum()
+MEAN = Mean()
+WEIGHTED_MEAN = WeightedMean()
+MAP = Map()
+APPLY = Apply()
+MIN = Opaque(tff.federated_min, 'federated_min')
+MAX = Opaque(tff.federated_max, 'federated_max')
+AGGREGATE = Opaque(tff.federated_aggregate, 'federated_aggregate')
+
+# Intrinsics a derivative program may contain, per primitive. Tests use this
+# to check closure; federated_zip is structural (no communication).
+ALLOWED_INTRINSICS = frozenset({
+    'federated_broadcast', 'federated_map', 'federated_apply',
+    'federated_sum', 'federated_mean', 'federated_weighted_mean',
+    'federated_zip_at_clients', 'federated_zip_at_server',
+})
+
+
+# ---------------------------------------------------------------------------
+# The public primitives.
+
+
+def _bind(primitive: Primitive, inputs: Sequence[ir.Value], **params):
+  return ir.bind(primitive, inputs, primitive.infer(inputs, **params),
+                 **params)
+
+
+def federated_broadcast(value: ir.Value) -> ir.Value:
+  """Broadcasts `value`: T@SERVER -> T@CLIENTS. Derivative: a sum."""
+  return _bind(BROADCAST, [value])
+
+
+def federated_sum(value: ir.Value) -> ir.Value:
+  """Sums `value` over clients: {T}@CLIENTS -> T@SERVER. Derivative: broadcast."""
+  return _bind(SUM, [value])
+
+
+def federated_mean(value: ir.Value, weight: Optional[ir.Value] = None
+                   ) -> ir.Value:
+  """Mean over clients, optionally weighted: {T}@CLIENTS -> T@SERVER.
+
+  Args:
+    value: Floating-point values at clients.
+    weight: Optional scalar weight per client ({float32}@CLIENTS or
+      integer); differentiable when it is floating point.
+
+  Returns:
+    `sum_i w_i x_i / sum_i w_i` at the server (`w_i = 1` without weights).
+  """
+  if weight is None:
+    return _bind(MEAN, [value])
+  return _bind(WEIGHTED_MEAN, [value, weight])
+
+
+def _as_inputs(primitive: str, arg: Any) -> List[ir.Value]:
+  if isinstance(arg, ir.Value):
+    return [arg]
+  if isinstance(arg, (tuple, list)) and arg:
+    return list(arg)
+  raise errors.FederatedADError(
+      f'tff_fad.{primitive}: arg must be a federated value or a non-empty '
+      f'tuple of them, found {arg!r}.'
+  )
+
+
+def _check_callable(primitive: str, fn: Any, n: int):
+  if not callable(fn):
+    raise errors.FederatedADError(
+        f'tff_fad.{primitive}: fn must be callable, found {fn!r}.'
+    )
+  if isinstance(fn, tff.Computation):
+    return
+  try:
+    inspect.signature(fn).bind(*range(n))
+  except TypeError as e:
+    raise errors.FederatedADError(
+        f'tff_fad.{primitive}: {_callable_name(fn)} cannot take the {n} '
+        f'positional argument(s) it would receive ({e}).'
+    ) from e
+  except ValueError:
+    pass  # Builtins without a signature: let TF report misuse.
+
+
+def federated_map(fn: Callable[..., Any], arg: Any) -> ir.Value:
+  """Applies a TF function at each client: {T}@CLIENTS -> {U}@CLIENTS.
+
+  Args:
+    fn: A Python function of TF tensors (not a tff.Computation, if you want
+      derivatives). A tuple `arg` is zipped and unpacked into `fn`'s
+      positional parameters, as TFF does.
+    arg: A client-placed value, or a tuple of them.
+
+  Returns:
+    The client-placed result.
+  """
+  inputs = _as_inputs('federated_map', arg)
+  _check_callable('federated_map', fn, len(inputs))
+  return _bind(MAP, inputs, fn=fn)
+
+
+def federated_apply(fn: Callable[..., Any], arg: Any) -> ir.Value:
+  """Applies a TF function at the server: T@SERVER -> U@SERVER.
+
+  Args:
+    fn: A Python function of TF tensors; a tuple `arg` is unpacked into its
+      positional parameters.
+    arg: A server-placed value, or a tuple of them.
+
+  Returns:
+    The server-placed result.
+  """
+  inputs = _as_inputs('federated_apply', arg)
+  _check_callable('federated_apply', fn, len(inputs))
+  return _bind(APPLY, inputs, fn=fn)
+
+
+def federated_min(value: ir.Value) -> ir.Value:
+  """tff.federated_min; runs in the primal, has no derivative rule."""
+  return _bind(MIN, [value])
+
+
+def federated_max(value: ir.Value) -> ir.Value:
+  """tff.federated_max; runs in the primal, has no derivative rule."""
+  return _bind(MAX, [value])
+
+
+def federated_aggregate(value: ir.Value, zero, accumulate, merge, report
+                        ) -> ir.Value:
+  """tff.federated_aggregate; runs in the primal, has no derivative rule."""
+  return _bind(AGGREGATE, [value], zero=zero, accumulate=accumulate,
+               merge=merge, report=report)
+
+
+def select(value: ir.Value, key) -> ir.Value:
+  """`value[key]` for a structured federated value, at its placement."""
+  if not isinstance(value.member, tff.StructType):
+    raise errors.FederatedADError(
+        f'{value.name} has type {value.type_signature}; only structures can '
+        'be indexed.'
+    )
+  if isinstance(key, str):
+    fn = lambda x: x[key]  # pylint: disable=unnecessary-lambda-assignment
+  elif isinstance(key, int):
+    fn = lambda x: _index(x, key)  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    raise errors.FederatedADError(
+        f'Cannot index {value.name} with {key!r}: use an int or a str.'
+    )
+  fn.__name__ = f'select[{key!r}]'
+  if value.placement is tff.CLIENTS:
+    return federated_map(fn, value)
+  return federated_apply(fn, value)
+
+
+def _index(structure, i: int):
+  if isinstance(structure, dict):
+    return list(structure.values())[i]
+  return structure[i]

@@ -1,0 +1,596 @@
+"""Transforms of traced federated programs into native TFF computations.
+
+`federated_computation` traces a program; `jvp`, `vjp`, `grad` and
+`value_and_grad` emit its derivative programs. Every emitted object is a
+plain `tff.Computation` built from TFF's own intrinsics, so it runs on TFF's
+runtime (and any TFF context) with no tff_fad code at execution time.
+
+Accumulation modes:
+  'forward'            Tangents ride with the values: each broadcast and
+                       aggregation carries `<value, tangent>` in one message.
+                       One pass per tangent direction (batched); no extra
+                       communication step.
+  'reverse'            A forward sweep, then a backward sweep sending
+                       cotangents the other way. Clients keep the inputs of
+                       their local functions between the sweeps (stateful).
+  'reverse_recompute'  Like 'reverse', but clients keep nothing: in the
+                       backward sweep the server re-broadcasts what clients
+                       need and clients recompute their forward values.
+"""
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fad.core import errors
+from tff_fad.core import ir
+from tff_fad.core import local_ad
+from tff_fad.core import primitives
+from tff_fad.core import types as fad_types
+
+MODES = ('forward', 'reverse', 'reverse_recompute')
+Wrt = Union[int, str, Sequence[Union[int, str]]]
+
+
+class FederatedComputation:
+  """A traced tff_fad program; call it like a `tff.Computation`.
+
+  Attributes:
+    program: The traced `ir.Program`.
+    primal: The program as a native `tff.Computation`.
+  """
+
+  def __init__(self, fn, parameter_types: Sequence[Any]):
+    self._fn = fn
+    self.program = ir.trace(fn, parameter_types)
+    self.primal = _emit_primal(self.program)
+    functools.update_wrapper(self, fn)
+
+  @property
+  def type_signature(self) -> tff.FunctionType:
+    return self.primal.type_signature
+
+  def __call__(self, *args, **kwargs):
+    if ir.is_tracing() and any(
+        isinstance(a, ir.Value) for a in tf.nest.flatten((args, kwargs))
+    ):
+      # Called from inside another traced program: inline it, so the outer
+      # program can be differentiated through this one.
+      return self._fn(*args, **kwargs)
+    return self.primal(*args, **kwargs)
+
+  def __repr__(self):
+    return f'<tff_fad.FederatedComputation {self.program.name}: ' \
+           f'{self.type_signature}>'
+
+
+def federated_computation(*parameter_types):
+  """Decorator: traces a federated program built from tff_fad primitives.
+
+  ```
+  @tff_fad.federated_computation(
+      tff.FederatedType(W, tff.SERVER), tff.FederatedType(D, tff.CLIENTS))
+  def loss(w, data):
+    w_at_clients = tff_fad.federated_broadcast(w)
+    return tff_fad.federated_mean(
+        tff_fad.federated_map(client_loss, (w_at_clients, data)))
+  ```
+
+  Args:
+    *parameter_types: One `tff.FederatedType` per parameter of the function.
+
+  Returns:
+    A decorator producing a `FederatedComputation`, which runs the primal on
+    TFF's runtime when called and can be given to `jvp`, `vjp`, `grad`,
+    `value_and_grad`.
+  """
+  if len(parameter_types) == 1 and callable(parameter_types[0]) and not (
+      isinstance(parameter_types[0], tff.Type)):
+    raise errors.FederatedADError(
+        '@tff_fad.federated_computation needs the parameter types: write '
+        '@tff_fad.federated_computation(tff.FederatedType(...), ...).'
+    )
+
+  def decorator(fn):
+    return FederatedComputation(fn, parameter_types)
+
+  return decorator
+
+
+# ---------------------------------------------------------------------------
+# Analysis.
+
+
+def _resolve_wrt(program: ir.Program, wrt: Wrt) -> List[int]:
+  """Parameter positions named by `wrt`, validated for differentiability."""
+  items = [wrt] if isinstance(wrt, (int, str)) else list(wrt)
+  if not items:
+    raise errors.FederatedADError('wrt is empty: name at least one argument.')
+  positions = []
+  for item in items:
+    if isinstance(item, bool) or not isinstance(item, (int, str, np.integer)):
+      raise errors.FederatedADError(
+          f'wrt entries must be parameter positions or names, found {item!r}.'
+      )
+    if isinstance(item, str):
+      if item not in program.parameter_names:
+        raise errors.FederatedADError(
+            f'wrt={item!r} is not a parameter of {program.name}; parameters '
+            f'are {program.parameter_names}.'
+        )
+      position = program.parameter_names.index(item)
+    else:
+      position = int(item)
+      if not 0 <= position < len(program.parameters):
+        raise errors.FederatedADError(
+            f'wrt={item} is out of range: {program.name} has '
+            f'{len(program.parameters)} parameter(s).'
+        )
+    if position in positions:
+      raise errors.FederatedADError(f'wrt names argument {item!r} twice.')
+    parameter = program.parameters[position]
+    member = parameter.member
+    if isinstance(member, tff.SequenceType) or not (
+        fad_types.has_float_leaf(member)
+        and not fad_types.non_float_leaves(member)
+    ):
+      raise errors.NotDifferentiableError(
+          f'Cannot differentiate with respect to argument {parameter.name!r} '
+          f'of type {parameter.type_signature}: only floating-point '
+          'arguments have derivatives.'
+      )
+    positions.append(position)
+  return positions
+
+
+def _activity(program: ir.Program, wrt: Sequence[int]):
+  """Values that depend on `wrt` (active) and nodes the outputs need."""
+  active = {program.parameters[i] for i in wrt}
+  for node in program.nodes:
+    if any(x in active for x in node.inputs) and fad_types.has_float_leaf(
+        node.output.member
+    ):
+      active.add(node.output)
+  needed_values = set(program.output_values())
+  needed_nodes = []
+  for node in reversed(program.nodes):
+    if node.output in needed_values:
+      needed_nodes.append(node)
+      needed_values.update(node.inputs)
+  needed_nodes.reverse()
+  return active, needed_nodes
+
+
+def _check_differentiable(nodes: Sequence[ir.Node], active) -> None:
+  for node in nodes:
+    if not any(x in active for x in node.inputs):
+      continue
+    reason = node.primitive.why_not_differentiable(node)
+    if reason or not node.primitive.differentiable:
+      raise errors.NotDifferentiableError(
+          f'Cannot differentiate through `{node.describe()}`: {reason}'
+      )
+
+
+# ---------------------------------------------------------------------------
+# Emission helpers.
+
+
+def _build(name: str, parameters: List[Tuple[str, tff.Type]], body):
+  """A `tff.federated_computation` whose body gets a list of parameters."""
+  if len(parameters) == 1:
+    comp = tff.federated_computation(lambda x: body([x]), parameters[0][1])
+  else:
+    comp = tff.federated_computation(
+        lambda arg: body([arg[i] for i in range(len(parameters))]),
+        tff.StructType(parameters),
+    )
+  comp.__name__ = name  # Shown by TFF's tracing and compiler diagnostics.
+  return comp
+
+
+def _children(structure) -> List[Tuple[Optional[str], Any]]:
+  if isinstance(structure, dict):
+    return list(structure.items())
+  if hasattr(structure, '_fields'):  # namedtuple
+    return list(zip(structure._fields, structure))
+  return [(None, x) for x in structure]
+
+
+def _structure_type(structure, leaf_type):
+  """A TFF type for a (nested) Python structure of `ir.Value`s."""
+  if isinstance(structure, ir.Value):
+    return leaf_type(structure)
+  elements = [(n, _structure_type(c, leaf_type)) for n, c in
+              _children(structure)]
+  return tff.StructWithPythonType(elements, type(structure))
+
+
+def _split_federated(tff_value, structure) -> List[Any]:
+  """Flattens a TFF struct value shaped like `structure`, in tf.nest order."""
+
+  def rebuild(value, struct):
+    if isinstance(struct, ir.Value):
+      return value
+    children = _children(struct)
+    parts = [rebuild(value[i], c) for i, (_, c) in enumerate(children)]
+    if isinstance(struct, dict):
+      return type(struct)(zip([n for n, _ in children], parts))
+    if hasattr(struct, '_fields'):
+      return type(struct)(*parts)
+    return type(struct)(parts)
+
+  return tf.nest.flatten(rebuild(tff_value, structure))
+
+
+def _as_per_client(value):
+  """Makes an all-equal client value `{T}@CLIENTS`, as returned per client."""
+  if value.type_signature.placement is tff.CLIENTS and (
+      value.type_signature.all_equal):
+    return tff.federated_map(
+        tff.tensorflow.computation(lambda x: x, value.type_signature.member),
+        value,
+    )
+  return value
+
+
+def _pack_outputs(program: ir.Program, leaf_values: Dict[ir.Value, Any]):
+  return tf.nest.map_structure(lambda v: leaf_values[v], program.outputs)
+
+
+def _forward(program, nodes, args, tangents, active, num_directions):
+  """Emits the program forward; active values become `Dual`s."""
+  env: Dict[ir.Value, Any] = {}
+  for i, (parameter, arg) in enumerate(zip(program.parameters, args)):
+    if i in tangents:
+      env[parameter] = primitives.Dual(primal=arg, tangent=tangents[i])
+    else:
+      env[parameter] = arg
+  for node in nodes:
+    inputs = [env[x] for x in node.inputs]
+    if node.output in active:
+      on = [isinstance(x, primitives.Dual) for x in inputs]
+      env[node.output] = node.primitive.jvp(
+          inputs, on, num_directions, **node.params)
+    else:
+      env[node.output] = node.primitive.primal(
+          [primitives.primal_of(x) for x in inputs], **node.params)
+  return env
+
+
+def _emit_primal(program: ir.Program) -> tff.Computation:
+  _, nodes = _activity(program, [])
+
+  def body(args):
+    env = _forward(program, nodes, args, {}, set(), None)
+    return _pack_outputs(program, env)
+
+  return _build(
+      program.name,
+      list(zip(program.parameter_names, program.parameter_types)),
+      body,
+  )
+
+
+def _as_program(comp: Any, transform: str) -> ir.Program:
+  if isinstance(comp, FederatedComputation):
+    return comp.program
+  raise errors.FederatedADError(
+      f'tff_fad.{transform} needs a program built with '
+      f'@tff_fad.federated_computation; found {comp!r}. A compiled '
+      'tff.Computation cannot be differentiated: its Python is gone.'
+  )
+
+
+def _check_mode(mode: str):
+  if mode not in MODES:
+    raise errors.FederatedADError(
+        f'Unknown mode {mode!r}; choose one of {MODES}.'
+    )
+
+
+# ---------------------------------------------------------------------------
+# Forward mode.
+
+
+def _emit_jvp_body(program, wrt, args, tangents, num_directions):
+  """Returns `(outputs, output_tangents)` structures of TFF values."""
+  active, nodes = _activity(program, wrt)
+  _check_differentiable(nodes, active)
+  env = _forward(program, nodes, args, dict(zip(wrt, tangents)), active,
+                 num_directions)
+  values, out_tangents = {}, {}
+  for v in program.output_values():
+    x = env[v]
+    values[v] = primitives.primal_of(x)
+    out_tangents[v] = (
+        x.tangent() if isinstance(x, primitives.Dual)
+        else primitives.zero_tangent(x, num_directions))
+  return (_pack_outputs(program, values),
+          _pack_outputs(program, out_tangents))
+
+
+def jvp(comp: FederatedComputation, wrt: Wrt = 0,
+        num_directions: Optional[int] = None) -> tff.Computation:
+  """Forward-mode derivative program of `comp`.
+
+  Args:
+    comp: A `FederatedComputation`.
+    wrt: The argument(s) to differentiate: position(s) and/or name(s).
+    num_directions: `None` for one tangent direction; `k` to push `k`
+      directions at once (every tangent leaf gets a leading axis of size `k`).
+
+  Returns:
+    A `tff.Computation` `(primals..., tangents...) -> (value, value_tangent)`
+    taking one tangent per `wrt` entry, in `wrt` order, each placed like its
+    argument. Each broadcast/aggregation carries value and tangent in one
+    message.
+  """
+  program = _as_program(comp, 'jvp')
+  positions = _resolve_wrt(program, wrt)
+  if num_directions is not None and (
+      isinstance(num_directions, bool) or not isinstance(num_directions, int)
+      or num_directions <= 0):
+    raise errors.FederatedADError(
+        f'num_directions must be a positive int or None, found '
+        f'{num_directions!r}.'
+    )
+  parameters = list(zip(program.parameter_names, program.parameter_types))
+  for i in positions:
+    parameters.append((
+        f'{program.parameter_names[i]}_tangent',
+        fad_types.federated_tangent_type(
+            program.parameter_types[i], num_directions),
+    ))
+  m = len(program.parameters)
+
+  def body(args):
+    return _emit_jvp_body(program, positions, args[:m], args[m:],
+                          num_directions)
+
+  return _build(f'jvp_{program.name}', parameters, body)
+
+
+# ---------------------------------------------------------------------------
+# Reverse modes.
+
+
+def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode):
+  """Returns `(outputs, cotangents_in_wrt_order)` as TFF values.
+
+  `output_cotangent_leaves` is a callable mapping the forward outputs (by
+  value) to their cotangent TFF values, so `grad` can seed with ones.
+  """
+  active, nodes = _activity(program, wrt)
+  _check_differentiable(nodes, active)
+  backward = {n for n in nodes if n.output in active}
+
+  env: Dict[ir.Value, Any] = dict(zip(program.parameters, args))
+  residuals: Dict[ir.Node, Any] = {}
+  for node in nodes:
+    inputs = [env[x] for x in node.inputs]
+    if node in backward:
+      on = [x in active for x in node.inputs]
+      env[node.output], residuals[node] = (
+          node.primitive.forward_with_residuals(inputs, on, **node.params))
+    else:
+      env[node.output] = node.primitive.primal(inputs, **node.params)
+
+  def rematerialize(value, memo):
+    """A client value recomputed from server state and client inputs."""
+    if value in memo:
+      return memo[value]
+    node = value.producer
+    if node is None or value.placement is tff.SERVER:
+      result = env[value]
+    elif isinstance(node.primitive, primitives.Broadcast):
+      result = tff.federated_broadcast(env[node.inputs[0]])
+    else:
+      result = node.primitive.primal(
+          [rematerialize(x, memo) for x in node.inputs], **node.params)
+    memo[value] = result
+    return result
+
+  def inputs_of(node):
+    if mode == 'reverse':
+      return lambda: [env[x] for x in node.inputs]
+    return lambda: [rematerialize(x, {}) for x in node.inputs]
+
+  outputs = program.output_values()
+  cotangents: Dict[ir.Value, List[Any]] = {}
+  for v, ct in zip(outputs, output_cotangent_leaves(
+      [env[v] for v in outputs])):
+    if v in active:
+      cotangents.setdefault(v, []).append(ct)
+  for node in reversed(nodes):
+    if node not in backward or node.output not in cotangents:
+      continue
+    ct_out = primitives.add_all(cotangents.pop(node.output))
+    on = [x in active for x in node.inputs]
+    input_cts = node.primitive.transpose(
+        ct_out, inputs_of(node), residuals[node], on, **node.params)
+    for x, ct in zip(node.inputs, input_cts):
+      if ct is not None and x in active:
+        cotangents.setdefault(x, []).append(ct)
+
+  results = []
+  for i in wrt:
+    parameter = program.parameters[i]
+    if parameter in cotangents:
+      ct = primitives.add_all(cotangents[parameter])
+    else:
+      ct = primitives.zero_tangent(env[parameter], None)
+    results.append(_as_per_client(ct))
+  return _pack_outputs(program, env), results
+
+
+def _single_or_tuple(items: List[Any], wrt: Wrt):
+  return items[0] if isinstance(wrt, (int, str)) else tuple(items)
+
+
+def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse'
+        ) -> tff.Computation:
+  """Reverse-mode derivative program of `comp`.
+
+  Args:
+    comp: A `FederatedComputation`.
+    wrt: The argument(s) to differentiate: position(s) and/or name(s).
+    mode: 'reverse' or 'reverse_recompute' (see the module docstring).
+
+  Returns:
+    A `tff.Computation` `(primals..., output_cotangent) -> cotangents`. The
+    output cotangent is placed and structured like the output; the result is
+    the cotangent of the `wrt` argument, placed like it (a tuple in `wrt`
+    order if `wrt` is a sequence).
+  """
+  _check_mode(mode)
+  if mode == 'forward':
+    raise errors.FederatedADError(
+        "vjp is a reverse-mode transform: use mode='reverse' or "
+        "'reverse_recompute' (or jvp for forward mode)."
+    )
+  program = _as_program(comp, 'vjp')
+  positions = _resolve_wrt(program, wrt)
+  ct_type = _structure_type(
+      program.outputs,
+      lambda v: fad_types.federated_tangent_type(v.type_signature))
+  parameters = list(zip(program.parameter_names, program.parameter_types))
+  parameters.append(('output_cotangent', ct_type))
+  m = len(program.parameters)
+
+  def body(args):
+    leaves = _split_federated(args[m], program.outputs)
+    _, cts = _emit_vjp_body(program, positions, args[:m],
+                            lambda _: leaves, mode)
+    return _single_or_tuple(cts, wrt)
+
+  return _build(f'vjp_{program.name}', parameters, body)
+
+
+def _check_scalar_output(program: ir.Program, transform: str):
+  out = program.outputs
+  if not (isinstance(out, ir.Value) and out.placement is tff.SERVER
+          and isinstance(out.member, tff.TensorType)
+          and fad_types.is_float_dtype(out.member.dtype)
+          and tuple(out.member.shape) == ()):
+    described = out.type_signature if isinstance(out, ir.Value) else out
+    raise errors.FederatedADError(
+        f'tff_fad.{transform} needs a program returning one floating-point '
+        f'scalar at the server (e.g. float32@SERVER); {program.name} returns '
+        f'{described}. Use vjp/jvp for other outputs.'
+    )
+
+
+def _forward_mode_gradients(program, positions, args):
+  """Gradients by pushing a basis of all wrt directions at once."""
+  for i in positions:
+    if program.parameters[i].placement is not tff.SERVER:
+      raise errors.FederatedADError(
+          f"mode='forward' cannot give the per-client gradient of argument "
+          f'{program.parameter_names[i]!r} ({program.parameter_types[i]}): '
+          'forward mode would need one pass per client and element. Use '
+          "mode='reverse' or 'reverse_recompute', or jvp for directional "
+          'derivatives.'
+      )
+  sizes = [fad_types.num_elements(program.parameter_types[i].member)
+           for i in positions]
+  total = sum(sizes)
+  offsets = np.cumsum([0] + sizes)
+
+  def basis(offset, size):
+    def fn(x):
+      eye = tf.eye(total)[:, offset:offset + size]
+      leaves = tf.nest.flatten(x)
+      out, start = [], 0
+      for leaf in leaves:
+        n = int(np.prod(leaf.shape.as_list(), dtype=np.int64))
+        out.append(tf.cast(
+            tf.reshape(eye[:, start:start + n], [total] + leaf.shape.as_list()),
+            leaf.dtype))
+        start += n
+      return tf.nest.pack_sequence_as(x, out)
+    return fn
+
+  tangents = [
+      primitives.local_call(basis(offsets[j], sizes[j]), [args[i]])
+      for j, i in enumerate(positions)
+  ]
+  value, value_tangent = _emit_jvp_body(program, positions, args, tangents,
+                                        total)
+
+  def unpack(t, *params):
+    grads = []
+    for j, p in enumerate(params):
+      leaves, start, flat = [], int(offsets[j]), []
+      for leaf in tf.nest.flatten(p):
+        n = int(np.prod(leaf.shape.as_list(), dtype=np.int64))
+        flat.append(tf.cast(tf.reshape(t[start:start + n], leaf.shape),
+                            leaf.dtype))
+        start += n
+      grads.append(tf.nest.pack_sequence_as(p, flat))
+    return tuple(grads)
+
+  grads = primitives.local_call(
+      unpack, [value_tangent] + [args[i] for i in positions])
+  return value, [grads[j] for j in range(len(positions))]
+
+
+def _value_and_grad_body(program, positions, args, mode):
+  if mode == 'forward':
+    return _forward_mode_gradients(program, positions, args)
+  return _emit_vjp_body(
+      program, positions, args,
+      lambda outs: [primitives.local_call(tf.ones_like, [outs[0]])], mode)
+
+
+def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
+                   mode: str = 'reverse') -> tff.Computation:
+  """Value and gradient program of a scalar-valued `comp`.
+
+  Args:
+    comp: A `FederatedComputation` returning a float scalar at the server.
+    wrt: The argument(s) to differentiate: position(s) and/or name(s).
+    mode: 'forward' (server-placed `wrt` only; one pass per element, batched),
+      'reverse' or 'reverse_recompute'.
+
+  Returns:
+    A `tff.Computation` `(primals...) -> (value, gradient)`; the gradient is
+    placed and structured like its argument (a tuple in `wrt` order if `wrt`
+    is a sequence).
+  """
+  _check_mode(mode)
+  program = _as_program(comp, 'value_and_grad')
+  _check_scalar_output(program, 'value_and_grad')
+  positions = _resolve_wrt(program, wrt)
+
+  def body(args):
+    value, grads = _value_and_grad_body(program, positions, args, mode)
+    return value, _single_or_tuple(grads, wrt)
+
+  return _build(f'value_and_grad_{program.name}',
+                list(zip(program.parameter_names, program.parameter_types)),
+                body)
+
+
+def grad(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse'
+         ) -> tff.Computation:
+  """Gradient program of a scalar-valued `comp`; see `value_and_grad`.
+
+  Returns:
+    A `tff.Computation` `(primals...) -> gradient(s)`.
+  """
+  _check_mode(mode)
+  program = _as_program(comp, 'grad')
+  _check_scalar_output(program, 'grad')
+  positions = _resolve_wrt(program, wrt)
+
+  def body(args):
+    _, grads = _value_and_grad_body(program, positions, args, mode)
+    return _single_or_tuple(grads, wrt)
+
+  return _build(f'grad_{program.name}',
+                list(zip(program.parameter_names, program.parameter_types)),
+                body)
