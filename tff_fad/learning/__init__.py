@@ -1,0 +1,7 @@
+"""Federated learning algorithms built on tff_fad."""
+
+from tff_fad.learning.models import FunctionalNet
+from tff_fad.learning.models import get_net
+from tff_fad.learning.models import lenet
+from tff_fad.learning.models import to_functional_model
+from tff_fad.learning.models import wide_resnet

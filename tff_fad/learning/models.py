@@ -1,0 +1,304 @@
+"""Functional image classifiers: BAFFLE's LeNet and a WRN-10-2.
+
+Models here are pure functions of a flat list of parameter tensors,
+`apply(params, x) -> logits`, because forward-only training (BAFFLE)
+evaluates the loss at perturbed parameters `w + sigma * z` many times per step:
+with a pure `apply` a perturbed model is just another list of tensors, with no
+variable assignment and no model copies. `to_functional_model` wraps a
+`FunctionalNet` as a `tff.learning.models.FunctionalModel` for TFF.
+
+Initialization follows PyTorch's defaults (BAFFLE's official code is PyTorch):
+weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); norm scales 1, shifts 0.
+"""
+
+import collections
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+Params = Sequence[tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """Name, shape and PyTorch-style fan-in (0 for norm scale/shift) of one parameter."""
+
+  name: str
+  shape: tuple[int, ...]
+  fan_in: int
+  kind: str  # 'weight', 'bias', 'scale' or 'shift'.
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalNet:
+  """A model as parameter specs plus a pure function.
+
+  Attributes:
+    name: Model name, e.g. `'lenet'`.
+    param_specs: The parameters, in the order `apply` expects them.
+    apply: `apply(params, x) -> logits`; `x` is float32 `[B, H, W, C]`.
+  """
+
+  name: str
+  param_specs: tuple[ParamSpec, ...]
+  apply: Callable[[Params, tf.Tensor], tf.Tensor]
+
+  @property
+  def num_params(self) -> int:
+    return sum(int(np.prod(s.shape)) for s in self.param_specs)
+
+  def init(self, seed: int) -> list[np.ndarray]:
+    """Returns freshly initialized float32 parameters (deterministic in seed)."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for spec in self.param_specs:
+      if spec.kind == 'scale':
+        value = np.ones(spec.shape)
+      elif spec.kind == 'shift':
+        value = np.zeros(spec.shape)
+      else:
+        bound = 1.0 / np.sqrt(spec.fan_in)
+        value = rng.uniform(-bound, bound, size=spec.shape)
+      params.append(value.astype(np.float32))
+    return params
+
+
+def hardswish(x: tf.Tensor) -> tf.Tensor:
+  """x * relu6(x + 3) / 6, the activation of BAFFLE's models."""
+  return x * tf.nn.relu6(x + 3.0) / 6.0
+
+
+def group_norm(x: tf.Tensor, scale: tf.Tensor, shift: tf.Tensor,
+               num_groups: int, epsilon: float = 1e-5) -> tf.Tensor:
+  """GroupNorm over `[B, H, W, C]` (no batch statistics, so no state)."""
+  b, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+  c = x.shape[-1]
+  grouped = tf.reshape(x, [b, h, w, num_groups, c // num_groups])
+  mean, variance = tf.nn.moments(grouped, axes=[1, 2, 4], keepdims=True)
+  grouped = (grouped - mean) * tf.math.rsqrt(variance + epsilon)
+  return tf.reshape(grouped, [b, h, w, c]) * scale + shift
+
+
+def _conv_specs(name: str, k: int, c_in: int, c_out: int,
+                bias: bool = True) -> list[ParamSpec]:
+  fan_in = k * k * c_in
+  specs = [ParamSpec(f'{name}/kernel', (k, k, c_in, c_out), fan_in, 'weight')]
+  if bias:
+    specs.append(ParamSpec(f'{name}/bias', (c_out,), fan_in, 'bias'))
+  return specs
+
+
+def _norm_specs(name: str, c: int) -> list[ParamSpec]:
+  return [ParamSpec(f'{name}/scale', (c,), 0, 'scale'),
+          ParamSpec(f'{name}/shift', (c,), 0, 'shift')]
+
+
+def _dense_specs(name: str, c_in: int, c_out: int) -> list[ParamSpec]:
+  return [ParamSpec(f'{name}/kernel', (c_in, c_out), c_in, 'weight'),
+          ParamSpec(f'{name}/bias', (c_out,), c_in, 'bias')]
+
+
+def lenet(in_channels: int = 1, num_classes: int = 10,
+          group_norm_groups: int = 0) -> FunctionalNet:
+  """BAFFLE's LeNet: conv5x5(16, pad 2) - maxpool - conv5x5(64) - GAP - dense.
+
+  Hardswish after each convolution; with `group_norm_groups > 0`, GroupNorm
+  after each convolution (before the activation). The global average pool
+  makes the parameter count independent of the input size. For 1x32x32
+  inputs and no norm:
+
+    conv1  5*5*1*16 + 16  =    416
+    conv2  5*5*16*64 + 64 = 25,664
+    dense  64*10 + 10     =    650
+    total                 = 26,730
+
+  Args:
+    in_channels: Input channels (1 for digits).
+    num_classes: Output classes.
+    group_norm_groups: Groups of the optional GroupNorm; 0 disables it.
+
+  Returns:
+    A `FunctionalNet` taking `[B, H, W, in_channels]` images.
+  """
+  norm = group_norm_groups > 0
+  specs = _conv_specs('conv1', 5, in_channels, 16)
+  if norm:
+    specs += _norm_specs('norm1', 16)
+  specs += _conv_specs('conv2', 5, 16, 64)
+  if norm:
+    specs += _norm_specs('norm2', 64)
+  specs += _dense_specs('dense', 64, num_classes)
+
+  def apply(params: Params, x: tf.Tensor) -> tf.Tensor:
+    p = iter(params)
+    x = tf.nn.conv2d(x, next(p), 1, [[0, 0], [2, 2], [2, 2], [0, 0]]) + next(p)
+    if norm:
+      x = group_norm(x, next(p), next(p), group_norm_groups)
+    x = tf.nn.max_pool2d(hardswish(x), 2, 2, 'VALID')
+    x = tf.nn.conv2d(x, next(p), 1, 'VALID') + next(p)
+    if norm:
+      x = group_norm(x, next(p), next(p), group_norm_groups)
+    x = tf.reduce_mean(hardswish(x), axis=[1, 2])
+    return tf.matmul(x, next(p)) + next(p)
+
+  return FunctionalNet('lenet', tuple(specs), apply)
+
+
+def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
+                num_classes: int = 10, group_norm_groups: int = 8
+                ) -> FunctionalNet:
+  """Pre-activation Wide ResNet WRN-depth-width (Zagoruyko & Komodakis).
+
+  Three groups of `(depth - 4) / 6` basic blocks with `16*width`, `32*width`,
+  `64*width` channels (strides 1, 2, 2) after a 3x3 stem of 16 channels; 1x1
+  projection shortcuts where the shape changes; GroupNorm instead of batch
+  norm (BAFFLE avoids batch statistics: perturbed forward passes must see the
+  same normalization), Hardswish, global average pool, dense.
+
+  Args:
+    depth: 6n + 4 (10 gives one block per group).
+    width: Widening factor.
+    in_channels: Input channels.
+    num_classes: Output classes.
+    group_norm_groups: Groups of each GroupNorm; 0 disables normalization.
+
+  Returns:
+    A `FunctionalNet`.
+  """
+  if (depth - 4) % 6 or depth < 10:
+    raise ValueError(f'depth must be 6n + 4 with n >= 1, got {depth}.')
+  blocks_per_group = (depth - 4) // 6
+  norm = group_norm_groups > 0
+  specs = _conv_specs('stem', 3, in_channels, 16, bias=False)
+  # (name, c_in, c_out, stride, has_projection) for every block.
+  plan = []
+  c_in = 16
+  for g, (c, stride) in enumerate(zip([16 * width, 32 * width, 64 * width],
+                                      [1, 2, 2])):
+    for b in range(blocks_per_group):
+      s = stride if b == 0 else 1
+      plan.append((f'group{g}/block{b}', c_in, c, s, c_in != c or s != 1))
+      c_in = c
+  for name, ci, co, _, projection in plan:
+    if norm:
+      specs += _norm_specs(f'{name}/norm1', ci)
+    specs += _conv_specs(f'{name}/conv1', 3, ci, co, bias=False)
+    if norm:
+      specs += _norm_specs(f'{name}/norm2', co)
+    specs += _conv_specs(f'{name}/conv2', 3, co, co, bias=False)
+    if projection:
+      specs += _conv_specs(f'{name}/shortcut', 1, ci, co, bias=False)
+  if norm:
+    specs += _norm_specs('final_norm', c_in)
+  specs += _dense_specs('dense', c_in, num_classes)
+
+  def norm_act(x, p):
+    if norm:
+      x = group_norm(x, next(p), next(p), group_norm_groups)
+    return hardswish(x)
+
+  def apply(params: Params, x: tf.Tensor) -> tf.Tensor:
+    p = iter(params)
+    x = tf.nn.conv2d(x, next(p), 1, 'SAME')
+    for _, _, _, stride, projection in plan:
+      y = norm_act(x, p)
+      # Pre-activation: a projection shortcut reads the normalized input.
+      shortcut_input = y if projection else x
+      y = tf.nn.conv2d(y, next(p), stride, 'SAME')
+      y = norm_act(y, p)
+      y = tf.nn.conv2d(y, next(p), 1, 'SAME')
+      if projection:
+        x = tf.nn.conv2d(shortcut_input, next(p), stride, 'SAME')
+      x = x + y
+    x = tf.reduce_mean(norm_act(x, p), axis=[1, 2])
+    return tf.matmul(x, next(p)) + next(p)
+
+  return FunctionalNet(f'wrn{depth}_{width}', tuple(specs), apply)
+
+
+def get_net(name: str, in_channels: int = 1, num_classes: int = 10
+            ) -> FunctionalNet:
+  """Returns `'lenet'` or `'wrn'` (WRN-10-2) by name."""
+  if name == 'lenet':
+    return lenet(in_channels, num_classes)
+  if name == 'wrn':
+    return wide_resnet(10, 2, in_channels, num_classes)
+  raise ValueError(f"model must be 'lenet' or 'wrn', got {name!r}.")
+
+
+def sparse_softmax_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Mean cross-entropy of integer labels."""
+  return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=tf.cast(tf.reshape(labels, [-1]), tf.int32), logits=logits))
+
+
+def _accuracy_metric_fns():
+  """Functional metrics: summed loss, correct predictions and examples."""
+
+  def initialize():
+    return collections.OrderedDict(
+        loss_sum=tf.constant(0.0), num_correct=tf.constant(0.0),
+        num_examples=tf.constant(0.0))
+
+  def update(state, labels, batch_output, sample_weight=None):
+    del sample_weight  # Unused.
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    n = tf.cast(tf.shape(labels)[0], tf.float32)
+    correct = tf.cast(tf.equal(
+        tf.argmax(batch_output, axis=-1, output_type=tf.int32), labels),
+                      tf.float32)
+    return collections.OrderedDict(
+        loss_sum=state['loss_sum'] + sparse_softmax_loss(batch_output,
+                                                         labels) * n,
+        num_correct=state['num_correct'] + tf.reduce_sum(correct),
+        num_examples=state['num_examples'] + n)
+
+  def finalize(state):
+    n = tf.maximum(state['num_examples'], 1.0)
+    return collections.OrderedDict(
+        loss=state['loss_sum'] / n,
+        accuracy=state['num_correct'] / n,
+        num_examples=state['num_examples'])
+
+  return initialize, update, finalize
+
+
+def to_functional_model(net: FunctionalNet, image_shape: Sequence[int],
+                        seed: int = 0) -> tff.learning.models.FunctionalModel:
+  """Wraps `net` as a `tff.learning.models.FunctionalModel`.
+
+  All parameters are trainable (the models have no non-trainable state).
+  Batches are `OrderedDict(x=float32[B, *image_shape], y=int32[B])`.
+
+  Args:
+    net: The network.
+    image_shape: `(H, W, C)` of one input image.
+    seed: Seed of the initial weights.
+
+  Returns:
+    A `FunctionalModel` with loss = mean cross-entropy and metrics
+    `loss`, `accuracy`, `num_examples`.
+  """
+  initial_weights = (tuple(net.init(seed)), ())
+
+  @tf.function
+  def predict_on_batch(model_weights, x, training=True):
+    del training  # No dropout or batch norm.
+    return net.apply(model_weights[0], x)
+
+  def loss(output, label, sample_weight=None):
+    del sample_weight  # Unused.
+    return sparse_softmax_loss(output, label)
+
+  input_spec = collections.OrderedDict(
+      x=tf.TensorSpec([None, *image_shape], tf.float32),
+      y=tf.TensorSpec([None], tf.int32))
+  return tff.learning.models.FunctionalModel(
+      initial_weights=initial_weights,
+      predict_on_batch_fn=predict_on_batch,
+      loss_fn=loss,
+      metrics_fns=_accuracy_metric_fns(),
+      input_spec=input_spec)
