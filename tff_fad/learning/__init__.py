@@ -1,5 +1,6 @@
 """Federated learning algorithms built on tff_fad."""
 
+from tff_fad.learning.baffle import build_baffle
 from tff_fad.learning.models import FunctionalNet
 from tff_fad.learning.models import get_net
 from tff_fad.learning.models import lenet

@@ -1,0 +1,272 @@
+"""Tests for tff_fad.learning.baffle."""
+
+import collections
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+from tensorflow_federated.python.tensorflow_libs import serialization_utils
+
+import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
+from tff_fad.data import digits
+from tff_fad.learning import baffle
+from tff_fad.learning import models
+
+
+def _linear_net(num_features: int, num_classes: int) -> models.FunctionalNet:
+  """Softmax regression on flattened images: n = (d + 1) * classes."""
+  specs = (
+      models.ParamSpec('kernel', (num_features, num_classes), num_features,
+                       'weight'),
+      models.ParamSpec('bias', (num_classes,), num_features, 'bias'),
+  )
+
+  def apply(params, x):
+    return tf.matmul(tf.reshape(x, [tf.shape(x)[0], -1]), params[0]) + params[1]
+
+  return models.FunctionalNet('linear', specs, apply)
+
+
+@pytest.fixture(scope='module')
+def sklearn_digits():
+  return digits.load_federated_digits(num_clients=3, source='sklearn', seed=0)
+
+
+def _first_batch(fed, size=64):
+  x, y = fed.test['x'][:size], fed.test['y'][:size]
+  return tf.constant(x), tf.constant(y)
+
+
+def _cosine(a, b):
+  a = np.concatenate([np.ravel(t) for t in a])
+  b = np.concatenate([np.ravel(t) for t in b])
+  return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _estimate_and_truth(net, params, x, y, num_perturbations, sigma,
+                        estimator, seeds):
+  """Returns (estimates per seed, true gradient) for one minibatch."""
+  params = [tf.constant(p) for p in params]
+  shapes = [p.shape for p in params]
+
+  def loss_fn(ps):
+    return models.sparse_softmax_loss(net.apply(ps, x), y)
+
+  @tf.function
+  def estimate(seed):
+    scores, _ = baffle.estimate_scores(loss_fn, params, seed,
+                                       num_perturbations, sigma, estimator)
+    return baffle.rebuild_gradient(shapes, seed, scores)
+
+  # Test-side reference only; the clients never build a tape.
+  with tf.GradientTape() as tape:
+    tape.watch(params)
+    loss = loss_fn(params)
+  truth = [g.numpy() for g in tape.gradient(loss, params)]
+  estimates = [[g.numpy() for g in estimate(tf.constant([s, 7], tf.int64))]
+               for s in seeds]
+  return estimates, truth
+
+
+@pytest.mark.parametrize('estimator, sigma', [
+    ('jvp', 1e-4), ('central', 1e-3), ('forward', 1e-3)])
+@pytest.mark.parametrize('num_perturbations', [10, 100])
+def test_cosine_similarity_matches_theory(sklearn_digits, estimator, sigma,
+                                          num_perturbations):
+  net = _linear_net(64, 10)
+  n = net.num_params  # 650
+  x, y = _first_batch(sklearn_digits)
+  estimates, truth = _estimate_and_truth(net, net.init(1), x, y,
+                                         num_perturbations, sigma, estimator,
+                                         seeds=range(20))
+  mean_cos = np.mean([_cosine(e, truth) for e in estimates])
+  theory = np.sqrt(num_perturbations / (num_perturbations + n + 1))
+  # theory = 0.123 (K=10) and 0.364 (K=100); the mean over 20 seeds has a
+  # standard error of about 0.01.
+  assert abs(mean_cos - theory) < 0.04, (mean_cos, theory)
+
+
+def test_large_k_on_tiny_linear_model_approaches_true_gradient():
+  net = _linear_net(2, 2)  # n = 6.
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(size=(32, 2)), tf.float32)
+  y = tf.constant(rng.integers(0, 2, size=32), tf.int32)
+  (estimate,), truth = _estimate_and_truth(net, net.init(0), x, y, 20_000,
+                                           1e-3, 'central', seeds=[0])
+  flat_e = np.concatenate([e.ravel() for e in estimate])
+  flat_t = np.concatenate([t.ravel() for t in truth])
+  # Expected relative error sqrt((n + 1) / K) = 0.019.
+  assert np.linalg.norm(flat_e - flat_t) / np.linalg.norm(flat_t) < 0.06
+  assert _cosine(estimate, truth) > 0.998
+
+
+def test_server_and_client_regenerate_identical_perturbations():
+  shapes = [(5, 5, 1, 16), (16,), (64, 10)]
+  seed, k = np.array([3, 11], np.int64), 4
+
+  # The client computation runs in TFF's C++ runtime; the server's in another
+  # computation; eager is a third place. All must agree bit for bit.
+  @tff.tensorflow.computation(tff.TensorType(np.int64, [2]),
+                              tff.TensorType(np.int32))
+  def client_side(s, k_):
+    return tuple(baffle.perturbation(shapes, s, k_))
+
+  on_client = client_side(seed, k)
+  eager = baffle.perturbation(shapes, tf.constant(seed), tf.constant(k))
+  for a, b in zip(on_client, eager):
+    np.testing.assert_array_equal(a, b.numpy())
+  # Standard normal, and different directions for a different k or seed.
+  flat = np.concatenate([np.ravel(t) for t in on_client])
+  assert abs(flat.mean()) < 0.05 and abs(flat.std() - 1.0) < 0.05
+  other_k = baffle.perturbation(shapes, tf.constant(seed), tf.constant(k + 1))
+  other_seed = baffle.perturbation(shapes, tf.constant([3, 12], tf.int64),
+                                   tf.constant(k))
+  assert not np.allclose(eager[0], other_k[0])
+  assert not np.allclose(eager[0], other_seed[0])
+
+
+def test_server_rebuild_uses_the_clients_directions():
+  """With a linear loss the jvp scores are z_k . c; rebuild gives g_hat."""
+  c = [tf.constant(np.arange(6, dtype=np.float32).reshape(2, 3)),
+       tf.constant([1.0, -2.0], tf.float32)]
+  shapes = [t.shape for t in c]
+  seed = tf.constant([5, 0], tf.int64)
+
+  def loss_fn(ps):
+    return tf.add_n([tf.reduce_sum(p * ci) for p, ci in zip(ps, c)])
+
+  scores, _ = baffle.estimate_scores(loss_fn, [tf.zeros(s) for s in shapes],
+                                     seed, 8, 1e-3, 'jvp')
+  expected_scores, expected_g = [], [np.zeros(s, np.float32) for s in shapes]
+  for k in range(8):
+    z = baffle.perturbation(shapes, seed, tf.constant(k))
+    d = sum(float(tf.reduce_sum(zi * ci)) for zi, ci in zip(z, c))
+    expected_scores.append(d)
+    expected_g = [g + d * zi.numpy() / 8 for g, zi in zip(expected_g, z)]
+  np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-5)
+  rebuilt = baffle.rebuild_gradient(shapes, seed, scores)
+  for a, b in zip(rebuilt, expected_g):
+    np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-5)
+
+
+_GRADIENT_OP = re.compile(r'(Grad$|GradGrad$|Backprop|SymbolicGradient|'
+                          r'BroadcastGradientArgs)')
+
+
+def _graph_op_types(comp):
+  proto = tff.framework.ConcreteComputation.get_proto(comp)
+  graph_def = serialization_utils.unpack_graph_def(proto.tensorflow.graph_def)
+  nodes = list(graph_def.node)
+  for function in graph_def.library.function:
+    nodes.extend(function.node_def)
+  return {n.op for n in nodes}, {n.name for n in nodes}
+
+
+@pytest.mark.parametrize('mode', baffle.MODES)
+@pytest.mark.parametrize('estimator', ['forward', 'central'])
+def test_client_graph_has_no_gradient_ops(estimator, mode):
+  model = models.to_functional_model(models.lenet(), (32, 32, 1))
+  client = baffle.build_client_work(model, num_perturbations=3,
+                                    estimator=estimator, mode=mode)
+  op_types, names = _graph_op_types(client)
+  assert 'Conv2D' in op_types and 'StatelessRandomNormalV2' in op_types
+  assert not {op for op in op_types if _GRADIENT_OP.search(op)}
+  assert not [n for n in names if 'gradients' in n.lower()]
+
+
+def test_gradient_op_check_detects_backprop():
+  """The inspection above can fail: a client with a tape is caught."""
+  model = models.to_functional_model(models.lenet(), (32, 32, 1))
+
+  @tff.tensorflow.computation(tff.TensorType(np.float32, [2, 32, 32, 1]))
+  def backprop_client(x):
+    weights = [tf.constant(w) for w in model.initial_weights[0]]
+    with tf.GradientTape() as tape:
+      tape.watch(weights)
+      loss = tf.reduce_sum(model.predict_on_batch((weights, ()), x, True))
+    return tape.gradient(loss, weights)[0]
+
+  op_types, _ = _graph_op_types(backprop_client)
+  assert 'Conv2DBackpropFilter' in op_types
+
+
+def test_upload_is_k_scalars():
+  model = models.to_functional_model(models.lenet(), (32, 32, 1))
+  client = baffle.build_client_work(model, num_perturbations=100)
+  result = client.type_signature.result
+  assert result['update'].is_equivalent_to(tff.TensorType(np.float32, [100]))
+  # K scores + aggregation weight + loss metric, all float32.
+  assert baffle.upload_bytes(client) == 4 * (100 + 2)
+
+
+@pytest.mark.parametrize('kwargs, name', [
+    (dict(num_perturbations=0), 'num_perturbations'),
+    (dict(num_perturbations=-3), 'num_perturbations'),
+    (dict(sigma=0.0), 'sigma'),
+    (dict(sigma=-1e-4), 'sigma'),
+    (dict(estimator='backprop'), 'estimator'),
+    (dict(mode='fedprox'), 'mode'),
+    (dict(clip_value=0.0), 'clip_value'),
+    (dict(ema_decay=1.0), 'ema_decay'),
+])
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+  model = models.to_functional_model(_linear_net(4, 2), (2, 2, 1))
+  with pytest.raises(ValueError, match=name):
+    baffle.build_baffle(model, **kwargs)
+
+
+def _client_datasets(fed, num_clients, batch_size):
+  return [fed.train.create_tf_dataset_for_client(c).batch(batch_size).take(1)
+          for c in fed.client_ids[:num_clients]]
+
+
+def test_learning_process_type_signature_and_loss_decreases(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  process = baffle.build_baffle(
+      model, num_perturbations=200, estimator='jvp',
+      server_optimizer=tff.learning.optimizers.build_adam(0.05),
+      ema_decay=0.5, seed=1)
+  assert isinstance(process, tff.learning.templates.LearningProcess)
+  state_type, data_type = process.next.type_signature.parameter
+  assert state_type.placement is tff.SERVER
+  assert data_type.is_equivalent_to(tff.FederatedType(
+      tff.SequenceType(collections.OrderedDict(
+          x=tff.TensorType(np.float32, [None, 8, 8, 1]),
+          y=tff.TensorType(np.int32, [None]))), tff.CLIENTS))
+  assert process.next.type_signature.result.metrics.placement is tff.SERVER
+
+  data = _client_datasets(sklearn_digits, 3, 32)
+  state = process.initialize()
+  losses = []
+  for round_num in range(4):
+    output = process.next(state, data)
+    state = output.state
+    assert state.round_num == round_num + 1
+    losses.append(float(output.metrics['client_work']['train']['loss']))
+  # The same batches every round, so the loss must fall.
+  assert losses[-1] < losses[0] - 0.2, losses
+  # EMA: the evaluated weights lag behind the trained ones.
+  ema = process.get_model_weights(state)
+  assert not np.allclose(ema.trainable[0], state.global_model_weights.trainable[0])
+
+
+@pytest.mark.parametrize('estimator', ['forward', 'central'])
+def test_one_epoch_mode_and_unweighted_aggregator_run(sklearn_digits,
+                                                      estimator):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape)
+  process = baffle.build_baffle(
+      model, num_perturbations=20, sigma=1e-3, estimator=estimator,
+      mode='one_epoch', client_learning_rate=0.5,
+      model_aggregator=tff.aggregators.UnweightedMeanFactory())
+  state = process.initialize()
+  data = [fed_ds.take(2) for fed_ds in _client_datasets(sklearn_digits, 2, 16)]
+  output = process.next(state, data)
+  before = np.concatenate([np.ravel(w) for w in state.global_model_weights.trainable])
+  after = np.concatenate(
+      [np.ravel(w) for w in output.state.global_model_weights.trainable])
+  assert np.isfinite(after).all() and not np.allclose(before, after)
+  assert output.metrics['client_work']['train']['num_examples'] == 32
