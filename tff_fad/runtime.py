@@ -9,6 +9,7 @@ and CI jobs hang. Importing `tff_fad` registers `shutdown_local_workers` with
 """
 
 import atexit
+import gc
 import os
 import signal
 import time
@@ -64,6 +65,17 @@ def _reap(pid: int) -> bool:
     return not os.path.exists(f'/proc/{pid}')
 
 
+def _detach_tff_service_managers() -> None:
+  """Makes TFF's ServiceManager.__del__ a no-op once we stopped its worker.
+
+  Otherwise it runs during interpreter teardown, when its module globals are
+  already None, and prints a spurious traceback.
+  """
+  for obj in gc.get_objects():
+    if type(obj).__name__ == 'ServiceManager' and hasattr(obj, '_process'):
+      obj._process = None  # pylint: disable=protected-access
+
+
 def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
   """Stops the TFF worker processes this process started.
 
@@ -94,6 +106,8 @@ def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
       os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
       pass
+  if pids:
+    _detach_tff_service_managers()
   return len(pids)
 
 

@@ -494,6 +494,7 @@ ALLOWED_INTRINSICS = frozenset({
 
 
 def _bind(primitive: Primitive, inputs: Sequence[ir.Value], **params):
+  ir.current_program(primitive.name)  # Fails clearly outside a trace.
   return ir.bind(primitive, inputs, primitive.infer(inputs, **params),
                  **params)
 

@@ -106,7 +106,7 @@ def federated_computation(*parameter_types):
 
 def _resolve_wrt(program: ir.Program, wrt: Wrt) -> List[int]:
   """Parameter positions named by `wrt`, validated for differentiability."""
-  items = [wrt] if isinstance(wrt, (int, str)) else list(wrt)
+  items = list(wrt) if isinstance(wrt, (list, tuple)) else [wrt]
   if not items:
     raise errors.FederatedADError('wrt is empty: name at least one argument.')
   positions = []
