@@ -1,0 +1,62 @@
+# The README's contract: `make demo` and `make test`. Each does its own set-up
+# (scripts/bootstrap.sh creates .venv/ if missing, reuses it if up to date).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Cut TensorFlow's C++ log noise in test and demo runs.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+PYTEST_ARGS ?=
+# Small defaults live in research/baffle/main.py's flags; override with e.g.
+#   make demo DEMO_ARGS="--rounds=5"
+DEMO_ARGS ?=
+BAZEL ?= bazel
+BAZEL_ARGS ?=
+
+.PHONY: help venv test demo lock bazel bazel-setup bazel-test clean
+
+help:
+	@echo "make demo        run the main job (research/baffle/main.py) on embedded data"
+	@echo "make test        run the whole pytest suite"
+	@echo "make bazel-test  install Bazel if missing and run 'bazel test //...'"
+	@echo "make lock        recompile requirements/requirements.lock"
+	@echo "make clean       remove .venv, .bazel-local and Bazel outputs"
+
+venv:
+	@scripts/bootstrap.sh
+
+# One pytest process for the whole suite: importing TFF costs ~10 s.
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m research.baffle.main $(DEMO_ARGS)
+
+# Recompile the lock (uv is installed in .venv by the bootstrap). Relative
+# paths keep the command recorded in the lock's header reproducible.
+lock: venv
+	$(VENV)/bin/uv pip compile requirements/requirements.in \
+	    --override requirements/overrides.txt --python-version 3.11 \
+	    -o requirements/requirements.lock
+
+# Debian/Ubuntu's bazel-bootstrap (Bazel 4.2.3) works offline with the stub
+# repositories in third_party/bazel.
+bazel:
+	@if ! command -v $(BAZEL) >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "Installing Bazel (apt-get install bazel-bootstrap)"; \
+	  $$SUDO apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y bazel-bootstrap; \
+	fi
+
+# Machine-specific Bazel files (the Python toolchain pointing at .venv).
+bazel-setup: venv
+	@scripts/bazel_setup.sh
+
+bazel-test: bazel bazel-setup
+	$(BAZEL) test //... $(BAZEL_ARGS)
+
+clean:
+	-command -v $(BAZEL) >/dev/null && [ -f WORKSPACE ] && $(BAZEL) clean --expunge
+	rm -rf $(VENV) .bazel-local .pytest_cache
