@@ -8,9 +8,10 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PYTEST_ARGS ?=
-# Small defaults live in research/baffle/main.py's flags; override with e.g.
-#   make demo DEMO_ARGS="--rounds=5"
-DEMO_ARGS ?=
+# The demo is a short run of research/baffle/main.py on the embedded digits;
+# override with e.g. `make demo DEMO_ARGS="--rounds=150 --K=500"`.
+DEMO_OUT ?= out/demo
+DEMO_ARGS ?= --rounds=20
 BAZEL ?= bazel
 BAZEL_ARGS ?=
 
@@ -18,6 +19,7 @@ BAZEL_ARGS ?=
 
 help:
 	@echo "make demo        run the main job (research/baffle/main.py) on embedded data"
+	@echo "                 (outputs in $(DEMO_OUT); extra flags via DEMO_ARGS=...)"
 	@echo "make test        run the whole pytest suite"
 	@echo "make bazel-test  install Bazel if missing and run 'bazel test //...'"
 	@echo "make lock        recompile requirements/requirements.lock"
@@ -31,7 +33,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m research.baffle.main $(DEMO_ARGS)
+	$(PY) -m research.baffle.main --output_dir=$(DEMO_OUT) $(DEMO_ARGS)
 
 # Recompile the lock (uv is installed in .venv by the bootstrap). Relative
 # paths keep the command recorded in the lock's header reproducible.
