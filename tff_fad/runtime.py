@@ -65,15 +65,20 @@ def _reap(pid: int) -> bool:
     return not os.path.exists(f'/proc/{pid}')
 
 
-def _detach_tff_service_managers() -> None:
-  """Makes TFF's ServiceManager.__del__ a no-op once we stopped its worker.
+def _tff_service_managers() -> List[object]:
+  """TFF's (function-local) ServiceManager objects alive in this process."""
+  return [
+      obj for obj in gc.get_objects()
+      if type(obj).__name__ == 'ServiceManager' and hasattr(obj, '_process')
+  ]
 
-  Otherwise it runs during interpreter teardown, when its module globals are
-  already None, and prints a spurious traceback.
-  """
-  for obj in gc.get_objects():
-    if type(obj).__name__ == 'ServiceManager' and hasattr(obj, '_process'):
-      obj._process = None  # pylint: disable=protected-access
+
+def _at_exit() -> None:
+  shutdown_local_workers()
+  # ServiceManager.__del__ would otherwise run during interpreter teardown,
+  # when its module globals are already None, and print a traceback.
+  for manager in _tff_service_managers():
+    type(manager).__del__ = lambda self: None
 
 
 def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
@@ -106,9 +111,10 @@ def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
       os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
       pass
-  if pids:
-    _detach_tff_service_managers()
+  for manager in _tff_service_managers():
+    manager._process = None  # pylint: disable=protected-access
+    manager._stub = None  # pylint: disable=protected-access
   return len(pids)
 
 
-atexit.register(shutdown_local_workers)
+atexit.register(_at_exit)

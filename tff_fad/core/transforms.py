@@ -182,14 +182,13 @@ def _check_differentiable(nodes: Sequence[ir.Node], active) -> None:
 def _build(name: str, parameters: List[Tuple[str, tff.Type]], body):
   """A `tff.federated_computation` whose body gets a list of parameters."""
   if len(parameters) == 1:
-    comp = tff.federated_computation(lambda x: body([x]), parameters[0][1])
+    fn = lambda x: body([x])  # pylint: disable=unnecessary-lambda-assignment
+    parameter_type = parameters[0][1]
   else:
-    comp = tff.federated_computation(
-        lambda arg: body([arg[i] for i in range(len(parameters))]),
-        tff.StructType(parameters),
-    )
-  comp.__name__ = name  # Shown by TFF's tracing and compiler diagnostics.
-  return comp
+    fn = lambda arg: body([arg[i] for i in range(len(parameters))])  # pylint: disable=unnecessary-lambda-assignment
+    parameter_type = tff.StructType(parameters)
+  fn.__name__ = name  # TFF names the traced computation after it.
+  return tff.federated_computation(fn, parameter_type)
 
 
 def _children(structure) -> List[Tuple[Optional[str], Any]]:
