@@ -22,8 +22,11 @@ from tff_fad.core import FederatedADError
 from tff_fad.core import FederatedComputation
 from tff_fad.core import grad
 from tff_fad.core import jvp
+from tff_fad.core import LocalFunction
 from tff_fad.core import MODES
 from tff_fad.core import NotDifferentiableError
 from tff_fad.core import PlacementError
+from tff_fad.core import stop_gradient
 from tff_fad.core import value_and_grad
 from tff_fad.core import vjp
+from tff_fad.core import with_derivatives

@@ -22,7 +22,14 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 
 def _is_float(x) -> bool:
-  return tf.as_dtype(x.dtype).is_floating
+  return isinstance(x, (tf.Tensor, tf.Variable)) and x.dtype.is_floating
+
+
+def _as_tensors(structure: Any) -> Any:
+  """Converts leaves to tensors; datasets (client data) stay as they are."""
+  return tf.nest.map_structure(
+      lambda x: x if isinstance(x, tf.data.Dataset) else tf.convert_to_tensor(x),
+      structure)
 
 
 def structural_zero(num_directions: Optional[int] = None) -> tf.Tensor:
@@ -66,6 +73,67 @@ def _watched_pairs(
   return watched, watched_tangents
 
 
+class LocalFunction:
+  """A TF function with hand-written local derivative rules.
+
+  TF's AD cannot differentiate through iteration over a `tf.data.Dataset`
+  (the usual form of client data in TFF). A function over a dataset can
+  still take part in Federated AD if it states its rules: derivatives of a
+  sum over batches are sums of per-batch derivatives, computed inside the
+  loop. Use `with_derivatives` to build one.
+
+  Attributes:
+    fn: The function itself, called with positional arguments.
+    jvp_rule: `(primals, tangents) -> (outputs, output_tangents)`, with
+      `None` tangents for inactive arguments; one direction.
+    vjp_rule: `(primals, active, output_cotangent) -> input_cotangents`,
+      `None` for inactive arguments.
+  """
+
+  def __init__(self, fn, jvp_rule=None, vjp_rule=None):
+    self.fn = fn
+    self.jvp_rule = jvp_rule
+    self.vjp_rule = vjp_rule
+    self.__name__ = getattr(fn, '__name__', 'local_function')
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+def with_derivatives(fn, *, jvp=None, vjp=None) -> LocalFunction:
+  """Attaches forward (`jvp`) and/or reverse (`vjp`) rules to `fn`.
+
+  See `LocalFunction` for the rule signatures. A mode whose rule is missing
+  falls back to TF's AD, which is right for tensor-only functions.
+  """
+  if jvp is None and vjp is None:
+    raise ValueError('with_derivatives needs a jvp rule, a vjp rule or both.')
+  return LocalFunction(fn, jvp, vjp)
+
+
+def has_rule(fn, mode: str) -> bool:
+  """True when `fn` brings its own rule for `mode` ('forward' or reverse)."""
+  rule = 'jvp_rule' if mode == 'forward' else 'vjp_rule'
+  return getattr(fn, rule, None) is not None
+
+
+def _one_direction_jvp(fn, primals, tangents):
+  if has_rule(fn, 'forward'):
+    outputs, output_tangents = fn.jvp_rule(primals, tangents)
+    return _as_tensors(outputs), (
+        _as_tensors(output_tangents))
+  watched, watched_tangents = _watched_pairs(primals, tangents)
+  with tf.autodiff.ForwardAccumulator(watched, watched_tangents) as acc:
+    outputs = _as_tensors(fn(*primals))
+
+  def leaf(o):
+    if not _is_float(o):
+      return structural_zero()
+    return acc.jvp(o, unconnected_gradients=_ZERO)
+
+  return outputs, tf.nest.map_structure(leaf, outputs)
+
+
 def jvp(
     fn: Callable[..., Any],
     primals: Sequence[Any],
@@ -75,7 +143,8 @@ def jvp(
   """Forward-mode derivative of `fn(*primals)` along `tangents`.
 
   Args:
-    fn: A TensorFlow function of `len(primals)` positional arguments.
+    fn: A TensorFlow function of `len(primals)` positional arguments, or a
+      `LocalFunction` with its own forward rule.
     primals: The arguments (nested structures of tensors).
     tangents: One tangent per argument, or `None` for arguments held
       constant. With `num_directions=k`, every tangent leaf has a leading
@@ -86,47 +155,34 @@ def jvp(
     `(outputs, output_tangents)`; with `k` directions the output tangents
     have a leading axis of size `k`.
   """
-  primals = [tf.nest.map_structure(tf.convert_to_tensor, p) for p in primals]
-  watched, watched_tangents = _watched_pairs(primals, tangents)
-
-  def tangent_of(acc, outputs, k):
-    def leaf(o):
-      if not _is_float(o):
-        return structural_zero(k)
-      return acc.jvp(o, unconnected_gradients=_ZERO)
-
-    return tf.nest.map_structure(leaf, outputs)
-
+  primals = [_as_tensors(p) for p in primals]
   if num_directions is None:
-    with tf.autodiff.ForwardAccumulator(watched, watched_tangents) as acc:
-      outputs = tf.nest.map_structure(tf.convert_to_tensor, fn(*primals))
-    return outputs, tangent_of(acc, outputs, None)
+    return _one_direction_jvp(fn, primals, tangents)
 
-  outputs = tf.nest.map_structure(tf.convert_to_tensor, fn(*primals))
-  float_outputs = [o for o in tf.nest.flatten(outputs) if _is_float(o)]
+  outputs = _as_tensors(fn(*primals))
+  is_float = [_is_float(o) for o in tf.nest.flatten(outputs)]
+  active = [i for i, t in enumerate(tangents) if t is not None]
 
   def one_direction(direction):
-    with tf.autodiff.ForwardAccumulator(watched, direction) as acc:
-      outs = tf.nest.flatten(fn(*primals))
-    return [
-        acc.jvp(tf.convert_to_tensor(o), unconnected_gradients=_ZERO)
-        for o in outs
-        if _is_float(tf.convert_to_tensor(o))
-    ]
+    one = list(tangents)
+    for i, t in zip(active, direction):
+      one[i] = t
+    _, output_tangents = _one_direction_jvp(fn, primals, one)
+    return [t for t, f in zip(tf.nest.flatten(output_tangents), is_float)
+            if f]
 
   # tf.map_fn keeps the graph size independent of k (one loop body).
-  batched = tf.map_fn(
+  batched = iter(tf.map_fn(
       one_direction,
-      watched_tangents,
+      [tangents[i] for i in active],
       fn_output_signature=[
-          tf.TensorSpec(o.shape, o.dtype) for o in float_outputs
+          tf.TensorSpec(o.shape, o.dtype)
+          for o, f in zip(tf.nest.flatten(outputs), is_float) if f
       ],
-  )
-  batched = iter(batched)
+  ))
   output_tangents = tf.nest.map_structure(
       lambda o: next(batched) if _is_float(o) else structural_zero(
-          num_directions
-      ),
+          num_directions),
       outputs,
   )
   return outputs, output_tangents
@@ -141,15 +197,19 @@ def vjp(
   """Reverse-mode derivative of `fn(*primals)` against `output_cotangent`.
 
   Args:
-    fn: A TensorFlow function of `len(primals)` positional arguments.
+    fn: A TensorFlow function of `len(primals)` positional arguments, or a
+      `LocalFunction` with its own reverse rule.
     primals: The arguments (nested structures of tensors).
     active: Which arguments get a cotangent.
     output_cotangent: A structure matching `fn`'s output.
 
   Returns:
-    `(outputs, input_cotangents)`, with `None` for inactive arguments.
+    `(outputs, input_cotangents)`, with `None` for inactive arguments
+    (`outputs` is None when `fn` brings its own reverse rule).
   """
-  primals = [tf.nest.map_structure(tf.convert_to_tensor, p) for p in primals]
+  primals = [_as_tensors(p) for p in primals]
+  if has_rule(fn, 'reverse'):
+    return None, list(fn.vjp_rule(primals, list(active), output_cotangent))
   with tf.GradientTape(watch_accessed_variables=False) as tape:
     watched = []
     for primal, is_active in zip(primals, active):
@@ -158,7 +218,7 @@ def vjp(
           if _is_float(leaf):
             tape.watch(leaf)
             watched.append(leaf)
-    outputs = tf.nest.map_structure(tf.convert_to_tensor, fn(*primals))
+    outputs = _as_tensors(fn(*primals))
   targets, target_cotangents = [], []
   for o, ct in zip(
       tf.nest.flatten(outputs), tf.nest.flatten(output_cotangent)

@@ -169,7 +169,11 @@ class Primitive:
                 ) -> List[Optional[Any]]:
     raise NotImplementedError
 
-  def why_not_differentiable(self, node: ir.Node) -> str:
+  # False for primitives whose output is constant w.r.t. every input.
+  propagates_derivatives: bool = True
+
+  def why_not_differentiable(self, node: ir.Node, mode: str) -> str:
+    """Why `node` cannot be differentiated in `mode`, or '' if it can."""
     return ''
 
 
@@ -391,7 +395,7 @@ class _LocalFunction(Primitive):
     arg = inputs[0] if len(inputs) == 1 else tff.federated_zip(tuple(inputs))
     return tff.federated_map(comp, arg)
 
-  def why_not_differentiable(self, node):
+  def why_not_differentiable(self, node, mode):
     fn = node.params['fn']
     if isinstance(fn, tff.Computation):
       return (
@@ -399,13 +403,16 @@ class _LocalFunction(Primitive):
           f'({fn.type_signature}); pass the Python TF function instead so '
           'tff_fad can differentiate it.'
       )
+    if local_ad.has_rule(fn, mode):
+      return ''
     for i, x in enumerate(node.inputs):
       if isinstance(x.member, tff.SequenceType):
         return (
             f'{self.name}({_callable_name(fn)}) takes a tf.data.Dataset '
             f'(arg[{i}]: {x.type_signature}); derivatives cannot flow '
             'through dataset iteration: pass differentiable client data as '
-            'tensors.'
+            'tensors, or give the function its own per-batch rules with '
+            'tff_fad.with_derivatives.'
         )
     return ''
 
@@ -439,6 +446,24 @@ class Apply(_LocalFunction):
   placement = tff.SERVER
 
 
+class StopGradient(Primitive):
+  """Identity on values; derivatives do not flow through it."""
+
+  name = 'stop_gradient'
+  propagates_derivatives = False
+
+  def infer(self, inputs):
+    (x,) = inputs
+    if not isinstance(x, ir.Value):
+      raise errors.FederatedADError(
+          f'tff_fad.stop_gradient needs a tff_fad federated value, found '
+          f'{x!r}.')
+    return x.type_signature
+
+  def primal(self, inputs):
+    return inputs[0]  # Emits nothing.
+
+
 class Opaque(Primitive):
   """A TFF intrinsic with no derivative rule (min, max, aggregate, ...)."""
 
@@ -461,7 +486,8 @@ class Opaque(Primitive):
   def primal(self, inputs, **kwargs):
     return self.intrinsic(*inputs, **kwargs)
 
-  def why_not_differentiable(self, node):
+  def why_not_differentiable(self, node, mode):
+    del mode  # No rule in any mode.
     args = ', '.join(f'{x.name}: {x.type_signature}' for x in node.inputs)
     return (
         f'{self.name} has no derivative rule, and its argument(s) ({args}) '
@@ -476,6 +502,7 @@ MEAN = Mean()
 WEIGHTED_MEAN = WeightedMean()
 MAP = Map()
 APPLY = Apply()
+STOP_GRADIENT = StopGradient()
 MIN = Opaque(tff.federated_min, 'federated_min')
 MAX = Opaque(tff.federated_max, 'federated_max')
 AGGREGATE = Opaque(tff.federated_aggregate, 'federated_aggregate')
@@ -586,6 +613,15 @@ def federated_apply(fn: Callable[..., Any], arg: Any) -> ir.Value:
   inputs = _as_inputs('federated_apply', arg)
   _check_callable('federated_apply', fn, len(inputs))
   return _bind(APPLY, inputs, fn=fn)
+
+
+def stop_gradient(value: ir.Value) -> ir.Value:
+  """`value`, treated as a constant by every derivative transform.
+
+  E.g. local training that starts from a broadcast model whose derivative is
+  not wanted (and may be impossible: training iterates a dataset).
+  """
+  return _bind(STOP_GRADIENT, [value])
 
 
 def federated_min(value: ir.Value) -> ir.Value:

@@ -150,9 +150,9 @@ def _activity(program: ir.Program, wrt: Sequence[int]):
   """Values that depend on `wrt` (active) and nodes the outputs need."""
   active = {program.parameters[i] for i in wrt}
   for node in program.nodes:
-    if any(x in active for x in node.inputs) and fad_types.has_float_leaf(
-        node.output.member
-    ):
+    if (node.primitive.propagates_derivatives
+        and any(x in active for x in node.inputs)
+        and fad_types.has_float_leaf(node.output.member)):
       active.add(node.output)
   needed_values = set(program.output_values())
   needed_nodes = []
@@ -164,15 +164,30 @@ def _activity(program: ir.Program, wrt: Sequence[int]):
   return active, needed_nodes
 
 
-def _check_differentiable(nodes: Sequence[ir.Node], active) -> None:
+def _check_differentiable(nodes: Sequence[ir.Node], active, mode) -> None:
   for node in nodes:
+    if not node.primitive.propagates_derivatives:
+      continue
     if not any(x in active for x in node.inputs):
       continue
-    reason = node.primitive.why_not_differentiable(node)
+    reason = node.primitive.why_not_differentiable(node, mode)
     if reason or not node.primitive.differentiable:
       raise errors.NotDifferentiableError(
           f'Cannot differentiate through `{node.describe()}`: {reason}'
       )
+
+
+def _split_aux(program: ir.Program, has_aux: bool):
+  """`(differentiated outputs, auxiliary outputs or None)`."""
+  if not has_aux:
+    return program.outputs, None
+  outputs = program.outputs
+  if not (isinstance(outputs, (tuple, list)) and len(outputs) == 2):
+    raise errors.FederatedADError(
+        f'has_aux=True needs {program.name} to return a pair (output, aux); '
+        f'it returns {outputs!r}.'
+    )
+  return outputs[0], outputs[1]
 
 
 # ---------------------------------------------------------------------------
@@ -295,41 +310,7 @@ def _check_mode(mode: str):
 # Forward mode.
 
 
-def _emit_jvp_body(program, wrt, args, tangents, num_directions):
-  """Returns `(outputs, output_tangents)` structures of TFF values."""
-  active, nodes = _activity(program, wrt)
-  _check_differentiable(nodes, active)
-  env = _forward(program, nodes, args, dict(zip(wrt, tangents)), active,
-                 num_directions)
-  values, out_tangents = {}, {}
-  for v in program.output_values():
-    x = env[v]
-    values[v] = primitives.primal_of(x)
-    out_tangents[v] = (
-        x.tangent() if isinstance(x, primitives.Dual)
-        else primitives.zero_tangent(x, num_directions))
-  return (_pack_outputs(program, values),
-          _pack_outputs(program, out_tangents))
-
-
-def jvp(comp: FederatedComputation, wrt: Wrt = 0,
-        num_directions: Optional[int] = None) -> tff.Computation:
-  """Forward-mode derivative program of `comp`.
-
-  Args:
-    comp: A `FederatedComputation`.
-    wrt: The argument(s) to differentiate: position(s) and/or name(s).
-    num_directions: `None` for one tangent direction; `k` to push `k`
-      directions at once (every tangent leaf gets a leading axis of size `k`).
-
-  Returns:
-    A `tff.Computation` `(primals..., tangents...) -> (value, value_tangent)`
-    taking one tangent per `wrt` entry, in `wrt` order, each placed like its
-    argument. Each broadcast/aggregation carries value and tangent in one
-    message.
-  """
-  program = _as_program(comp, 'jvp')
-  positions = _resolve_wrt(program, wrt)
+def _check_num_directions(num_directions):
   if num_directions is not None and (
       isinstance(num_directions, bool) or not isinstance(num_directions, int)
       or num_directions <= 0):
@@ -337,6 +318,47 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
         f'num_directions must be a positive int or None, found '
         f'{num_directions!r}.'
     )
+
+
+def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux):
+  """Returns `(outputs, output_tangents, aux)` structures of TFF values."""
+  main, aux = _split_aux(program, has_aux)
+  active, nodes = _activity(program, wrt)
+  _check_differentiable(nodes, active, 'forward')
+  env = _forward(program, nodes, args, dict(zip(wrt, tangents)), active,
+                 num_directions)
+  values = tf.nest.map_structure(lambda v: primitives.primal_of(env[v]), main)
+  out_tangents = tf.nest.map_structure(
+      lambda v: env[v].tangent() if isinstance(env[v], primitives.Dual)
+      else primitives.zero_tangent(env[v], num_directions), main)
+  aux_values = None if aux is None else tf.nest.map_structure(
+      lambda v: primitives.primal_of(env[v]), aux)
+  return values, out_tangents, aux_values
+
+
+def jvp(comp: FederatedComputation, wrt: Wrt = 0,
+        num_directions: Optional[int] = None,
+        has_aux: bool = False) -> tff.Computation:
+  """Forward-mode derivative program of `comp`.
+
+  Args:
+    comp: A `FederatedComputation`.
+    wrt: The argument(s) to differentiate: position(s) and/or name(s).
+    num_directions: `None` for one tangent direction; `k` to push `k`
+      directions at once (every tangent leaf gets a leading axis of size `k`).
+    has_aux: If True, `comp` returns `(output, aux)` and only `output` is
+      differentiated; `aux` is returned as computed.
+
+  Returns:
+    A `tff.Computation` `(primals..., tangents...) -> (value, value_tangent)`
+    (`(value, value_tangent, aux)` with `has_aux`), taking one tangent per
+    `wrt` entry, in `wrt` order, each placed like its argument. Each
+    broadcast/aggregation carries value and tangent in one message.
+  """
+  program = _as_program(comp, 'jvp')
+  positions = _resolve_wrt(program, wrt)
+  _check_num_directions(num_directions)
+  _split_aux(program, has_aux)
   parameters = list(zip(program.parameter_names, program.parameter_types))
   for i in positions:
     parameters.append((
@@ -347,8 +369,9 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
   m = len(program.parameters)
 
   def body(args):
-    return _emit_jvp_body(program, positions, args[:m], args[m:],
-                          num_directions)
+    value, tangent, aux = _emit_jvp_body(
+        program, positions, args[:m], args[m:], num_directions, has_aux)
+    return (value, tangent, aux) if has_aux else (value, tangent)
 
   return _build(f'jvp_{program.name}', parameters, body)
 
@@ -357,14 +380,16 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
 # Reverse modes.
 
 
-def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode):
-  """Returns `(outputs, cotangents_in_wrt_order)` as TFF values.
+def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
+                   has_aux):
+  """Returns `(outputs, cotangents_in_wrt_order, aux)` as TFF values.
 
-  `output_cotangent_leaves` is a callable mapping the forward outputs (by
-  value) to their cotangent TFF values, so `grad` can seed with ones.
+  `output_cotangent_leaves` maps the forward outputs' leaves (TFF values) to
+  their cotangents, so `grad` can seed with ones.
   """
+  main, aux = _split_aux(program, has_aux)
   active, nodes = _activity(program, wrt)
-  _check_differentiable(nodes, active)
+  _check_differentiable(nodes, active, mode)
   backward = {n for n in nodes if n.output in active}
 
   env: Dict[ir.Value, Any] = dict(zip(program.parameters, args))
@@ -398,7 +423,7 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode):
       return lambda: [env[x] for x in node.inputs]
     return lambda: [rematerialize(x, {}) for x in node.inputs]
 
-  outputs = program.output_values()
+  outputs = tf.nest.flatten(main)
   cotangents: Dict[ir.Value, List[Any]] = {}
   for v, ct in zip(outputs, output_cotangent_leaves(
       [env[v] for v in outputs])):
@@ -423,59 +448,68 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode):
     else:
       ct = primitives.zero_tangent(env[parameter], None)
     results.append(_as_per_client(ct))
-  return _pack_outputs(program, env), results
+  values = tf.nest.map_structure(lambda v: env[v], main)
+  aux_values = None if aux is None else tf.nest.map_structure(
+      lambda v: env[v], aux)
+  return values, results, aux_values
 
 
 def _single_or_tuple(items: List[Any], wrt: Wrt):
-  return items[0] if isinstance(wrt, (int, str)) else tuple(items)
+  return tuple(items) if isinstance(wrt, (list, tuple)) else items[0]
 
 
-def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse'
-        ) -> tff.Computation:
+def _check_reverse_mode(mode: str, transform: str):
+  _check_mode(mode)
+  if mode == 'forward':
+    raise errors.FederatedADError(
+        f"{transform} is a reverse-mode transform: use mode='reverse' or "
+        "'reverse_recompute' (or jvp for forward mode)."
+    )
+
+
+def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
+        has_aux: bool = False) -> tff.Computation:
   """Reverse-mode derivative program of `comp`.
 
   Args:
     comp: A `FederatedComputation`.
     wrt: The argument(s) to differentiate: position(s) and/or name(s).
     mode: 'reverse' or 'reverse_recompute' (see the module docstring).
+    has_aux: If True, `comp` returns `(output, aux)`; only `output` gets a
+      cotangent and `aux` is returned as computed.
 
   Returns:
-    A `tff.Computation` `(primals..., output_cotangent) -> cotangents`. The
-    output cotangent is placed and structured like the output; the result is
-    the cotangent of the `wrt` argument, placed like it (a tuple in `wrt`
-    order if `wrt` is a sequence).
+    A `tff.Computation` `(primals..., output_cotangent) -> cotangents` (or
+    `-> (cotangents, aux)` with `has_aux`). The output cotangent is placed and
+    structured like the output; the result is the cotangent of the `wrt`
+    argument, placed like it (a tuple in `wrt` order if `wrt` is a sequence).
   """
-  _check_mode(mode)
-  if mode == 'forward':
-    raise errors.FederatedADError(
-        "vjp is a reverse-mode transform: use mode='reverse' or "
-        "'reverse_recompute' (or jvp for forward mode)."
-    )
+  _check_reverse_mode(mode, 'vjp')
   program = _as_program(comp, 'vjp')
   positions = _resolve_wrt(program, wrt)
+  main, _ = _split_aux(program, has_aux)
   ct_type = _structure_type(
-      program.outputs,
-      lambda v: fad_types.federated_tangent_type(v.type_signature))
+      main, lambda v: fad_types.federated_tangent_type(v.type_signature))
   parameters = list(zip(program.parameter_names, program.parameter_types))
   parameters.append(('output_cotangent', ct_type))
   m = len(program.parameters)
 
   def body(args):
-    leaves = _split_federated(args[m], program.outputs)
-    _, cts = _emit_vjp_body(program, positions, args[:m],
-                            lambda _: leaves, mode)
-    return _single_or_tuple(cts, wrt)
+    leaves = _split_federated(args[m], main)
+    _, cts, aux = _emit_vjp_body(program, positions, args[:m],
+                                 lambda _: leaves, mode, has_aux)
+    cts = _single_or_tuple(cts, wrt)
+    return (cts, aux) if has_aux else cts
 
   return _build(f'vjp_{program.name}', parameters, body)
 
 
-def _check_scalar_output(program: ir.Program, transform: str):
-  out = program.outputs
-  if not (isinstance(out, ir.Value) and out.placement is tff.SERVER
-          and isinstance(out.member, tff.TensorType)
-          and fad_types.is_float_dtype(out.member.dtype)
-          and tuple(out.member.shape) == ()):
-    described = out.type_signature if isinstance(out, ir.Value) else out
+def _check_scalar_output(program: ir.Program, main, transform: str):
+  if not (isinstance(main, ir.Value) and main.placement is tff.SERVER
+          and isinstance(main.member, tff.TensorType)
+          and fad_types.is_float_dtype(main.member.dtype)
+          and tuple(main.member.shape) == ()):
+    described = main.type_signature if isinstance(main, ir.Value) else main
     raise errors.FederatedADError(
         f'tff_fad.{transform} needs a program returning one floating-point '
         f'scalar at the server (e.g. float32@SERVER); {program.name} returns '
@@ -483,7 +517,7 @@ def _check_scalar_output(program: ir.Program, transform: str):
     )
 
 
-def _forward_mode_gradients(program, positions, args):
+def _forward_mode_gradients(program, positions, args, has_aux):
   """Gradients by pushing a basis of all wrt directions at once."""
   for i in positions:
     if program.parameters[i].placement is not tff.SERVER:
@@ -502,9 +536,8 @@ def _forward_mode_gradients(program, positions, args):
   def basis(offset, size):
     def fn(x):
       eye = tf.eye(total)[:, offset:offset + size]
-      leaves = tf.nest.flatten(x)
       out, start = [], 0
-      for leaf in leaves:
+      for leaf in tf.nest.flatten(x):
         n = int(np.prod(leaf.shape.as_list(), dtype=np.int64))
         out.append(tf.cast(
             tf.reshape(eye[:, start:start + n], [total] + leaf.shape.as_list()),
@@ -517,13 +550,13 @@ def _forward_mode_gradients(program, positions, args):
       primitives.local_call(basis(offsets[j], sizes[j]), [args[i]])
       for j, i in enumerate(positions)
   ]
-  value, value_tangent = _emit_jvp_body(program, positions, args, tangents,
-                                        total)
+  value, value_tangent, aux = _emit_jvp_body(
+      program, positions, args, tangents, total, has_aux)
 
   def unpack(t, *params):
     grads = []
     for j, p in enumerate(params):
-      leaves, start, flat = [], int(offsets[j]), []
+      start, flat = int(offsets[j]), []
       for leaf in tf.nest.flatten(p):
         n = int(np.prod(leaf.shape.as_list(), dtype=np.int64))
         flat.append(tf.cast(tf.reshape(t[start:start + n], leaf.shape),
@@ -534,61 +567,74 @@ def _forward_mode_gradients(program, positions, args):
 
   grads = primitives.local_call(
       unpack, [value_tangent] + [args[i] for i in positions])
-  return value, [grads[j] for j in range(len(positions))]
+  return value, [grads[j] for j in range(len(positions))], aux
 
 
-def _value_and_grad_body(program, positions, args, mode):
+def _value_and_grad_body(program, positions, args, mode, has_aux):
   if mode == 'forward':
-    return _forward_mode_gradients(program, positions, args)
+    return _forward_mode_gradients(program, positions, args, has_aux)
   return _emit_vjp_body(
       program, positions, args,
-      lambda outs: [primitives.local_call(tf.ones_like, [outs[0]])], mode)
+      lambda outs: [primitives.local_call(tf.ones_like, [outs[0]])], mode,
+      has_aux)
+
+
+def _gradient_program(comp, wrt, mode, has_aux, transform):
+  _check_mode(mode)
+  program = _as_program(comp, transform)
+  main, _ = _split_aux(program, has_aux)
+  _check_scalar_output(program, main, transform)
+  return program, _resolve_wrt(program, wrt)
 
 
 def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
-                   mode: str = 'reverse') -> tff.Computation:
+                   mode: str = 'reverse', has_aux: bool = False
+                   ) -> tff.Computation:
   """Value and gradient program of a scalar-valued `comp`.
 
   Args:
-    comp: A `FederatedComputation` returning a float scalar at the server.
+    comp: A `FederatedComputation` returning a float scalar at the server
+      (or `(scalar, aux)` with `has_aux`).
     wrt: The argument(s) to differentiate: position(s) and/or name(s).
     mode: 'forward' (server-placed `wrt` only; one pass per element, batched),
       'reverse' or 'reverse_recompute'.
+    has_aux: If True, `comp` returns `(scalar, aux)`.
 
   Returns:
-    A `tff.Computation` `(primals...) -> (value, gradient)`; the gradient is
-    placed and structured like its argument (a tuple in `wrt` order if `wrt`
-    is a sequence).
+    A `tff.Computation` `(primals...) -> (value, gradient)` (or
+    `-> ((value, aux), gradient)` with `has_aux`); the gradient is placed and
+    structured like its argument (a tuple in `wrt` order if `wrt` is a
+    sequence).
   """
-  _check_mode(mode)
-  program = _as_program(comp, 'value_and_grad')
-  _check_scalar_output(program, 'value_and_grad')
-  positions = _resolve_wrt(program, wrt)
+  program, positions = _gradient_program(comp, wrt, mode, has_aux,
+                                         'value_and_grad')
 
   def body(args):
-    value, grads = _value_and_grad_body(program, positions, args, mode)
-    return value, _single_or_tuple(grads, wrt)
+    value, grads, aux = _value_and_grad_body(program, positions, args, mode,
+                                             has_aux)
+    grads = _single_or_tuple(grads, wrt)
+    return ((value, aux), grads) if has_aux else (value, grads)
 
   return _build(f'value_and_grad_{program.name}',
                 list(zip(program.parameter_names, program.parameter_types)),
                 body)
 
 
-def grad(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse'
-         ) -> tff.Computation:
+def grad(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
+         has_aux: bool = False) -> tff.Computation:
   """Gradient program of a scalar-valued `comp`; see `value_and_grad`.
 
   Returns:
-    A `tff.Computation` `(primals...) -> gradient(s)`.
+    A `tff.Computation` `(primals...) -> gradient(s)` (or
+    `-> (gradient(s), aux)` with `has_aux`).
   """
-  _check_mode(mode)
-  program = _as_program(comp, 'grad')
-  _check_scalar_output(program, 'grad')
-  positions = _resolve_wrt(program, wrt)
+  program, positions = _gradient_program(comp, wrt, mode, has_aux, 'grad')
 
   def body(args):
-    _, grads = _value_and_grad_body(program, positions, args, mode)
-    return _single_or_tuple(grads, wrt)
+    _, grads, aux = _value_and_grad_body(program, positions, args, mode,
+                                         has_aux)
+    grads = _single_or_tuple(grads, wrt)
+    return (grads, aux) if has_aux else grads
 
   return _build(f'grad_{program.name}',
                 list(zip(program.parameter_names, program.parameter_types)),
