@@ -17,16 +17,7 @@ from tff_fad.learning import models
 
 def _linear_net(num_features: int, num_classes: int) -> models.FunctionalNet:
   """Softmax regression on flattened images: n = (d + 1) * classes."""
-  specs = (
-      models.ParamSpec('kernel', (num_features, num_classes), num_features,
-                       'weight'),
-      models.ParamSpec('bias', (num_classes,), num_features, 'bias'),
-  )
-
-  def apply(params, x):
-    return tf.matmul(tf.reshape(x, [tf.shape(x)[0], -1]), params[0]) + params[1]
-
-  return models.FunctionalNet('linear', specs, apply)
+  return models.linear((num_features,), num_classes)
 
 
 @pytest.fixture(scope='module')

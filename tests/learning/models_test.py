@@ -78,6 +78,11 @@ def test_functional_model_runs_in_tff():
       rtol=1e-6)
 
 
-def test_unknown_model_name():
+def test_get_net_and_linear_model():
+  assert models.get_net('lenet', (32, 32, 1)).num_params == 26_730
+  net = models.get_net('linear', (8, 8, 1))
+  assert net.num_params == (64 + 1) * 10
+  assert net.apply([tf.constant(p) for p in net.init(0)],
+                   tf.zeros([3, 8, 8, 1])).shape == (3, 10)
   with pytest.raises(ValueError, match='model'):
-    models.get_net('resnet50')
+    models.get_net('resnet50', (32, 32, 1))

@@ -219,14 +219,37 @@ def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
   return FunctionalNet(f'wrn{depth}_{width}', tuple(specs), apply)
 
 
-def get_net(name: str, in_channels: int = 1, num_classes: int = 10
+def linear(image_shape: Sequence[int], num_classes: int = 10) -> FunctionalNet:
+  """Softmax regression on flattened images: `(H*W*C + 1) * classes` params.
+
+  Zeroth-order training needs a number of forward passes that grows with the
+  parameter count (the cosine of a K-direction estimate to the gradient is
+  about sqrt(K / n)), so this small model is what trains in a short demo.
+  """
+  num_features = int(np.prod(image_shape))
+  specs = (ParamSpec('dense/kernel', (num_features, num_classes), num_features,
+                     'weight'),
+           ParamSpec('dense/bias', (num_classes,), num_features, 'bias'))
+
+  def apply(params: Params, x: tf.Tensor) -> tf.Tensor:
+    return tf.matmul(tf.reshape(x, [-1, num_features]), params[0]) + params[1]
+
+  return FunctionalNet('linear', specs, apply)
+
+
+MODEL_NAMES = ('lenet', 'wrn', 'linear')
+
+
+def get_net(name: str, image_shape: Sequence[int], num_classes: int = 10
             ) -> FunctionalNet:
-  """Returns `'lenet'` or `'wrn'` (WRN-10-2) by name."""
+  """Returns `'lenet'`, `'wrn'` (WRN-10-2) or `'linear'` for `[H, W, C]` images."""
   if name == 'lenet':
-    return lenet(in_channels, num_classes)
+    return lenet(image_shape[-1], num_classes)
   if name == 'wrn':
-    return wide_resnet(10, 2, in_channels, num_classes)
-  raise ValueError(f"model must be 'lenet' or 'wrn', got {name!r}.")
+    return wide_resnet(10, 2, image_shape[-1], num_classes)
+  if name == 'linear':
+    return linear(image_shape, num_classes)
+  raise ValueError(f'model must be one of {MODEL_NAMES}, got {name!r}.')
 
 
 def sparse_softmax_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:

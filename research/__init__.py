@@ -1,0 +1,1 @@
+"""Research binaries built on tff_fad."""

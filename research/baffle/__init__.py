@@ -1,0 +1,1 @@
+"""BAFFLE: forward-only federated training (issue 6)."""

@@ -1,0 +1,105 @@
+"""End-to-end test of research/baffle/main.py with tiny settings."""
+
+import csv
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
+from research.baffle import main as baffle_main
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture(autouse=True, scope='module')
+def parsed_flags():
+  if not FLAGS.is_parsed():
+    FLAGS(['baffle_main_test'])
+  yield
+
+
+_TINY = dict(K=4, rounds=2, clients_per_round=2, num_clients=4,
+             batch_size=8, eval_every=1, dirichlet_alpha='iid')
+
+
+def test_end_to_end_writes_outputs(tmp_path, capfd):
+  # capfd, not capsys: TFF hands sys.stdout's file descriptor to its worker.
+  out = str(tmp_path / 'run')
+  with flagsaver.flagsaver(output_dir=out, estimator='central', ema=0.5,
+                           **_TINY):
+    baffle_main.main(['main'])
+  printed = capfd.readouterr().out
+  assert 'Final test accuracy:' in printed and out in printed
+  assert 'round    2/2' in printed and 'test_acc' in printed
+
+  with open(os.path.join(out, 'summary.json')) as f:
+    summary = json.load(f)
+  assert 0.0 <= summary['final_test_accuracy'] <= 1.0
+  assert summary['rounds'] == 2
+  # K float32 scores, the aggregation weight and the loss metric.
+  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 2)
+  assert summary['flags']['K'] == 4 and summary['flags']['output_dir'] == out
+  assert set(summary['accuracy_by_round']) == {'0', '1', '2'}
+
+  with open(os.path.join(out, 'metrics.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [r['round'] for r in rows] == ['0', '1', '2']
+  assert 'client_work/train/loss' in rows[1] and 'evaluation/test/accuracy' in rows[2]
+  with open(os.path.join(out, 'accuracy.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert any(name.startswith('events.out.tfevents')
+             for _, _, files in os.walk(os.path.join(out, 'tensorboard'))
+             for name in files)
+
+
+def test_dp_aggregator_runs(tmp_path):
+  out = str(tmp_path / 'dp')
+  with flagsaver.flagsaver(output_dir=out, aggregator='dp',
+                           **dict(_TINY, rounds=1)):
+    baffle_main.main(['main'])
+  with open(os.path.join(out, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['flags']['aggregator'] == 'dp'
+  assert 0.0 <= summary['final_test_accuracy'] <= 1.0
+
+
+def test_rejects_stray_arguments(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path)):
+    with pytest.raises(app.UsageError, match='stray'):
+      baffle_main.main(['main', 'stray'])
+
+
+@pytest.mark.parametrize('overrides, flag_name', [
+    (dict(K=0), '--K'),
+    (dict(sigma=-1.0), '--sigma'),
+    (dict(rounds=0), '--rounds'),
+    (dict(clients_per_round=9, num_clients=4), '--clients_per_round'),
+    (dict(dirichlet_alpha='skewed'), '--dirichlet_alpha'),
+    (dict(dirichlet_alpha='0'), '--dirichlet_alpha'),
+    (dict(ema=1.0), '--ema'),
+    (dict(output_dir=''), '--output_dir'),
+])
+def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
+  values = dict(output_dir=str(tmp_path))
+  values.update(overrides)
+  with flagsaver.flagsaver(**values):
+    with pytest.raises(ValueError, match=flag_name):
+      baffle_main.main(['main'])
+  assert not os.listdir(tmp_path)  # Failed before writing anything.
+
+
+def test_emnist_offline_exits_with_message_not_traceback(tmp_path, capsys,
+                                                         monkeypatch):
+  def offline(cache_dir=None, only_digits=True):
+    raise tff_fad.data.EmnistUnavailableError('no network; copy the file')
+
+  monkeypatch.setattr(baffle_main.fad_data, 'load_emnist', offline)
+  with flagsaver.flagsaver(output_dir=str(tmp_path / 'e'), dataset='emnist'):
+    with pytest.raises(SystemExit) as info:
+      baffle_main.main(['main'])
+  assert info.value.code == 2
+  assert 'no network; copy the file' in capsys.readouterr().err
