@@ -26,11 +26,9 @@ inputs_hash() {
 }
 
 find_python311() {
-  if [[ -n "${PYTHON:-}" ]]; then
-    echo "${PYTHON}"; return 0
-  fi
   local candidate
   for candidate in \
+      ${PYTHON:+"${PYTHON}"} \
       "$(command -v python3.11 2>/dev/null || true)" \
       "${PYENV_ROOT:-${HOME}/.pyenv}"/versions/3.11*/bin/python3.11; do
     if [[ -n "${candidate}" && -x "${candidate}" ]] &&
