@@ -84,3 +84,21 @@ def test_unknown_shapes_and_bad_client_counts_are_errors():
     tff_fad.communication_cost(loss, 0)
   with pytest.raises(TypeError, match='needs a tff.Computation'):
     tff_fad.communication_cost(lambda: None, 3)
+
+
+def test_members_of_a_called_computation_keep_their_own_depth():
+  client_floats = tff.FederatedType(np.float32, tff.CLIENTS)
+
+  @tff.federated_computation(client_floats)
+  def sum_and_passthrough(x):
+    return tff.federated_sum(x), x
+
+  @tff.federated_computation(client_floats)
+  def outer(x):
+    total, same = sum_and_passthrough(x)
+    return total, tff.federated_sum(same)
+
+  # Both sums read client values directly: one round trip, not two.
+  report = tff_fad.communication_cost(outer, 2)
+  assert (report.communication_steps, report.round_trips) == (1, 1)
+  assert report.intrinsics == {'federated_sum': 2}

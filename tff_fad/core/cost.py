@@ -8,7 +8,7 @@ every client; an aggregation receives its member type from every client.
 
 import collections
 import dataclasses
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple, Union
 
 import tensorflow_federated as tff
 # Building blocks are TFF's compiled form; 0.87 exposes them only here.
@@ -84,7 +84,16 @@ def _uplink_type(uri: str, argument: bb.ComputationBuildingBlock) -> tff.Type:
   return arg_type.member
 
 
-Depth = Tuple[int, int]  # (communication steps, round trips)
+# A depth is (communication steps, round trips) for a value, or a list of
+# depths for a struct, so selecting one member of a called computation's
+# result does not inherit the depth of its other members.
+Depth = Union[Tuple[int, int], List['Depth']]
+
+
+def _collapse(depth: Depth) -> Tuple[int, int]:
+  if isinstance(depth, list):
+    return max((_collapse(d) for d in depth), default=(0, 0))
+  return depth
 
 
 class _Walker:
@@ -100,10 +109,12 @@ class _Walker:
     if isinstance(block, bb.Reference):
       return env.get(block.name, (0, 0))
     if isinstance(block, bb.Selection):
-      return self.visit(block.source, env)
+      source = self.visit(block.source, env)
+      if isinstance(source, list):
+        return source[block.as_index()]
+      return source
     if isinstance(block, bb.Struct):
-      depths = [self.visit(c, env) for c in block.children()]
-      return max(depths, default=(0, 0))
+      return [self.visit(c, env) for c in block.children()]
     if isinstance(block, bb.Block):
       env = dict(env)
       for name, local in block.locals:
@@ -125,13 +136,13 @@ class _Walker:
           inner[fn.parameter_name] = arg_depth
         return self.visit(fn.result, inner)
       if isinstance(fn, bb.Intrinsic):
-        return self._intrinsic(fn.uri, block.argument, arg_depth)
-      return arg_depth
+        return self._intrinsic(fn.uri, block.argument, _collapse(arg_depth))
+      return _collapse(arg_depth)
     if isinstance(block, bb.Intrinsic):
       self.all_intrinsics[block.uri] += 1
     return (0, 0)
 
-  def _intrinsic(self, uri, argument, depth: Depth) -> Depth:
+  def _intrinsic(self, uri, argument, depth: Tuple[int, int]) -> Depth:
     self.all_intrinsics[uri] += 1
     steps, trips = depth
     if uri in DOWNLINK:
@@ -163,7 +174,7 @@ def communication_cost(computation: Any, num_clients: int) -> CommunicationCost:
       num_clients <= 0):
     raise ValueError(f'num_clients must be a positive int, found {num_clients!r}.')
   walker = _Walker()
-  steps, trips = walker.visit(_body(computation), {})
+  steps, trips = _collapse(walker.visit(_body(computation), {}))
   return CommunicationCost(
       num_clients=num_clients,
       server_to_client_bytes_per_client=walker.down,
