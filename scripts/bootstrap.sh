@@ -27,8 +27,13 @@ inputs_hash() {
 
 find_python311() {
   local candidate
+  if [[ -n "${PYTHON:-}" ]]; then  # An explicit choice must be 3.11.
+    "${PYTHON}" -c 'import sys; assert sys.version_info[:2] == (3, 11)' \
+        2>/dev/null && echo "${PYTHON}" && return 0
+    echo "bootstrap: PYTHON=${PYTHON} is not a Python 3.11 interpreter." >&2
+    return 1
+  fi
   for candidate in \
-      ${PYTHON:+"${PYTHON}"} \
       "$(command -v python3.11 2>/dev/null || true)" \
       "${PYENV_ROOT:-${HOME}/.pyenv}"/versions/3.11*/bin/python3.11; do
     if [[ -n "${candidate}" && -x "${candidate}" ]] &&
