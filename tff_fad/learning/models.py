@@ -268,6 +268,8 @@ def _accuracy_metric_fns():
 
   def update(state, labels, batch_output, sample_weight=None):
     del sample_weight  # Unused.
+    # TFF's own algorithms pass a BatchOutput; tff_fad's pass the logits.
+    batch_output = getattr(batch_output, 'predictions', batch_output)
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     n = tf.cast(tf.shape(labels)[0], tf.float32)
     correct = tf.cast(tf.equal(

@@ -1,0 +1,172 @@
+"""Plumbing shared by the training binaries: data, evaluation, outputs.
+
+Binaries parse flags and call these; nothing here reads flags.
+"""
+
+import collections
+import os
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fad import data as fad_data
+from tff_fad.learning import models
+
+ACCURACY_KEY = 'evaluation/test/accuracy'
+LOSS_KEY = 'evaluation/test/loss'
+
+
+def parse_alpha(value: str) -> Optional[float]:
+  """'iid' -> None; a positive float string -> that float."""
+  if value.lower() == 'iid':
+    return None
+  try:
+    alpha = float(value)
+  except ValueError:
+    alpha = -1.0
+  if not alpha > 0:
+    raise ValueError(
+        f"--dirichlet_alpha must be 'iid' or a positive number, got {value!r}.")
+  return alpha
+
+
+def load_data(dataset: str, *, num_clients: int, dirichlet_alpha: str,
+              seed: int, pad_to_32x32: bool, emnist_cache_dir: str,
+              eval_examples: int):
+  """Returns (train ClientData with x/y elements, test arrays, image shape)."""
+  if dataset == 'digits':
+    fed = fad_data.load_federated_digits(
+        num_clients=num_clients, dirichlet_alpha=parse_alpha(dirichlet_alpha),
+        seed=seed, pad_to_32x32=pad_to_32x32)
+    return fed.train, fed.test, fed.image_shape
+  train, test = fad_data.load_emnist(emnist_cache_dir, only_digits=True)
+
+  def to_xy(element):
+    # EMNIST has 1.0 as background; MNIST-style models expect 0.0.
+    x = 1.0 - tf.expand_dims(element['pixels'], -1)
+    if pad_to_32x32:
+      x = tf.pad(x, [[2, 2], [2, 2], [0, 0]])
+    return collections.OrderedDict(x=x, y=tf.cast(element['label'], tf.int32))
+
+  train = train.preprocess(lambda ds: ds.map(to_xy))
+  test_ds = test.create_tf_dataset_from_all_clients().map(to_xy)
+  batch = next(iter(test_ds.take(eval_examples).batch(eval_examples)))
+  test_arrays = {k: v.numpy() for k, v in batch.items()}
+  return train, test_arrays, tuple(test_arrays['x'].shape[1:])
+
+
+def client_selector(train: tff.simulation.datasets.ClientData, *,
+                    clients_per_round: int, batch_size: int, epochs: int,
+                    seed: int) -> Callable[[int], list]:
+  """Round -> the round's client datasets; reproducible from the seed."""
+  client_ids = list(train.client_ids)
+  if clients_per_round > len(client_ids):
+    raise ValueError(f'--clients_per_round={clients_per_round} exceeds the '
+                     f'{len(client_ids)} clients.')
+
+  def select(round_num: int) -> list:
+    rng = np.random.default_rng([seed, round_num])
+    chosen = rng.choice(len(client_ids), clients_per_round, replace=False)
+    return [
+        train.create_tf_dataset_for_client(client_ids[i]).shuffle(
+            1000, seed=seed * 100_003 + round_num).repeat(epochs).batch(
+                batch_size)
+        for i in chosen
+    ]
+
+  return select
+
+
+def test_evaluator(net: models.FunctionalNet, test: dict):
+  """`trainable weights -> (accuracy, loss)` on the held-out test set."""
+  test_x = tf.constant(test['x'])
+  test_y = tf.constant(test['y'])
+
+  @tf.function
+  def evaluate(trainable):
+    logits = tf.concat([net.apply(trainable, test_x[i:i + 500])
+                        for i in range(0, int(test_x.shape[0]), 500)], 0)
+    accuracy = tf.reduce_mean(tf.cast(tf.equal(
+        tf.argmax(logits, -1, output_type=tf.int32), test_y), tf.float32))
+    return accuracy, models.sparse_softmax_loss(logits, test_y)
+
+  def evaluate_weights(trainable) -> collections.OrderedDict:
+    accuracy, loss = evaluate([tf.constant(w) for w in trainable])
+    return collections.OrderedDict(test=collections.OrderedDict(
+        accuracy=float(accuracy), loss=float(loss)))
+
+  return evaluate_weights
+
+
+def flatten(value: Any, prefix: tuple = ()) -> Iterable[tuple]:
+  """Yields (path, scalar) pairs of a nested mapping of numbers."""
+  if isinstance(value, (dict, collections.OrderedDict)):
+    for k, v in value.items():
+      yield from flatten(v, prefix + (str(k),))
+  elif np.ndim(value) == 0:
+    yield prefix, value
+
+
+class ProgressReleaseManager(tff.program.ReleaseManager):
+  """Prints one line per round and keeps the history for plots/summaries.
+
+  Attributes:
+    history: round -> flattened metrics ('a/b/c' keys).
+  """
+
+  def __init__(self, total_rounds: int, columns: Sequence[tuple]):
+    """`columns`: (label, flattened key, format) printed when present."""
+    self._total = total_rounds
+    self._columns = columns
+    self.history: dict = {}
+
+  async def release(self, value: Any, key: int) -> None:
+    flat = {'/'.join(path): float(v) for path, v in flatten(value)}
+    self.history[key] = flat
+    parts = [f'round {key:4d}/{self._total}']
+    for label, metric, fmt in self._columns:
+      if metric in flat:
+        parts.append(f'{label} {flat[metric]:{fmt}}')
+    if 'training_time_in_seconds' in flat:
+      parts.append(f"({flat['training_time_in_seconds']:.1f} s)")
+    print('  '.join(parts), flush=True)
+
+
+def release_managers(output_dir: str, progress: ProgressReleaseManager):
+  """CSV (keyed by round), TensorBoard and the progress printer."""
+  return [
+      tff.program.CSVFileReleaseManager(
+          os.path.join(output_dir, 'metrics.csv'),
+          save_mode=tff.program.CSVSaveMode.WRITE, key_fieldname='round'),
+      tff.program.TensorBoardReleaseManager(
+          os.path.join(output_dir, 'tensorboard')),
+      progress,
+  ]
+
+
+def plot_series(path: str, title: str, panels: Sequence[dict]) -> None:
+  """Writes a PNG with one panel per dict(rounds, values, ylabel, ...)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # No display; write a file.
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+  axes = np.atleast_1d(axes)
+  for ax, panel in zip(axes, panels):
+    ax.plot(panel['rounds'], panel['values'], marker='.')
+    for y, label in panel.get('hlines', ()):
+      ax.axhline(y, color='gray', linestyle=':', label=label)
+    ax.set_xlabel('round')
+    ax.set_ylabel(panel['ylabel'])
+    if panel.get('log'):
+      ax.set_yscale('log')
+    if panel.get('ylim'):
+      ax.set_ylim(*panel['ylim'])
+    if panel.get('hlines'):
+      ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,245 @@
+r"""Trains FedAvg whose server learning rate is learned by Federated AD.
+
+  python -m research.hypergradient_fedavg.main --output_dir out/hypergrad
+
+Writes metrics.csv (per round), tensorboard/, accuracy_and_lr.png and
+summary.json (final test accuracy, final server learning rate, communication
+cost of one round) to --output_dir. `--algorithm=fedavg` runs TFF's own
+`build_weighted_fed_avg` with a fixed server learning rate, for comparison.
+"""
+
+import collections
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import tff_fad
+from research import experiment
+from tff_fad import data as fad_data
+from tff_fad.learning import hypergradient_fed_avg
+from tff_fad.learning import models
+
+# Algorithm.
+_ALGORITHM = flags.DEFINE_enum(
+    'algorithm', 'hypergradient', ['hypergradient', 'fedavg'],
+    "'hypergradient': tff_fad's FedAvg with a learned server learning rate; "
+    "'fedavg': TFF's build_weighted_fed_avg with a fixed one.")
+_MODE = flags.DEFINE_enum('mode', 'forward', list(hypergradient_fed_avg.MODES),
+                          'Federated AD mode of the hypergradient.')
+_SERVER_LR = flags.DEFINE_float(
+    'server_lr', 0.1, 'Initial (hypergradient) or fixed (fedavg) server '
+    'learning rate.')
+_HYPER_LR = flags.DEFINE_float(
+    'hyper_lr', 0.1, 'Adam learning rate of log(server learning rate).')
+_CLIENT_LR = flags.DEFINE_float('client_lr', 0.05, 'Client SGD learning rate.')
+_CLIENT_EPOCHS = flags.DEFINE_integer('client_epochs', 1, 'Local epochs.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 20, 'Client batch size.')
+_AGGREGATOR = flags.DEFINE_enum(
+    'aggregator', 'mean', ['mean', 'dp'],
+    "Model-update aggregation: weighted 'mean', or 'dp' (DP-Gaussian with a "
+    'fixed clip, unweighted as TFF requires).')
+_DP_NOISE = flags.DEFINE_float('dp_noise_multiplier', 0.1,
+                               'DP noise multiplier (--aggregator=dp).')
+_DP_CLIP = flags.DEFINE_float('dp_clip', 1.0, 'DP L2 clip (--aggregator=dp).')
+
+# Data and model.
+_DATASET = flags.DEFINE_enum(
+    'dataset', 'digits', ['digits', 'emnist'],
+    "'digits': the embedded offline MNIST digits; 'emnist': federated EMNIST "
+    '(needs network or a filled --emnist_cache_dir).')
+_EMNIST_CACHE_DIR = flags.DEFINE_string(
+    'emnist_cache_dir', os.path.expanduser('~/.tff'), 'EMNIST cache.')
+_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 50,
+                                    'Clients in the digits split.')
+_DIRICHLET_ALPHA = flags.DEFINE_string(
+    'dirichlet_alpha', '0.5', "Label-skew concentration, or 'iid'.")
+_MODEL = flags.DEFINE_enum('model', 'linear', list(models.MODEL_NAMES),
+                           'Model.')
+
+# Run.
+_ROUNDS = flags.DEFINE_integer('rounds', 40, 'Training rounds.')
+_CLIENTS_PER_ROUND = flags.DEFINE_integer('clients_per_round', 10,
+                                          'Clients sampled per round.')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', 5,
+                                   'Rounds between test evaluations.')
+_EVAL_EXAMPLES = flags.DEFINE_integer('eval_examples', 10000,
+                                      'EMNIST test examples used.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the split, sampling, init.')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
+
+_LR_KEY = 'server_learning_rate'
+
+
+def validate_flags() -> None:
+  """Raises ValueError naming the first bad flag."""
+  positive = [_SERVER_LR, _CLIENT_LR, _CLIENT_EPOCHS, _BATCH_SIZE, _ROUNDS,
+              _CLIENTS_PER_ROUND, _NUM_CLIENTS, _EVAL_EVERY, _DP_CLIP]
+  for flag in positive:
+    if not flag.value > 0:
+      raise ValueError(f'--{flag.name} must be > 0, got {flag.value!r}.')
+  for flag in (_HYPER_LR, _DP_NOISE):
+    if flag.value < 0:
+      raise ValueError(f'--{flag.name} must be >= 0, got {flag.value!r}.')
+  if _OUTPUT_DIR.value is None:
+    raise ValueError('--output_dir is required.')
+  experiment.parse_alpha(_DIRICHLET_ALPHA.value)
+
+
+def _aggregator():
+  if _AGGREGATOR.value == 'dp':
+    return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+        noise_multiplier=_DP_NOISE.value,
+        clients_per_round=float(_CLIENTS_PER_ROUND.value),
+        clip=_DP_CLIP.value)
+  return tff.aggregators.MeanFactory()
+
+
+def build_process(model):
+  client_optimizer = tff.learning.optimizers.build_sgdm(_CLIENT_LR.value)
+  if _ALGORITHM.value == 'fedavg':
+    return tff.learning.algorithms.build_weighted_fed_avg(
+        model, client_optimizer_fn=client_optimizer,
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            _SERVER_LR.value),
+        model_aggregator=_aggregator() if _AGGREGATOR.value == 'mean' else (
+            tff.aggregators.UnweightedMeanFactory()))
+  return hypergradient_fed_avg.build_hypergradient_fed_avg(
+      model, client_optimizer=client_optimizer,
+      initial_server_learning_rate=_SERVER_LR.value,
+      hyper_optimizer=tff.learning.optimizers.build_adam(_HYPER_LR.value),
+      mode=_MODE.value, model_aggregator=_aggregator())
+
+
+def run() -> dict[str, Any]:
+  """Trains and writes the outputs; returns the summary."""
+  validate_flags()
+  if _ALGORITHM.value == 'fedavg' and _AGGREGATOR.value == 'dp':
+    raise ValueError('--aggregator=dp is supported with '
+                     '--algorithm=hypergradient only.')
+  start = time.time()
+  output_dir = _OUTPUT_DIR.value
+  os.makedirs(output_dir, exist_ok=True)
+  tf.random.set_seed(_SEED.value)
+
+  pad = _MODEL.value != 'linear'
+  train, test, image_shape = experiment.load_data(
+      _DATASET.value, num_clients=_NUM_CLIENTS.value,
+      dirichlet_alpha=_DIRICHLET_ALPHA.value, seed=_SEED.value,
+      pad_to_32x32=pad, emnist_cache_dir=_EMNIST_CACHE_DIR.value,
+      eval_examples=_EVAL_EXAMPLES.value)
+  net = models.get_net(_MODEL.value, image_shape)
+  model = models.to_functional_model(net, image_shape, seed=_SEED.value)
+  process = build_process(model)
+  cost = tff_fad.communication_cost(process.next, _CLIENTS_PER_ROUND.value)
+
+  select = experiment.client_selector(
+      train, clients_per_round=_CLIENTS_PER_ROUND.value,
+      batch_size=_BATCH_SIZE.value, epochs=_CLIENT_EPOCHS.value,
+      seed=_SEED.value)
+  evaluate_weights = experiment.test_evaluator(net, test)
+
+  def evaluate(state, unused_data):
+    return evaluate_weights(process.get_model_weights(state).trainable)
+
+  progress = experiment.ProgressReleaseManager(_ROUNDS.value, [
+      ('lr', _LR_KEY, '.4f'),
+      ('hypergrad', 'hypergradient', '+.4f'),
+      ('train_loss', 'train/loss', '.4f'),
+      ('train_loss', 'client_work/train/loss', '.4f'),
+      ('test_acc', experiment.ACCURACY_KEY, '.4f'),
+  ])
+  name = ('FedAvg (fixed server lr)' if _ALGORITHM.value == 'fedavg'
+          else f'Hypergradient FedAvg ({_MODE.value} mode)')
+  print(f'{name}: {_MODEL.value} ({net.num_params:,} params) on '
+        f'{_DATASET.value}, {_ROUNDS.value} rounds x '
+        f'{_CLIENTS_PER_ROUND.value} clients, initial server lr '
+        f'{_SERVER_LR.value}', flush=True)
+  print(f'Communication per round: {cost}', flush=True)
+  state = tff.simulation.run_training_process(
+      process, select, _ROUNDS.value, evaluation_fn=evaluate,
+      evaluation_selection_fn=lambda _: None,
+      rounds_per_evaluation=_EVAL_EVERY.value,
+      metrics_managers=experiment.release_managers(output_dir, progress))
+  final = evaluate(state, None)['test']
+  history = progress.history
+  history.setdefault(_ROUNDS.value, {}).update(
+      {experiment.ACCURACY_KEY: final['accuracy'],
+       experiment.LOSS_KEY: final['loss']})
+
+  if _ALGORITHM.value == 'fedavg':
+    final_lr = _SERVER_LR.value
+  else:
+    final_lr = float(tf.exp(state['log_lr']))
+  acc_rounds = sorted(r for r in history if experiment.ACCURACY_KEY in history[r])
+  lr_rounds = sorted(r for r in history if _LR_KEY in history[r])
+  panels = [dict(rounds=acc_rounds,
+                 values=[history[r][experiment.ACCURACY_KEY]
+                         for r in acc_rounds],
+                 ylabel='test accuracy', ylim=(0, 1),
+                 hlines=[(0.1, 'chance')])]
+  if lr_rounds:
+    panels.append(dict(rounds=lr_rounds,
+                       values=[history[r][_LR_KEY] for r in lr_rounds],
+                       ylabel='server learning rate', log=True))
+  plot_path = os.path.join(output_dir, 'accuracy_and_lr.png')
+  experiment.plot_series(plot_path, name, panels)
+
+  summary = collections.OrderedDict(
+      algorithm=_ALGORITHM.value,
+      final_test_accuracy=final['accuracy'],
+      final_test_loss=final['loss'],
+      initial_server_learning_rate=_SERVER_LR.value,
+      final_server_learning_rate=final_lr,
+      rounds=_ROUNDS.value,
+      num_params=net.num_params,
+      communication_per_round=collections.OrderedDict(
+          clients=cost.num_clients,
+          server_to_client_bytes_per_client=(
+              cost.server_to_client_bytes_per_client),
+          client_to_server_bytes_per_client=(
+              cost.client_to_server_bytes_per_client),
+          round_trips=cost.round_trips),
+      accuracy_by_round={str(r): history[r][experiment.ACCURACY_KEY]
+                         for r in acc_rounds},
+      server_learning_rate_by_round={str(r): history[r][_LR_KEY]
+                                     for r in lr_rounds},
+      wall_time_seconds=round(time.time() - start, 1),
+      flags={f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(
+          sys.modules[__name__])})
+  with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print(f"Final test accuracy: {final['accuracy']:.4f}; server learning rate "
+        f'{_SERVER_LR.value:g} -> {final_lr:.4f} after {_ROUNDS.value} rounds '
+        f'({summary["wall_time_seconds"]} s)')
+  print(f'Outputs written to {os.path.abspath(output_dir)}: metrics.csv, '
+        'tensorboard/, accuracy_and_lr.png, summary.json')
+  return summary
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # TFF's training loop logs several INFO lines per round; the progress
+    # lines say the same in one.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    run()
+  except fad_data.EmnistUnavailableError as e:
+    # A user-facing condition with instructions, not a bug: no traceback.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  finally:
+    tff_fad.runtime.shutdown_local_workers()
+
+
+if __name__ == '__main__':
+  app.run(main)

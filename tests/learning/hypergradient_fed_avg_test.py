@@ -1,0 +1,125 @@
+"""Hypergradient FedAvg: the learned-rate derivative, its modes and costs."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import tff_fad
+from tff_fad.data import digits
+from tff_fad.learning import hypergradient_fed_avg as hg
+from tff_fad.learning import models
+
+
+@pytest.fixture(scope='module')
+def setup():
+  fed = digits.load_federated_digits(num_clients=6, dirichlet_alpha=1.0,
+                                     seed=0, source='sklearn')
+  net = models.get_net('linear', fed.image_shape)
+  model = models.to_functional_model(net, fed.image_shape, seed=0)
+  data = [fed.train.create_tf_dataset_for_client(c).batch(16)
+          for c in fed.client_ids[:3]]
+  processes = {mode: hg.build_hypergradient_fed_avg(
+      model, initial_server_learning_rate=0.5, mode=mode)
+               for mode in hg.MODES}
+  return collections.namedtuple('Setup', 'net model data processes')(
+      net, model, data, processes)
+
+
+def _after_one_round(process, data):
+  return process.next(process.initialize(), data).state
+
+
+def test_is_a_learning_process(setup):
+  process = setup.processes['forward']
+  assert isinstance(process, tff.learning.templates.LearningProcess)
+  state = process.initialize()
+  assert state['log_lr'] == pytest.approx(np.log(0.5))
+  weights = process.get_model_weights(state)
+  np.testing.assert_allclose(weights.trainable[0],
+                             setup.model.initial_weights[0][0])
+
+
+@pytest.mark.parametrize('mode', hg.MODES)
+def test_hypergradient_matches_finite_differences_of_post_update_loss(
+    setup, mode):
+  process = setup.processes[mode]
+  state = _after_one_round(process, setup.data)
+  round_program = hg.build_round_program(
+      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+  eps = 1e-2
+
+  def post_update_loss(log_lr):
+    return round_program(state['base'], np.float32(log_lr), state['pending'],
+                         setup.data)[0]
+
+  finite_difference = (post_update_loss(state['log_lr'] + eps) -
+                       post_update_loss(state['log_lr'] - eps)) / (2 * eps)
+  metrics = process.next(state, setup.data).metrics
+  assert abs(finite_difference) > 1e-4  # A real signal, not 0 == 0.
+  assert metrics['hypergradient'] == pytest.approx(finite_difference,
+                                                   rel=2e-2)
+  assert metrics['post_update_loss'] == pytest.approx(
+      post_update_loss(state['log_lr']), rel=1e-5)
+
+
+def test_forward_and_reverse_modes_agree(setup):
+  state = _after_one_round(setup.processes['forward'], setup.data)
+  forward = setup.processes['forward'].next(state, setup.data)
+  reverse = setup.processes['reverse'].next(state, setup.data)
+  assert forward.metrics['hypergradient'] == pytest.approx(
+      reverse.metrics['hypergradient'], rel=1e-4)
+  np.testing.assert_allclose(forward.state['log_lr'], reverse.state['log_lr'],
+                             rtol=1e-5)
+  tf.nest.map_structure(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      forward.state['pending'], reverse.state['pending'])
+
+
+def test_model_weights_are_base_minus_lr_times_pending(setup):
+  process = setup.processes['forward']
+  state = _after_one_round(process, setup.data)
+  lr = np.exp(state['log_lr'])
+  expected = [b - lr * p for b, p in zip(state['base'][0], state['pending'])]
+  tf.nest.map_structure(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+      list(process.get_model_weights(state).trainable), expected)
+  assert np.linalg.norm(state['pending'][0]) > 0  # Training moved the model.
+
+
+def test_learning_rate_moves_against_the_hypergradient(setup):
+  process = setup.processes['forward']
+  state = _after_one_round(process, setup.data)
+  output = process.next(state, setup.data)
+  step = output.state['log_lr'] - state['log_lr']
+  assert output.metrics['hypergradient'] != 0
+  assert np.sign(step) == -np.sign(output.metrics['hypergradient'])
+
+
+def test_communication_cost_of_the_modes(setup):
+  # sklearn digits, linear model: 65 x 10 weights = 650 floats = 2,600 B.
+  model_bytes = setup.net.num_params * 4
+  forward = tff_fad.communication_cost(setup.processes['forward'].next, 3)
+  reverse = tff_fad.communication_cost(setup.processes['reverse'].next, 3)
+  # Forward: one broadcast of <w, dw>; uploads: model update + its weight
+  # (4 B), <(loss, count), (dloss, dcount)> (16 B), train totals (8 B).
+  assert forward.server_to_client_bytes_per_client == 2 * model_bytes
+  assert forward.client_to_server_bytes_per_client == model_bytes + 28
+  assert forward.round_trips == 1
+  # Reverse: w, then the cotangent of (loss, count) (8 B); uploads: (loss,
+  # count) (8 B), the loss gradient (model-size), the update etc. (12 B).
+  assert reverse.server_to_client_bytes_per_client == model_bytes + 8
+  assert reverse.client_to_server_bytes_per_client == 2 * model_bytes + 20
+  assert reverse.round_trips == 2
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(mode='sideways'), 'mode must be one of'),
+    (dict(initial_server_learning_rate=0.0),
+     'initial_server_learning_rate must be > 0'),
+])
+def test_bad_arguments(setup, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    hg.build_hypergradient_fed_avg(setup.model, **kwargs)

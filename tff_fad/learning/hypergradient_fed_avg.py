@@ -1,0 +1,343 @@
+"""FedAvg that learns its own server learning rate with Federated AD.
+
+The server keeps `log_lr` in its state. Round t starts from the last model
+`base` and the pending update `delta` (the clients' averaged update from the
+previous round) and forms the model the clients train from:
+
+    w_t = base - exp(log_lr) * delta                    (server)
+
+The hypergradient of the post-update loss L(w_t) = mean_i L_i(w_t) w.r.t.
+`log_lr` measures whether the last server step was too long or too short;
+a hyper-optimizer then moves `log_lr` (hypergradient descent, Baydin et al.
+2018, in the federated form of Rush, Charles & Garrett, "Federated Automatic
+Differentiation", 2024).
+
+The round is one tff_fad program (`round_program`), differentiated by the
+core's `value_and_grad(..., wrt='log_lr', has_aux=True)`:
+
+  * mode='forward': the broadcast carries <w_t, dw_t/dlog_lr> in one message;
+    each client returns <loss, d loss> (two scalars) with its model update,
+    so the hypergradient rides on the round's own broadcast and upload: no
+    extra round trip, +1 model-size downlink and +1 scalar uplink per client.
+  * mode='reverse': a second sweep broadcasts the cotangent and each client
+    uploads the gradient of its loss at w_t (model-size uplink) in a second
+    round trip; the server contracts it with -lr * delta.
+  `communication_cost(process.next, n)` reports both, from the computation.
+
+Local training starts from `stop_gradient(w_t)`: the hypergradient is the
+greedy, one-step one (it ignores how w_t changes what clients learn next),
+and training never has to be differentiated. Client data are datasets, so
+the post-update loss brings per-batch derivative rules (`with_derivatives`).
+
+The model-update aggregation is any `tff.aggregators` factory, applied
+outside the differentiated program because nothing differentiates through it.
+"""
+
+import collections
+from typing import Any, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fad import core as fad
+
+AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
+                           tff.aggregators.WeightedAggregationFactory]
+MODES = ('forward', 'reverse')
+
+
+def _check_args(mode, initial_server_learning_rate):
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+  if not initial_server_learning_rate > 0:
+    raise ValueError('initial_server_learning_rate must be > 0, got '
+                     f'{initial_server_learning_rate!r}.')
+
+
+def _batch_loss_sum(model, weights, batch):
+  """Summed (not mean) loss of a batch and its example count (float32)."""
+  logits = model.predict_on_batch(weights, batch['x'], training=False)
+  n = tf.cast(tf.shape(batch['y'])[0], tf.float32)
+  return model.loss(logits, batch['y']) * n, n
+
+
+def build_post_update_loss(model: tff.learning.models.FunctionalModel):
+  """`(model_weights, dataset) -> (loss_sum, num_examples)` with rules.
+
+  The forward and reverse rules run the derivative batch by batch inside the
+  dataset loop (derivatives of a sum are sums), which TF's AD cannot do from
+  outside the loop.
+  """
+
+  def loss_sum(weights, dataset):
+    return dataset.reduce(
+        (0.0, 0.0),
+        lambda acc, b: tuple(a + x for a, x in zip(
+            acc, _batch_loss_sum(model, weights, b))))
+
+  def jvp_rule(primals, tangents):
+    weights, dataset = primals
+    trainable, non_trainable = weights
+    d_trainable = tangents[0][0]
+
+    def step(acc, batch):
+      with tf.autodiff.ForwardAccumulator(trainable, d_trainable) as fwd:
+        loss, n = _batch_loss_sum(model, (trainable, non_trainable), batch)
+      d_loss = fwd.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      return acc[0] + loss, acc[1] + n, acc[2] + d_loss
+
+    total, count, d_total = dataset.reduce((0.0, 0.0, 0.0), step)
+    return (total, count), (d_total, tf.zeros([]))
+
+  def vjp_rule(primals, active, cotangent):
+    weights, dataset = primals
+    trainable, non_trainable = weights
+    ct_loss = cotangent[0]
+
+    def step(acc, batch):
+      with tf.GradientTape() as tape:
+        tape.watch(trainable)
+        loss, _ = _batch_loss_sum(model, (trainable, non_trainable), batch)
+      grads = tape.gradient(loss, trainable)
+      return tf.nest.map_structure(lambda a, g: a + ct_loss * g, acc, grads)
+
+    zeros = tf.nest.map_structure(tf.zeros_like, trainable)
+    d_trainable = dataset.reduce(zeros, step)
+    d_weights = (d_trainable, tf.nest.map_structure(tf.zeros_like,
+                                                    non_trainable))
+    return [d_weights if active[0] else None, None]
+
+  return fad.with_derivatives(loss_sum, jvp=jvp_rule, vjp=vjp_rule)
+
+
+def build_client_update(model: tff.learning.models.FunctionalModel,
+                        client_optimizer: tff.learning.optimizers.Optimizer):
+  """`(model_weights, dataset) -> OrderedDict(update, weight, loss_sum)`.
+
+  One pass of `client_optimizer` over the dataset (repeat/batch it for more
+  epochs). `update` is `initial - final` trainable weights.
+  """
+
+  def client_update(weights, dataset):
+    trainable, non_trainable = weights
+    specs = tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype), trainable)
+    optimizer_state = client_optimizer.initialize(specs)
+
+    def step(carry, batch):
+      local, opt_state, loss_total, count = carry
+      with tf.GradientTape() as tape:
+        tape.watch(local)
+        loss, n = _batch_loss_sum(model, (local, non_trainable), batch)
+        mean_loss = loss / tf.maximum(n, 1.0)
+      grads = tape.gradient(mean_loss, local)
+      opt_state, local = client_optimizer.next(opt_state, local, grads)
+      return local, opt_state, loss_total + loss, count + n
+
+    local, _, loss_total, count = dataset.reduce(
+        (trainable, optimizer_state, 0.0, 0.0), step)
+    update = tf.nest.map_structure(tf.subtract, trainable, local)
+    return collections.OrderedDict(update=update, weight=count,
+                                   loss_sum=loss_total)
+
+  return client_update
+
+
+def _type_of(values) -> tff.Type:
+  """The TFF type of a structure of numpy arrays (e.g. initial weights)."""
+  return tff.types.tensorflow_to_type(tf.nest.map_structure(
+      lambda a: tf.TensorSpec(np.shape(a), tf.as_dtype(np.asarray(a).dtype)),
+      values))
+
+
+def _current_model(base, log_lr, pending):
+  """w_t = base - exp(log_lr) * pending (trainable weights only)."""
+  lr = tf.exp(log_lr)
+  trainable = tf.nest.map_structure(lambda b, p: b - lr * p, base[0],
+                                    pending)
+  return (trainable, base[1])
+
+
+def build_round_program(model, client_optimizer):
+  """The differentiable part of one round, as a tff_fad program.
+
+  `(base@S, log_lr@S, pending@S, data{Seq}@C) -> (post_update_loss@S,
+  aux=(w_t@S, {client outputs}@CLIENTS))`.
+  """
+  weights_type = _type_of(model.initial_weights)
+  trainable_type = weights_type[0]
+  post_update_loss = build_post_update_loss(model)
+  client_update = build_client_update(model, client_optimizer)
+  data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+
+  @fad.federated_computation(
+      tff.FederatedType(weights_type, tff.SERVER),
+      tff.FederatedType(np.float32, tff.SERVER),
+      tff.FederatedType(trainable_type, tff.SERVER),
+      tff.FederatedType(data_type, tff.CLIENTS))
+  def round_program(base, log_lr, pending, data):
+    weights = fad.federated_apply(_current_model, (base, log_lr, pending))
+    at_clients = fad.federated_broadcast(weights)
+    loss_and_count = fad.federated_sum(
+        fad.federated_map(post_update_loss, (at_clients, data)))
+    loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
+                               loss_and_count)
+    client_outputs = fad.federated_map(
+        client_update, (fad.stop_gradient(at_clients), data))
+    return loss, (weights, client_outputs)
+
+  return round_program
+
+
+def build_hypergradient_fed_avg(
+    model: tff.learning.models.FunctionalModel,
+    *,
+    client_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    initial_server_learning_rate: float = 1.0,
+    hyper_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    mode: str = 'forward',
+    model_aggregator: Optional[AggregationFactory] = None,
+) -> tff.learning.templates.LearningProcess:
+  """FedAvg whose server learning rate is learned by Federated AD.
+
+  `next` has type `(state@SERVER, {Sequence[batch]}@CLIENTS) ->
+  <state@SERVER, metrics@SERVER>`; one round is one broadcast of the model
+  (with its tangent in forward mode) and one upload of model updates (with
+  the loss and its derivative); see the module docstring for the modes.
+
+  Args:
+    model: A `tff.learning.models.FunctionalModel`.
+    client_optimizer: Local optimizer (default SGD, learning rate 0.1).
+    initial_server_learning_rate: Starting server learning rate (> 0).
+    hyper_optimizer: Optimizer of `log(server learning rate)`; default Adam
+      with learning rate 0.05, so the rate changes by at most ~5% a round.
+    mode: 'forward' or 'reverse' accumulation of the hypergradient.
+    model_aggregator: A `tff.aggregators` factory for the model updates;
+      weighted factories get the client example counts. Default: weighted
+      mean.
+
+  Returns:
+    A `tff.learning.templates.LearningProcess`. Its metrics hold
+    `server_learning_rate` (used this round), `hypergradient`
+    (d loss / d log lr), `post_update_loss` (clients' loss at the round's
+    model, before local training) and `train` loss.
+  """
+  _check_args(mode, initial_server_learning_rate)
+  client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
+      learning_rate=0.1)
+  hyper_optimizer = hyper_optimizer or tff.learning.optimizers.build_adam(
+      learning_rate=0.05)
+  model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
+
+  round_program = build_round_program(model, client_optimizer)
+  differentiated = fad.value_and_grad(
+      round_program, wrt='log_lr', mode=mode, has_aux=True)
+
+  weights_type = _type_of(model.initial_weights)
+  trainable_type = weights_type[0]
+  weight_count_type = tff.TensorType(np.float32)
+  if isinstance(model_aggregator, tff.aggregators.WeightedAggregationFactory):
+    aggregation = model_aggregator.create(trainable_type, weight_count_type)
+  else:
+    aggregation = model_aggregator.create(trainable_type)
+  weighted = isinstance(model_aggregator,
+                        tff.aggregators.WeightedAggregationFactory)
+  scalar_spec = tf.TensorSpec([], tf.float32)
+  initial_weights = model.initial_weights
+  log_lr0 = float(np.log(initial_server_learning_rate))
+
+  @tff.tensorflow.computation
+  def initial_server_values():
+    zeros = tf.nest.map_structure(
+        lambda t: tf.zeros(tf.shape(t), tf.float32), initial_weights[0])
+    return collections.OrderedDict(
+        base=tf.nest.map_structure(tf.constant, initial_weights),
+        log_lr=tf.constant(log_lr0, tf.float32),
+        pending=zeros,
+        hyper_optimizer=hyper_optimizer.initialize(scalar_spec))
+
+  @tff.federated_computation
+  def initialize():
+    values = tff.federated_eval(initial_server_values, tff.SERVER)
+    return tff.federated_zip(collections.OrderedDict(
+        base=values['base'], log_lr=values['log_lr'],
+        pending=values['pending'], hyper_optimizer=values['hyper_optimizer'],
+        aggregator=aggregation.initialize()))
+
+  state_type = initialize.type_signature.result
+  data_type = tff.FederatedType(
+      tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
+      tff.CLIENTS)
+
+  @tff.tensorflow.computation
+  def server_update(hyper_state, log_lr, hypergradient, loss):
+    # A non-finite hypergradient (diverged round) must not poison the rate.
+    hypergradient = tf.where(tf.math.is_finite(hypergradient), hypergradient,
+                             tf.zeros_like(hypergradient))
+    hyper_state, new_log_lr = hyper_optimizer.next(hyper_state, log_lr,
+                                                   hypergradient)
+    del loss
+    return hyper_state, new_log_lr
+
+  @tff.tensorflow.computation(np.float32)
+  def learning_rate(log_lr):
+    return tf.exp(log_lr)
+
+  @tff.tensorflow.computation(collections.OrderedDict(
+      loss_sum=np.float32, num_examples=np.float32))
+  def train_metrics(totals):
+    return collections.OrderedDict(
+        loss=totals['loss_sum'] / tf.maximum(totals['num_examples'], 1.0),
+        num_examples=totals['num_examples'])
+
+  @tff.federated_computation(state_type, data_type)
+  def next_fn(state, data):
+    (loss, (weights, client_outputs)), hypergradient = differentiated(
+        state['base'], state['log_lr'], state['pending'], data)
+    if weighted:
+      aggregate = aggregation.next(state['aggregator'],
+                                   client_outputs['update'],
+                                   client_outputs['weight'])
+    else:
+      aggregate = aggregation.next(state['aggregator'],
+                                   client_outputs['update'])
+    hyper = tff.federated_map(server_update, (
+        state['hyper_optimizer'], state['log_lr'], hypergradient, loss))
+    new_state = tff.federated_zip(collections.OrderedDict(
+        base=weights, log_lr=hyper[1], pending=aggregate.result,
+        hyper_optimizer=hyper[0], aggregator=aggregate.state))
+    train_totals = tff.federated_sum(tff.federated_zip(collections.OrderedDict(
+        loss_sum=client_outputs['loss_sum'],
+        num_examples=client_outputs['weight'])))
+    metrics = tff.federated_zip(collections.OrderedDict(
+        server_learning_rate=tff.federated_map(learning_rate, state['log_lr']),
+        hypergradient=hypergradient,
+        post_update_loss=loss,
+        train=tff.federated_map(train_metrics, train_totals),
+        aggregator=aggregate.measurements))
+    return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+  state_member = state_type.member
+
+  @tff.tensorflow.computation(state_member)
+  def get_model_weights(state):
+    trainable, non_trainable = _current_model(
+        state['base'], state['log_lr'], state['pending'])
+    return tff.learning.models.ModelWeights(trainable=trainable,
+                                            non_trainable=non_trainable)
+
+  @tff.tensorflow.computation(
+      state_member, _type_of(
+          tff.learning.models.ModelWeights(*initial_weights)))
+  def set_model_weights(state, model_weights):
+    return collections.OrderedDict(
+        base=(tuple(model_weights.trainable),
+              tuple(model_weights.non_trainable)),
+        log_lr=state['log_lr'],
+        pending=tf.nest.map_structure(tf.zeros_like, state['pending']),
+        hyper_optimizer=state['hyper_optimizer'],
+        aggregator=state['aggregator'])
+
+  return tff.learning.templates.LearningProcess(
+      initialize, next_fn, get_model_weights, set_model_weights)
