@@ -1,18 +1,77 @@
-"""Plumbing shared by the training binaries: data, evaluation, outputs.
+"""Plumbing shared by the training binaries: flags, data, evaluation, outputs.
 
-Binaries parse flags and call these; nothing here reads flags.
+The federated-setting, data and bookkeeping flags are defined here once, so
+both binaries can be imported into one process (tests, notebooks); each
+binary sets its own defaults with `set_flag_defaults` when it is imported.
+The helper functions take values, not flags.
 """
 
 import collections
 import os
+import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from absl import flags
+
 from tff_fad import data as fad_data
 from tff_fad.learning import models
+
+# Federated setting.
+ROUNDS = flags.DEFINE_integer('rounds', 40, 'Training rounds.')
+CLIENTS_PER_ROUND = flags.DEFINE_integer('clients_per_round', 10,
+                                         'Clients sampled per round.')
+NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20,
+                                   'Clients in the embedded digits split.')
+DIRICHLET_ALPHA = flags.DEFINE_string(
+    'dirichlet_alpha', '0.5',
+    "Label-skew concentration of the digits split, or 'iid'.")
+BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Client batch size.')
+CLIENT_LR = flags.DEFINE_float('client_lr', 0.05, 'Client learning rate.')
+AGGREGATOR = flags.DEFINE_enum('aggregator', 'mean', ['mean', 'dp'],
+                               'Aggregation of the client uploads.')
+DP_NOISE = flags.DEFINE_float('dp_noise_multiplier', 0.1,
+                              'Gaussian noise multiplier (aggregator=dp).')
+DP_CLIP = flags.DEFINE_float('dp_clip', 1.0,
+                             'L2 clip of each upload (aggregator=dp).')
+
+# Data, model, bookkeeping.
+DATASET = flags.DEFINE_enum(
+    'dataset', 'digits', ['digits', 'emnist'],
+    "'digits': the embedded offline MNIST digits; 'emnist': federated EMNIST "
+    '(needs network once, or a filled --emnist_cache_dir).')
+EMNIST_CACHE_DIR = flags.DEFINE_string(
+    'emnist_cache_dir', None, 'Cache directory of EMNIST (default ~/.tff).')
+MODEL = flags.DEFINE_enum(
+    'model', 'linear', list(models.MODEL_NAMES),
+    "lenet (BAFFLE's, 26,730 params), wrn (WRN-10-2) or linear (softmax "
+    'regression, 7,850 params).')
+EVAL_EVERY = flags.DEFINE_integer(
+    'eval_every', 5, 'Rounds between test evaluations (the last round is '
+    'always evaluated).')
+EVAL_EXAMPLES = flags.DEFINE_integer('eval_examples', 10000,
+                                     'Test examples used (EMNIST).')
+SEED = flags.DEFINE_integer('seed', 0, 'Seed of the data split, client '
+                            'sampling, initial weights and randomness.')
+OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
+
+
+def flag_values(binary_module_name: str) -> dict:
+  """The values of a binary's own flags and of the shared ones."""
+  values = {}
+  for module in (__name__, binary_module_name):
+    for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[module]):
+      values[flag.name] = flag.value
+  return values
+
+
+def set_flag_defaults(**defaults) -> None:
+  """A binary's own defaults for the shared flags (shown by --help)."""
+  for name, value in defaults.items():
+    flags.FLAGS.set_default(name, value)
 
 ACCURACY_KEY = 'evaluation/test/accuracy'
 LOSS_KEY = 'evaluation/test/loss'

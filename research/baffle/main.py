@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_fad  # Registers the shutdown of TFF's worker process at exit.
+from research import experiment
 from tff_fad import data as fad_data
 from tff_fad.learning import baffle
 from tff_fad.learning import models
@@ -43,46 +44,28 @@ _EMA = flags.DEFINE_float('ema', 0.0, 'EMA decay of the evaluated weights; 0 '
                           'disables it.')
 _LR = flags.DEFINE_float('lr', 1e-2, 'Server Adam learning rate (fedsgd) or '
                          'server SGD learning rate (one_epoch).')
-_CLIENT_LR = flags.DEFINE_float('client_lr', 0.05,
-                                'Client learning rate (one_epoch only).')
 _PARALLEL = flags.DEFINE_integer('parallel_perturbations', 1,
                                  'Perturbations evaluated concurrently.')
 
-# Federated setting.
-_ROUNDS = flags.DEFINE_integer('rounds', 200, 'Training rounds.')
-_CLIENTS_PER_ROUND = flags.DEFINE_integer('clients_per_round', 5,
-                                          'Clients sampled per round.')
-_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20, 'Clients in the '
-                                    'embedded digits split.')
-_DIRICHLET_ALPHA = flags.DEFINE_string(
-    'dirichlet_alpha', '0.5', "Label-skew concentration of the digits split, "
-    "or 'iid'.")
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Client batch size.')
-_AGGREGATOR = flags.DEFINE_enum('aggregator', 'mean', ['mean', 'dp'],
-                                'Aggregation of the client uploads.')
-_DP_NOISE = flags.DEFINE_float('dp_noise_multiplier', 0.1,
-                               'Gaussian noise multiplier (aggregator=dp).')
-_DP_CLIP = flags.DEFINE_float('dp_clip', 10.0,
-                              'L2 clip of each upload (aggregator=dp).')
-
-# Data, model, bookkeeping.
-_DATASET = flags.DEFINE_enum('dataset', 'digits', ['digits', 'emnist'],
-                             'Embedded offline digits or federated EMNIST.')
-_EMNIST_CACHE_DIR = flags.DEFINE_string(
-    'emnist_cache_dir', None, 'Cache directory of EMNIST (default ~/.tff).')
-_MODEL = flags.DEFINE_enum(
-    'model', 'linear', list(models.MODEL_NAMES),
-    'lenet (BAFFLE\'s, 26,730 params), wrn (WRN-10-2) or linear (softmax '
-    'regression, 7,850 params). Forward-only training needs forward passes '
-    'in proportion to the parameter count, so the quick default is linear.')
-_EVAL_EVERY = flags.DEFINE_integer('eval_every', 20, 'Rounds between test '
-                                   'evaluations (the last round is always '
-                                   'evaluated).')
-_EVAL_EXAMPLES = flags.DEFINE_integer('eval_examples', 10000,
-                                      'Test examples used (EMNIST).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the data split, client '
-                             'sampling, initial weights and perturbations.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
+experiment.set_flag_defaults(
+    rounds=200, clients_per_round=5, num_clients=20, dirichlet_alpha='0.5',
+    batch_size=32, client_lr=0.05, dp_clip=10.0, eval_every=20)
+_ROUNDS = experiment.ROUNDS
+_CLIENTS_PER_ROUND = experiment.CLIENTS_PER_ROUND
+_NUM_CLIENTS = experiment.NUM_CLIENTS
+_DIRICHLET_ALPHA = experiment.DIRICHLET_ALPHA
+_BATCH_SIZE = experiment.BATCH_SIZE
+_CLIENT_LR = experiment.CLIENT_LR
+_AGGREGATOR = experiment.AGGREGATOR
+_DP_NOISE = experiment.DP_NOISE
+_DP_CLIP = experiment.DP_CLIP
+_DATASET = experiment.DATASET
+_EMNIST_CACHE_DIR = experiment.EMNIST_CACHE_DIR
+_MODEL = experiment.MODEL
+_EVAL_EVERY = experiment.EVAL_EVERY
+_EVAL_EXAMPLES = experiment.EVAL_EXAMPLES
+_SEED = experiment.SEED
+_OUTPUT_DIR = experiment.OUTPUT_DIR
 
 
 def _positive(flag: flags.FlagHolder, allow_zero: bool = False) -> None:
@@ -90,20 +73,6 @@ def _positive(flag: flags.FlagHolder, allow_zero: bool = False) -> None:
   if not ok:
     raise ValueError(f'--{flag.name} must be {">= 0" if allow_zero else "> 0"}'
                      f', got {flag.value}.')
-
-
-def parse_alpha(value: str) -> Optional[float]:
-  """Parses --dirichlet_alpha: None for IID, else a positive float."""
-  if value.strip().lower() == 'iid':
-    return None
-  try:
-    alpha = float(value)
-  except ValueError:
-    alpha = -1.0
-  if not alpha > 0:
-    raise ValueError(
-        f"--dirichlet_alpha must be 'iid' or a number > 0, got {value!r}.")
-  return alpha
 
 
 def validate_flags() -> None:
@@ -122,87 +91,15 @@ def validate_flags() -> None:
       _CLIENTS_PER_ROUND.value > _NUM_CLIENTS.value):
     raise ValueError(f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must '
                      f'be <= --num_clients ({_NUM_CLIENTS.value}).')
-  parse_alpha(_DIRICHLET_ALPHA.value)
-
-
-def _load_data(pad: bool) -> tuple[tff.simulation.datasets.ClientData,
-                                    dict[str, np.ndarray], tuple[int, ...]]:
-  """Returns (train client data with x/y elements, test arrays, image shape)."""
-  if _DATASET.value == 'digits':
-    fed = fad_data.load_federated_digits(
-        num_clients=_NUM_CLIENTS.value,
-        dirichlet_alpha=parse_alpha(_DIRICHLET_ALPHA.value),
-        seed=_SEED.value, pad_to_32x32=pad)
-    return fed.train, fed.test, fed.image_shape
-  train, test = fad_data.load_emnist(_EMNIST_CACHE_DIR.value, only_digits=True)
-
-  def to_xy(element):
-    # EMNIST has 1.0 as background; MNIST-style models expect 0.0.
-    x = 1.0 - tf.expand_dims(element['pixels'], -1)
-    if pad:
-      x = tf.pad(x, [[2, 2], [2, 2], [0, 0]])
-    return collections.OrderedDict(x=x, y=tf.cast(element['label'], tf.int32))
-
-  train = train.preprocess(lambda ds: ds.map(to_xy))
-  test_ds = test.create_tf_dataset_from_all_clients().map(to_xy)
-  batch = next(iter(test_ds.take(_EVAL_EXAMPLES.value).batch(
-      _EVAL_EXAMPLES.value)))
-  test_arrays = {k: v.numpy() for k, v in batch.items()}
-  return train, test_arrays, tuple(test_arrays['x'].shape[1:])
-
-
-# Keys of the flattened per-round metrics (run_training_process nests the
-# evaluation metrics under 'evaluation').
-_ACCURACY_KEY = 'evaluation/test/accuracy'
-_LOSS_KEY = 'evaluation/test/loss'
-
-
-class _ProgressReleaseManager(tff.program.ReleaseManager):
-  """Prints one line per round and keeps the history for the plot."""
-
-  def __init__(self, total_rounds: int):
-    self._total = total_rounds
-    self.history: dict[int, dict[str, float]] = {}
-
-  async def release(self, value: Any, key: int) -> None:
-    flat = {'/'.join(path): float(v) for path, v in _flatten(value)}
-    self.history[key] = flat
-    parts = [f'round {key:4d}/{self._total}']
-    if 'client_work/train/loss' in flat:
-      parts.append(f"train_loss {flat['client_work/train/loss']:.4f}")
-    if _ACCURACY_KEY in flat:
-      parts.append(f'test_acc {flat[_ACCURACY_KEY]:.4f}')
-    if 'training_time_in_seconds' in flat:
-      parts.append(f"({flat['training_time_in_seconds']:.1f} s)")
-    print('  '.join(parts), flush=True)
-
-
-def _flatten(value: Any, prefix: tuple[str, ...] = ()):
-  """Yields (path, scalar) pairs of a nested mapping of numbers."""
-  if isinstance(value, (dict, collections.OrderedDict)):
-    for k, v in value.items():
-      yield from _flatten(v, prefix + (str(k),))
-  elif np.ndim(value) == 0:
-    yield prefix, value
+  experiment.parse_alpha(_DIRICHLET_ALPHA.value)
 
 
 def _plot(history: dict[int, dict[str, float]], path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')  # No display; write a file.
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  rounds = sorted(r for r in history if _ACCURACY_KEY in history[r])
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(rounds, [history[r][_ACCURACY_KEY] for r in rounds], marker='.')
-  ax.axhline(0.1, color='gray', linestyle=':', label='chance')
-  ax.set_xlabel('round')
-  ax.set_ylabel('test accuracy')
-  ax.set_ylim(0, 1)
-  ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  rounds = sorted(r for r in history if experiment.ACCURACY_KEY in history[r])
+  experiment.plot_series(path, title, [dict(
+      rounds=rounds,
+      values=[history[r][experiment.ACCURACY_KEY] for r in rounds],
+      ylabel='test accuracy', ylim=(0, 1), hlines=[(0.1, 'chance')])])
 
 
 def run() -> dict[str, Any]:
@@ -215,7 +112,12 @@ def run() -> dict[str, Any]:
 
   # LeNet is defined on 32x32 inputs (BAFFLE); WRN's stride-2 stages also
   # divide 32 evenly. The linear model needs no padding.
-  train, test, image_shape = _load_data(pad=_MODEL.value != 'linear')
+  train, test, image_shape = experiment.load_data(
+      _DATASET.value, num_clients=_NUM_CLIENTS.value,
+      dirichlet_alpha=_DIRICHLET_ALPHA.value, seed=_SEED.value,
+      pad_to_32x32=_MODEL.value != 'linear',
+      emnist_cache_dir=_EMNIST_CACHE_DIR.value,
+      eval_examples=_EVAL_EXAMPLES.value)
   net = models.get_net(_MODEL.value, image_shape)
   model = models.to_functional_model(net, image_shape, seed=_SEED.value)
 
@@ -255,33 +157,16 @@ def run() -> dict[str, Any]:
       datasets.append(ds.take(1) if _MODE.value == 'fedsgd' else ds)
     return datasets
 
-  test_x = tf.constant(test['x'])
-  test_y = tf.constant(test['y'])
-
-  @tf.function
-  def evaluate_weights(trainable):
-    logits = tf.concat([net.apply(trainable, test_x[i:i + 500])
-                        for i in range(0, int(test_x.shape[0]), 500)], 0)
-    accuracy = tf.reduce_mean(tf.cast(tf.equal(
-        tf.argmax(logits, -1, output_type=tf.int32), test_y), tf.float32))
-    return accuracy, models.sparse_softmax_loss(logits, test_y)
+  evaluate_weights = experiment.test_evaluator(net, test)
 
   def evaluate(state, unused_data) -> collections.OrderedDict:
-    weights = process.get_model_weights(state)
-    accuracy, loss = evaluate_weights([tf.constant(w) for w in
-                                       weights.trainable])
-    return collections.OrderedDict(test=collections.OrderedDict(
-        accuracy=float(accuracy), loss=float(loss)))
+    return evaluate_weights(process.get_model_weights(state).trainable)
 
-  progress = _ProgressReleaseManager(_ROUNDS.value)
-  managers = [
-      tff.program.CSVFileReleaseManager(
-          os.path.join(output_dir, 'metrics.csv'),
-          save_mode=tff.program.CSVSaveMode.WRITE, key_fieldname='round'),
-      tff.program.TensorBoardReleaseManager(
-          os.path.join(output_dir, 'tensorboard')),
-      progress,
-  ]
+  progress = experiment.ProgressReleaseManager(_ROUNDS.value, [
+      ('train_loss', 'client_work/train/loss', '.4f'),
+      ('test_acc', experiment.ACCURACY_KEY, '.4f'),
+  ])
+  managers = experiment.release_managers(output_dir, progress)
   print(f'BAFFLE: {_MODEL.value} ({net.num_params:,} params) on '
         f'{_DATASET.value}, K={_K.value}, estimator={_ESTIMATOR.value}, '
         f'mode={_MODE.value}, {_ROUNDS.value} rounds x '
@@ -294,7 +179,7 @@ def run() -> dict[str, Any]:
   final = evaluate(state, None)['test']
   if _ROUNDS.value % _EVAL_EVERY.value:  # The loop did not evaluate it.
     progress.history.setdefault(_ROUNDS.value, {}).update(
-        {_ACCURACY_KEY: final['accuracy'], _LOSS_KEY: final['loss']})
+        {experiment.ACCURACY_KEY: final['accuracy'], experiment.LOSS_KEY: final['loss']})
 
   plot_path = os.path.join(output_dir, 'accuracy.png')
   _plot(progress.history, plot_path,
@@ -308,12 +193,11 @@ def run() -> dict[str, Any]:
           _K.value if _MODE.value == 'fedsgd' else net.num_params),
       num_params=net.num_params,
       test_examples=int(test['y'].shape[0]),
-      accuracy_by_round={str(r): h[_ACCURACY_KEY] for r, h in
+      accuracy_by_round={str(r): h[experiment.ACCURACY_KEY] for r, h in
                          sorted(progress.history.items())
-                         if _ACCURACY_KEY in h},
+                         if experiment.ACCURACY_KEY in h},
       wall_time_seconds=round(time.time() - start, 1),
-      flags={f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(
-          sys.modules[__name__])})
+      flags=experiment.flag_values(__name__))
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   print(f"Final test accuracy: {final['accuracy']:.4f} (after "

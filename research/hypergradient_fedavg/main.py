@@ -32,48 +32,34 @@ _ALGORITHM = flags.DEFINE_enum(
     'algorithm', 'hypergradient', ['hypergradient', 'fedavg'],
     "'hypergradient': tff_fad's FedAvg with a learned server learning rate; "
     "'fedavg': TFF's build_weighted_fed_avg with a fixed one.")
-_MODE = flags.DEFINE_enum('mode', 'forward', list(hypergradient_fed_avg.MODES),
+_MODE = flags.DEFINE_enum('fad_mode', 'forward', list(hypergradient_fed_avg.MODES),
                           'Federated AD mode of the hypergradient.')
 _SERVER_LR = flags.DEFINE_float(
     'server_lr', 0.1, 'Initial (hypergradient) or fixed (fedavg) server '
     'learning rate.')
 _HYPER_LR = flags.DEFINE_float(
     'hyper_lr', 0.1, 'Adam learning rate of log(server learning rate).')
-_CLIENT_LR = flags.DEFINE_float('client_lr', 0.05, 'Client SGD learning rate.')
 _CLIENT_EPOCHS = flags.DEFINE_integer('client_epochs', 1, 'Local epochs.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 20, 'Client batch size.')
-_AGGREGATOR = flags.DEFINE_enum(
-    'aggregator', 'mean', ['mean', 'dp'],
-    "Model-update aggregation: weighted 'mean', or 'dp' (DP-Gaussian with a "
-    'fixed clip, unweighted as TFF requires).')
-_DP_NOISE = flags.DEFINE_float('dp_noise_multiplier', 0.1,
-                               'DP noise multiplier (--aggregator=dp).')
-_DP_CLIP = flags.DEFINE_float('dp_clip', 1.0, 'DP L2 clip (--aggregator=dp).')
 
-# Data and model.
-_DATASET = flags.DEFINE_enum(
-    'dataset', 'digits', ['digits', 'emnist'],
-    "'digits': the embedded offline MNIST digits; 'emnist': federated EMNIST "
-    '(needs network or a filled --emnist_cache_dir).')
-_EMNIST_CACHE_DIR = flags.DEFINE_string(
-    'emnist_cache_dir', os.path.expanduser('~/.tff'), 'EMNIST cache.')
-_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 50,
-                                    'Clients in the digits split.')
-_DIRICHLET_ALPHA = flags.DEFINE_string(
-    'dirichlet_alpha', '0.5', "Label-skew concentration, or 'iid'.")
-_MODEL = flags.DEFINE_enum('model', 'linear', list(models.MODEL_NAMES),
-                           'Model.')
-
-# Run.
-_ROUNDS = flags.DEFINE_integer('rounds', 40, 'Training rounds.')
-_CLIENTS_PER_ROUND = flags.DEFINE_integer('clients_per_round', 10,
-                                          'Clients sampled per round.')
-_EVAL_EVERY = flags.DEFINE_integer('eval_every', 5,
-                                   'Rounds between test evaluations.')
-_EVAL_EXAMPLES = flags.DEFINE_integer('eval_examples', 10000,
-                                      'EMNIST test examples used.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the split, sampling, init.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
+experiment.set_flag_defaults(
+    rounds=40, clients_per_round=10, num_clients=50, dirichlet_alpha='0.5',
+    batch_size=20, client_lr=0.05, dp_clip=1.0, eval_every=5)
+_ROUNDS = experiment.ROUNDS
+_CLIENTS_PER_ROUND = experiment.CLIENTS_PER_ROUND
+_NUM_CLIENTS = experiment.NUM_CLIENTS
+_DIRICHLET_ALPHA = experiment.DIRICHLET_ALPHA
+_BATCH_SIZE = experiment.BATCH_SIZE
+_CLIENT_LR = experiment.CLIENT_LR
+_AGGREGATOR = experiment.AGGREGATOR
+_DP_NOISE = experiment.DP_NOISE
+_DP_CLIP = experiment.DP_CLIP
+_DATASET = experiment.DATASET
+_EMNIST_CACHE_DIR = experiment.EMNIST_CACHE_DIR
+_MODEL = experiment.MODEL
+_EVAL_EVERY = experiment.EVAL_EVERY
+_EVAL_EXAMPLES = experiment.EVAL_EXAMPLES
+_SEED = experiment.SEED
+_OUTPUT_DIR = experiment.OUTPUT_DIR
 
 _LR_KEY = 'server_learning_rate'
 
@@ -212,8 +198,7 @@ def run() -> dict[str, Any]:
       server_learning_rate_by_round={str(r): history[r][_LR_KEY]
                                      for r in lr_rounds},
       wall_time_seconds=round(time.time() - start, 1),
-      flags={f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(
-          sys.modules[__name__])})
+      flags=experiment.flag_values(__name__))
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   print(f"Final test accuracy: {final['accuracy']:.4f}; server learning rate "
