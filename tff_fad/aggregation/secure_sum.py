@@ -183,10 +183,6 @@ def _check_count(count: tf.Tensor, bound: int) -> tf.Tensor:
     return tf.identity(count)
 
 
-def _bit_widths(structure, width: int):
-  return tf.nest.map_structure(lambda _: width, structure)
-
-
 @dataclasses.dataclass(frozen=True)
 class SecureSumPlan:
   """The quantizers of one secure-sum point, for each pass."""

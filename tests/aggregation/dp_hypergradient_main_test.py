@@ -1,0 +1,33 @@
+"""End-to-end test of research/dp_hypergradient/main.py with tiny settings."""
+
+import math
+
+from absl import app
+import pytest
+
+import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
+from research.dp_hypergradient import main as dp_main
+
+
+@pytest.fixture
+def tiny_flags():
+  dp_main.parse_flags(['main', '--rounds=2', '--num_clients=4',
+                       '--examples_per_client=4', '--sampling_rate=0.1'])
+  yield
+  dp_main.FLAGS.unparse_flags()
+
+
+def test_trains_and_reports_three_dp_releases_per_round(tiny_flags, capfd):
+  del tiny_flags  # Used for its flags.
+  report = dp_main.run()
+  printed = capfd.readouterr().out
+  assert 'round   2:' in printed and '(epsilon, delta)' in printed
+  # The model update, the loss and the hypergradient (the loss's tangent).
+  assert sorted((r.kind, r.mechanism) for r in report.releases) == [
+      ('tangent', 'dp'), ('value', 'dp'), ('value', 'dp')]
+  assert report.rounds == 2 and 0 < report.epsilon < math.inf
+
+
+def test_stray_arguments_are_rejected():
+  with pytest.raises(app.UsageError, match='stray'):
+    dp_main.main(['main', 'stray'])
