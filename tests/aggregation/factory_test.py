@@ -1,6 +1,7 @@
 """aggregate_with_factory: tff.aggregators (DP, ...) as aggregation points."""
 
 import numpy as np
+import tensorflow as tf
 import pytest
 import tensorflow_federated as tff
 
@@ -117,3 +118,57 @@ def test_wrong_state_type_is_refused():
     def _(w, state, d):
       del w
       return aggregation.aggregate_with_factory(d, state, POINT).result
+
+
+def _sum_mean_factories():
+  clip = 1e4  # Far above every norm: no clipping.
+  return {
+      'gaussian_adaptive': (DPF.gaussian_adaptive(
+          0.0, N, initial_l2_norm_clip=clip), N),
+      'tree_aggregation': (DPF.tree_aggregation(
+          0.0, N, clip, tf.TensorSpec([2], tf.float32)), N),
+      'secure_sum': (tff.aggregators.SecureSumFactory(100.0, -100.0), 1),
+      'clipping': (tff.aggregators.clipping_factory(
+          clip, tff.aggregators.SumFactory()), 1),
+  }
+
+
+@pytest.mark.parametrize('name', sorted(_sum_mean_factories()))
+def test_other_factories_primal_and_forward(name):
+  factory, divisor = _sum_mean_factories()[name]
+  point = aggregation.AggregationPoint(
+      factory, T, tangent_factory=tff.aggregators.SumFactory(), name=name)
+  program = _program(point)
+  # Secure sums only run in TFF's test context; the others run there too.
+  with aggregation.secure_simulation_context():
+    state = point.initialize()
+    result, state = program(W0, state, DATA)
+    # The state threads into a second round.
+    again, _ = program(W0, state, DATA)
+    _, tangent, _ = tff_fad.jvp(program, has_aux=True)(W0, state, DATA, 1.0)
+  exact_sum = W0 * np.sum(DATA, axis=0)
+  np.testing.assert_allclose(result, exact_sum / divisor, rtol=1e-5)
+  np.testing.assert_allclose(again, exact_sum / divisor, rtol=1e-5)
+  np.testing.assert_allclose(tangent, np.sum(DATA, axis=0), rtol=1e-5)
+
+
+def test_reverse_cotangent_noise_matches_configuration():
+  size, clip, clients, z = 4000, 1.0, 2, 0.5
+  vector = tff.TensorType(np.float32, [size])
+  point = aggregation.AggregationPoint(
+      DPF.gaussian_fixed(0.0, clients, clip), vector,
+      cotangent_factory=DPF.gaussian_fixed(z, clients, clip),
+      cotangent_type=vector)
+
+  @tff_fad.federated_computation(
+      tff.FederatedType(vector, tff.SERVER), point.state_type)
+  def zeroed(w, state):
+    zeros = tff_fad.federated_map(lambda v: v * 0.0,
+                                  tff_fad.federated_broadcast(w))
+    return aggregation.aggregate_with_factory(zeros, state, point).result
+
+  ct = tff_fad.vjp(zeroed)(np.ones(size, np.float32), point.initialize(),
+                           np.ones(size, np.float32))
+  # The exact cotangent is 0; the DP sum adds N(0, (z clip)^2) (the DP
+  # query's division by clients_per_round is undone to release a sum).
+  np.testing.assert_allclose(np.std(ct), z * clip, rtol=0.08)

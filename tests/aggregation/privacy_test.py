@@ -5,6 +5,7 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_fad
@@ -102,3 +103,17 @@ def test_bad_arguments_are_refused():
                                delta=DELTA)
   with pytest.raises(ValueError, match='mode'):
     aggregation.releases(dp_program, mode='backward')
+
+
+def test_tree_aggregation_needs_its_own_accounting():
+  point = aggregation.AggregationPoint(
+      DPF.tree_aggregation(Z, CLIENTS, 1.0, tf.TensorSpec([2], tf.float32)), T)
+
+  @tff_fad.federated_computation(W, point.state_type, D)
+  def tree(w, state, d):
+    del w
+    return aggregation.aggregate_with_factory(d, state, point).result
+
+  with pytest.raises(ValueError, match='tree_aggregation_accountant'):
+    aggregation.privacy_report(tree, sampling_rate=Q, rounds=ROUNDS,
+                               delta=DELTA)

@@ -280,7 +280,8 @@ def privacy_report(comp: transforms.FederatedComputation, *,
 
   Raises:
     ValueError: for a sampling rate outside (0, 1], non-positive rounds or a
-      delta outside (0, 1).
+      delta outside (0, 1), or DP releases the RDP accountant cannot account
+      (tree aggregation).
   """
   if not 0 < sampling_rate <= 1:
     raise ValueError(f'sampling_rate must be in (0, 1], found {sampling_rate}.')
@@ -302,7 +303,16 @@ def privacy_report(comp: transforms.FederatedComputation, *,
     epsilon = 0.0
   else:
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(round_event(events, sampling_rate), rounds)
+    event = round_event(events, sampling_rate)
+    if not accountant.supports(event):
+      unsupported = [r.node for r in found if r.mechanism == 'dp' and
+                     not accountant.supports(r.event)]
+      raise ValueError(
+          f'The RDP accountant cannot account {event} (from {unsupported}): '
+          'tree aggregation (DP-FTRL) releases are correlated across rounds '
+          'and need their own accounting, e.g. dp_accounting\'s '
+          'tree_aggregation_accountant.')
+    accountant.compose(event, rounds)
     epsilon = accountant.get_epsilon(delta)
   return PrivacyReport(mode, found, sampling_rate, rounds, delta, epsilon,
                        z_eff)
