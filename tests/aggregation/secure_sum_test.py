@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_fad
@@ -119,3 +120,55 @@ def test_more_clients_than_bound_fails_at_run_time():
 
   with pytest.raises(Exception, match='num_clients_bound'):
     small_bound(DATA)
+
+
+def test_out_of_range_tangents_are_clipped_and_counted():
+  (_, clipped), (tangent, _) = tff_fad.jvp(scaled_sum)(W0, DATA, 10.0)
+  # Tangents 10 * d, 0 where the value was clipped: [10, 20], [30, -40],
+  # [0, 10]. Five lie outside T_RANGE = (-8, 8) and are clipped to +-8.
+  np.testing.assert_allclose(tangent, [8 + 8 + 0, 8 - 8 + 8],
+                             atol=_bound(T_RANGE))
+  assert clipped == 1 + 5  # The value's one clipped element, and five.
+
+
+def test_broadcast_feeding_two_secure_sums_uses_the_widest_range():
+  @tff_fad.federated_computation(W, D)
+  def two_sums(w, d):
+    products = tff_fad.federated_map(lambda w, d: w * d,
+                                     (tff_fad.federated_broadcast(w), d))
+    first = aggregation.federated_secure_sum(
+        products, clip_range=RANGE, num_clients_bound=BOUND, bitwidth=BITS,
+        cotangent_clip_range=(-1.0, 1.0))
+    second = aggregation.federated_secure_sum(
+        products, clip_range=RANGE, num_clients_bound=BOUND, bitwidth=BITS,
+        cotangent_clip_range=CT_RANGE)
+    return tff_fad.federated_apply(lambda a, b: tf.reduce_sum(a + b),
+                                   (first, second))
+
+  # d/dw of both sums: twice EXACT_TANGENT's total; per-client cotangents
+  # reach 2 * 30 * 0 + ... within CT_RANGE, so nothing is clipped.
+  grad = tff_fad.grad(two_sums)(W0, DATA)
+  np.testing.assert_allclose(grad, 2 * EXACT_TANGENT.sum(),
+                             atol=2 * _bound(CT_RANGE))
+
+
+def test_broadcast_feeding_secure_sum_and_dp_point_is_refused_in_reverse():
+  point = aggregation.AggregationPoint(
+      tff.aggregators.SumFactory(), tff.TensorType(np.float32, [2]),
+      cotangent_factory=tff.aggregators.SumFactory(),
+      cotangent_type=np.float32)
+
+  @tff_fad.federated_computation(W, point.state_type, D)
+  def mixed(w, state, d):
+    products = tff_fad.federated_map(lambda w, d: w * d,
+                                     (tff_fad.federated_broadcast(w), d))
+    first = aggregation.federated_secure_sum(
+        products, clip_range=RANGE, num_clients_bound=BOUND,
+        cotangent_clip_range=CT_RANGE)
+    second = aggregation.aggregate_with_factory(products, state, point).result
+    return tff_fad.federated_apply(lambda a, b: tf.reduce_sum(a + b),
+                                   (first, second))
+
+  with pytest.raises(tff_fad.NotDifferentiableError,
+                     match='cannot be combined'):
+    tff_fad.grad(mixed)
