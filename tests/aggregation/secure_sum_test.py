@@ -145,8 +145,9 @@ def test_broadcast_feeding_two_secure_sums_uses_the_widest_range():
     return tff_fad.federated_apply(lambda a, b: tf.reduce_sum(a + b),
                                    (first, second))
 
-  # d/dw of both sums: twice EXACT_TANGENT's total; per-client cotangents
-  # reach 2 * 30 * 0 + ... within CT_RANGE, so nothing is clipped.
+  # d/dw of both sums: twice EXACT_TANGENT's total. The clients' cotangents
+  # (6, -2, 2) fit the union CT_RANGE but not (-1, 1): had the narrower
+  # range been used, they would be clipped and the gradient wrong.
   grad = tff_fad.grad(two_sums)(W0, DATA)
   np.testing.assert_allclose(grad, 2 * EXACT_TANGENT.sum(),
                              atol=2 * _bound(CT_RANGE))
