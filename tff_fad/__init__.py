@@ -30,3 +30,15 @@ from tff_fad.core import stop_gradient
 from tff_fad.core import value_and_grad
 from tff_fad.core import vjp
 from tff_fad.core import with_derivatives
+
+# Privacy-aware aggregation points, built on the core.
+from tff_fad.aggregation import aggregate_with_factory
+from tff_fad.aggregation import AggregateOutput
+from tff_fad.aggregation import AggregationPoint
+from tff_fad.aggregation import federated_secure_sum
+from tff_fad.aggregation import privacy_report
+from tff_fad.aggregation import PrivacyReport
+from tff_fad.aggregation import secure_simulation_context
+
+# Learning algorithms, built on both (tff_fad.learning.build_...).
+from tff_fad import learning

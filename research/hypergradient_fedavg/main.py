@@ -39,6 +39,13 @@ _SERVER_LR = flags.DEFINE_float(
     'learning rate.')
 _HYPER_LR = flags.DEFINE_float(
     'hyper_lr', 0.1, 'Adam learning rate of log(server learning rate).')
+_WEIGHTING = flags.DEFINE_enum(
+    'weighting', 'example_count', ['example_count', 'uniform', 'learned'],
+    "Client weights of the update average: 'example_count' (FedAvg), "
+    "'uniform', or 'learned' (n_i ** exponent, exponent learned by FAD).")
+_WEIGHT_EXPONENT = flags.DEFINE_float(
+    'initial_weight_exponent', 0.0,
+    "Starting exponent of --weighting=learned (0: uniform, 1: by examples).")
 _CLIENT_EPOCHS = flags.DEFINE_integer('client_epochs', 1, 'Local epochs.')
 
 experiment.set_flag_defaults(
@@ -85,6 +92,8 @@ def _aggregator():
         noise_multiplier=_DP_NOISE.value,
         clients_per_round=float(_CLIENTS_PER_ROUND.value),
         clip=_DP_CLIP.value)
+  if _WEIGHTING.value == 'uniform':
+    return tff.aggregators.UnweightedMeanFactory()
   return tff.aggregators.MeanFactory()
 
 
@@ -95,13 +104,19 @@ def build_process(model):
         model, client_optimizer_fn=client_optimizer,
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(
             _SERVER_LR.value),
-        model_aggregator=_aggregator() if _AGGREGATOR.value == 'mean' else (
-            tff.aggregators.UnweightedMeanFactory()))
+        model_aggregator=_aggregator())
+  hyper_optimizer = tff.learning.optimizers.build_adam(_HYPER_LR.value)
+  if _WEIGHTING.value == 'learned':
+    return hypergradient_fed_avg.build_learned_weighting_fed_avg(
+        model, client_optimizer=client_optimizer,
+        initial_server_learning_rate=_SERVER_LR.value,
+        initial_weight_exponent=_WEIGHT_EXPONENT.value,
+        hyper_optimizer=hyper_optimizer)
   return hypergradient_fed_avg.build_hypergradient_fed_avg(
       model, client_optimizer=client_optimizer,
       initial_server_learning_rate=_SERVER_LR.value,
-      hyper_optimizer=tff.learning.optimizers.build_adam(_HYPER_LR.value),
-      mode=_MODE.value, model_aggregator=_aggregator())
+      hyper_optimizer=hyper_optimizer, mode=_MODE.value,
+      model_aggregator=_aggregator())
 
 
 def run() -> dict[str, Any]:
@@ -110,6 +125,12 @@ def run() -> dict[str, Any]:
   if _ALGORITHM.value == 'fedavg' and _AGGREGATOR.value == 'dp':
     raise ValueError('--aggregator=dp is supported with '
                      '--algorithm=hypergradient only.')
+  if _WEIGHTING.value == 'learned' and (
+      _ALGORITHM.value != 'hypergradient' or _AGGREGATOR.value != 'mean' or
+      _MODE.value != 'forward'):
+    raise ValueError('--weighting=learned needs --algorithm=hypergradient, '
+                     '--aggregator=mean and --fad_mode=forward (its average '
+                     'must be differentiable in the weights).')
   start = time.time()
   output_dir = _OUTPUT_DIR.value
   os.makedirs(output_dir, exist_ok=True)
@@ -137,6 +158,8 @@ def run() -> dict[str, Any]:
 
   progress = experiment.ProgressReleaseManager(_ROUNDS.value, [
       ('lr', _LR_KEY, '.4f'),
+      ('lr', 'hyper/' + _LR_KEY, '.4f'),
+      ('exponent', 'hyper/weight_exponent', '.3f'),
       ('hypergrad', 'hypergradient', '+.4f'),
       ('train_loss', 'train/loss', '.4f'),
       ('train_loss', 'client_work/train/loss', '.4f'),
@@ -164,6 +187,9 @@ def run() -> dict[str, Any]:
     final_lr = _SERVER_LR.value
   else:
     final_lr = float(tf.exp(state['log_lr']))
+  for flat in history.values():  # One key for the rate in both variants.
+    if 'hyper/' + _LR_KEY in flat:
+      flat[_LR_KEY] = flat['hyper/' + _LR_KEY]
   acc_rounds = sorted(r for r in history if experiment.ACCURACY_KEY in history[r])
   lr_rounds = sorted(r for r in history if _LR_KEY in history[r])
   panels = [dict(rounds=acc_rounds,
@@ -184,6 +210,9 @@ def run() -> dict[str, Any]:
       final_test_loss=final['loss'],
       initial_server_learning_rate=_SERVER_LR.value,
       final_server_learning_rate=final_lr,
+      weighting=_WEIGHTING.value,
+      final_weight_exponent=(float(state['exponent'])
+                             if _WEIGHTING.value == 'learned' else None),
       rounds=_ROUNDS.value,
       num_params=net.num_params,
       communication_per_round=collections.OrderedDict(

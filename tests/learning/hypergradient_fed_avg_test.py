@@ -123,3 +123,52 @@ def test_communication_cost_of_the_modes(setup):
 def test_bad_arguments(setup, kwargs, message):
   with pytest.raises(ValueError, match=message):
     hg.build_hypergradient_fed_avg(setup.model, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def weighting(setup):
+  process = hg.build_learned_weighting_fed_avg(
+      setup.model, initial_server_learning_rate=0.5)
+  round_program = hg.build_learned_weighting_round_program(
+      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+  return process, round_program
+
+
+def test_learned_weighting_is_a_one_round_trip_learning_process(setup,
+                                                                weighting):
+  process, _ = weighting
+  assert isinstance(process, tff.learning.templates.LearningProcess)
+  report = tff_fad.communication_cost(process.next, 3)
+  model_bytes = setup.net.num_params * 4
+  # The model and two tangent directions each way, plus small scalars.
+  assert report.round_trips == 1
+  assert 3 * model_bytes < report.server_to_client_bytes_per_client < (
+      3 * model_bytes + 64)
+  assert 3 * model_bytes < report.client_to_server_bytes_per_client < (
+      3 * model_bytes + 64)
+
+
+def test_weighting_hypergradient_matches_finite_differences(setup, weighting):
+  process, round_program = weighting
+  first, second = setup.data[:2], setup.data[1:]
+  s0 = process.initialize()
+  s1 = process.next(s0, first).state
+  reported = process.next(s1, second).metrics['hyper']
+  eps = 1e-2
+
+  def loss_after_round_zero_with(exponent):
+    # Round 0's update, averaged with weights n_i ** exponent ...
+    (_, pending), _ = round_program(s0['base'], s0['log_lr'], s0['pending'],
+                                    np.float32(exponent), first)
+    # ... then the loss of round 1's clients at the updated model.
+    (loss, _), _ = round_program(s1['base'], s1['log_lr'], pending,
+                                 s1['exponent'], second)
+    return loss
+
+  finite_difference = (loss_after_round_zero_with(s0['exponent'] + eps) -
+                       loss_after_round_zero_with(s0['exponent'] - eps)) / (
+                           2 * eps)
+  assert abs(finite_difference) > 1e-5
+  assert reported['hypergradient_exponent'] == pytest.approx(
+      finite_difference, rel=3e-2)
+  assert reported['weight_exponent'] == pytest.approx(s1['exponent'])

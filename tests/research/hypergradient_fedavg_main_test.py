@@ -56,3 +56,20 @@ def test_bad_flags_are_named(tmp_path, flag, value, message):
   with flagsaver.flagsaver(output_dir=str(tmp_path), **{flag: value}):
     with pytest.raises(ValueError, match=message):
       hypergradient_main.run()
+
+
+def test_learned_weighting_run(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), weighting='learned',
+                           **TINY):
+    summary = hypergradient_main.run()
+  assert summary['weighting'] == 'learned'
+  assert summary['final_weight_exponent'] is not None
+  assert summary['communication_per_round']['round_trips'] == 1
+  assert set(summary['server_learning_rate_by_round']) == {'1', '2'}
+
+
+def test_learned_weighting_needs_forward_mode(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), weighting='learned',
+                           fad_mode='reverse'):
+    with pytest.raises(ValueError, match='--weighting=learned needs'):
+      hypergradient_main.run()
