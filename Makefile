@@ -8,19 +8,21 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PYTEST_ARGS ?=
-# The demo is a short run of research/baffle/main.py on the embedded digits;
-# override with e.g. `make demo DEMO_ARGS="--rounds=150 --K=500"`.
+# The demo trains FedAvg whose server learning rate is learned by Federated
+# AD (research/hypergradient_fedavg/main.py), from a bad start, on the
+# embedded digits; override with e.g. `make demo DEMO_ARGS="--fad_mode=reverse"`.
 DEMO_OUT ?= out/demo
-DEMO_ARGS ?= --rounds=20
+DEMO_ARGS ?= --rounds=40 --server_lr=0.1
 BAZEL ?= bazel
 BAZEL_ARGS ?=
 
-.PHONY: help venv test demo lock bazel bazel-setup bazel-test clean
+.PHONY: help venv test demo bench lock bazel bazel-setup bazel-test clean
 
 help:
-	@echo "make demo        run the main job (research/baffle/main.py) on embedded data"
+	@echo "make demo        run the main job (research/hypergradient_fedavg/main.py) on embedded data"
 	@echo "                 (outputs in $(DEMO_OUT); extra flags via DEMO_ARGS=...)"
 	@echo "make test        run the whole pytest suite"
+	@echo "make bench       measure the Federated AD modes (benchmarks/core_modes.py)"
 	@echo "make bazel-test  install Bazel if missing and run 'bazel test //...'"
 	@echo "make lock        recompile requirements/requirements.lock"
 	@echo "make clean       remove .venv, .bazel-local and Bazel outputs"
@@ -33,7 +35,11 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m research.baffle.main --output_dir=$(DEMO_OUT) $(DEMO_ARGS)
+	$(PY) -m research.hypergradient_fedavg.main --output_dir=$(DEMO_OUT) $(DEMO_ARGS)
+
+# Long-running measurements (results are reported in the README).
+bench: venv
+	$(PY) -m benchmarks.core_modes --output=benchmarks/results/core_modes.json
 
 # Recompile the lock (uv is installed in .venv by the bootstrap). Relative
 # paths keep the command recorded in the lock's header reproducible.

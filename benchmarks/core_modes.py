@@ -8,8 +8,8 @@ For an MLP (784-128-10, 101,770 parameters) on 10 and 100 clients:
     primal's time;
   * bytes and communication steps from `communication_cost`.
 
-All variants run in one process, interleaved, after a warm-up call each; a
-figure is the median of `--repeats` timed calls. Forward mode gives a full
+All variants run in one process, interleaved in a random order per repeat,
+after a warm-up call each; a figure is the median of `--repeats` timed calls. Forward mode gives a full
 gradient only by pushing one direction per parameter (101,770 here), so it is
 timed per direction, not as a gradient.
 
@@ -121,8 +121,12 @@ def measure(num_clients, examples, repeats):
   for comp, args in variants.values():  # Warm-up: tracing, worker start.
     comp(*args)
   times = collections.defaultdict(list)
-  for _ in range(repeats):  # Interleaved, so drift hits every variant alike.
-    for name, (comp, args) in variants.items():
+  order = np.random.default_rng(0)
+  for _ in range(repeats):
+    # Interleaved in a fresh random order each repeat, so neither drift nor
+    # the variant run just before favours one variant.
+    for name in order.permutation(list(variants)):
+      comp, args = variants[name]
       start = time.perf_counter()
       comp(*args)
       times[name].append(time.perf_counter() - start)

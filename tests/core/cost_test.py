@@ -102,3 +102,19 @@ def test_members_of_a_called_computation_keep_their_own_depth():
   report = tff_fad.communication_cost(outer, 2)
   assert (report.communication_steps, report.round_trips) == (1, 1)
   assert report.intrinsics == {'federated_sum': 2}
+
+
+def test_primal_emits_what_a_hand_written_tff_program_would():
+  local_loss = tff.tensorflow.computation(
+      lambda w, d: (tf.reduce_sum(w * d['x']) - d['y']) ** 2,
+      W.member, DATA.member)
+
+  @tff.federated_computation(W, DATA)
+  def hand_written(w, data):
+    return tff.federated_mean(tff.federated_map(
+        local_loss, (tff.federated_broadcast(w), data)))
+
+  assert loss.type_signature.is_equivalent_to(hand_written.type_signature)
+  assert cost.intrinsics_used(loss) == cost.intrinsics_used(hand_written)
+  assert tff_fad.communication_cost(loss, 7) == tff_fad.communication_cost(
+      hand_written, 7)
