@@ -15,9 +15,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from absl import app
 from absl import flags
+from absl import logging
 
 from tff_fad import data as fad_data
+from tff_fad import runtime
 from tff_fad.learning import models
 
 # Federated setting.
@@ -66,6 +69,24 @@ def flag_values(binary_module_name: str) -> dict:
     for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[module]):
       values[flag.name] = flag.value
   return values
+
+
+def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
+  """A binary's `main`: rejects stray arguments, runs, stops TFF's worker."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # TFF's training loop logs several INFO lines per round; the progress
+    # lines say the same in one.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    run()
+  except fad_data.EmnistUnavailableError as e:
+    # A user-facing condition with instructions, not a bug: no traceback.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  finally:
+    runtime.shutdown_local_workers()
 
 
 def set_flag_defaults(**defaults) -> None:

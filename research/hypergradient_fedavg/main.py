@@ -11,19 +11,16 @@ cost of one round) to --output_dir. `--algorithm=fedavg` runs TFF's own
 import collections
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import tensorflow as tf
 import tensorflow_federated as tff
 
 import tff_fad
 from research import experiment
-from tff_fad import data as fad_data
 from tff_fad.learning import hypergradient_fed_avg
 from tff_fad.learning import models
 
@@ -239,20 +236,7 @@ def run() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    # TFF's training loop logs several INFO lines per round; the progress
-    # lines say the same in one.
-    logging.set_verbosity(logging.WARNING)
-  try:
-    run()
-  except fad_data.EmnistUnavailableError as e:
-    # A user-facing condition with instructions, not a bug: no traceback.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  finally:
-    tff_fad.runtime.shutdown_local_workers()
+  experiment.run_main(run, argv)
 
 
 if __name__ == '__main__':

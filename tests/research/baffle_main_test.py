@@ -10,6 +10,7 @@ from absl.testing import flagsaver
 import pytest
 
 import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
+from research import experiment
 from research.baffle import main as baffle_main
 
 FLAGS = flags.FLAGS
@@ -97,7 +98,7 @@ def test_emnist_offline_exits_with_message_not_traceback(tmp_path, capsys,
   def offline(cache_dir=None, only_digits=True):
     raise tff_fad.data.EmnistUnavailableError('no network; copy the file')
 
-  monkeypatch.setattr(baffle_main.fad_data, 'load_emnist', offline)
+  monkeypatch.setattr(experiment.fad_data, 'load_emnist', offline)
   with flagsaver.flagsaver(output_dir=str(tmp_path / 'e'), dataset='emnist'):
     with pytest.raises(SystemExit) as info:
       baffle_main.main(['main'])

@@ -27,7 +27,6 @@ import tensorflow_federated as tff
 
 from tff_fad.core import errors
 from tff_fad.core import ir
-from tff_fad.core import local_ad
 from tff_fad.core import primitives
 from tff_fad.core import types as fad_types
 

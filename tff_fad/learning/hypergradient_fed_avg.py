@@ -34,7 +34,7 @@ outside the differentiated program because nothing differentiates through it.
 """
 
 import collections
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -190,6 +190,53 @@ def build_round_program(model, client_optimizer):
   return round_program
 
 
+def _train_metrics(client_outputs):
+  """Example-weighted training loss of the round (federated context)."""
+  totals_type = collections.OrderedDict(loss_sum=np.float32,
+                                        num_examples=np.float32)
+
+  @tff.tensorflow.computation(totals_type)
+  def finalize(totals):
+    return collections.OrderedDict(
+        loss=totals['loss_sum'] / tf.maximum(totals['num_examples'], 1.0),
+        num_examples=totals['num_examples'])
+
+  totals = tff.federated_sum(tff.federated_zip(collections.OrderedDict(
+      loss_sum=client_outputs['loss_sum'],
+      num_examples=client_outputs['weight'])))
+  return tff.federated_map(finalize, totals)
+
+
+def _model_weights_accessors(state_member, initial_weights):
+  """`get_model_weights` / `set_model_weights` of a learning process.
+
+  The state holds `base`, `log_lr` and `pending` (the current model is
+  `base - exp(log_lr) * pending`); setting weights clears `pending` and any
+  `pending_tangent`, keeping the rest of the state.
+  """
+
+  @tff.tensorflow.computation(state_member)
+  def get_model_weights(state):
+    trainable, non_trainable = _current_model(
+        state['base'], state['log_lr'], state['pending'])
+    return tff.learning.models.ModelWeights(trainable=trainable,
+                                            non_trainable=non_trainable)
+
+  @tff.tensorflow.computation(
+      state_member,
+      _type_of(tff.learning.models.ModelWeights(*initial_weights)))
+  def set_model_weights(state, model_weights):
+    new_state = collections.OrderedDict(state)
+    new_state['base'] = (tuple(model_weights.trainable),
+                         tuple(model_weights.non_trainable))
+    for key in ('pending', 'pending_tangent'):
+      if key in new_state:
+        new_state[key] = tf.nest.map_structure(tf.zeros_like, state[key])
+    return new_state
+
+  return get_model_weights, set_model_weights
+
+
 def build_hypergradient_fed_avg(
     model: tff.learning.models.FunctionalModel,
     *,
@@ -284,13 +331,6 @@ def build_hypergradient_fed_avg(
   def learning_rate(log_lr):
     return tf.exp(log_lr)
 
-  @tff.tensorflow.computation(collections.OrderedDict(
-      loss_sum=np.float32, num_examples=np.float32))
-  def train_metrics(totals):
-    return collections.OrderedDict(
-        loss=totals['loss_sum'] / tf.maximum(totals['num_examples'], 1.0),
-        num_examples=totals['num_examples'])
-
   @tff.federated_computation(state_type, data_type)
   def next_fn(state, data):
     (loss, (weights, client_outputs)), hypergradient = differentiated(
@@ -307,38 +347,16 @@ def build_hypergradient_fed_avg(
     new_state = tff.federated_zip(collections.OrderedDict(
         base=weights, log_lr=hyper[1], pending=aggregate.result,
         hyper_optimizer=hyper[0], aggregator=aggregate.state))
-    train_totals = tff.federated_sum(tff.federated_zip(collections.OrderedDict(
-        loss_sum=client_outputs['loss_sum'],
-        num_examples=client_outputs['weight'])))
     metrics = tff.federated_zip(collections.OrderedDict(
         server_learning_rate=tff.federated_map(learning_rate, state['log_lr']),
         hypergradient=hypergradient,
         post_update_loss=loss,
-        train=tff.federated_map(train_metrics, train_totals),
+        train=_train_metrics(client_outputs),
         aggregator=aggregate.measurements))
     return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
-  state_member = state_type.member
-
-  @tff.tensorflow.computation(state_member)
-  def get_model_weights(state):
-    trainable, non_trainable = _current_model(
-        state['base'], state['log_lr'], state['pending'])
-    return tff.learning.models.ModelWeights(trainable=trainable,
-                                            non_trainable=non_trainable)
-
-  @tff.tensorflow.computation(
-      state_member, _type_of(
-          tff.learning.models.ModelWeights(*initial_weights)))
-  def set_model_weights(state, model_weights):
-    return collections.OrderedDict(
-        base=(tuple(model_weights.trainable),
-              tuple(model_weights.non_trainable)),
-        log_lr=state['log_lr'],
-        pending=tf.nest.map_structure(tf.zeros_like, state['pending']),
-        hyper_optimizer=state['hyper_optimizer'],
-        aggregator=state['aggregator'])
-
+  get_model_weights, set_model_weights = _model_weights_accessors(
+      state_type.member, initial_weights)
   return tff.learning.templates.LearningProcess(
       initialize, next_fn, get_model_weights, set_model_weights)
 
@@ -487,13 +505,6 @@ def build_learned_weighting_fed_avg(
         hypergradient_exponent=hypergradient[1])
     return new_state, metrics
 
-  @tff.tensorflow.computation(collections.OrderedDict(
-      loss_sum=np.float32, num_examples=np.float32))
-  def train_metrics(totals):
-    return collections.OrderedDict(
-        loss=totals['loss_sum'] / tf.maximum(totals['num_examples'], 1.0),
-        num_examples=totals['num_examples'])
-
   @tff.federated_computation(state_type, data_type)
   def next_fn(state, data):
     tangents = tff.federated_map(input_tangents, state)
@@ -503,32 +514,12 @@ def build_learned_weighting_fed_avg(
                        data, tangents[0], tangents[1], tangents[2]))
     updated = tff.federated_map(server_update, (
         state, new_pending, d_pending, d_loss, weights))
-    train_totals = tff.federated_sum(tff.federated_zip(collections.OrderedDict(
-        loss_sum=client_outputs['loss_sum'],
-        num_examples=client_outputs['weight'])))
     metrics = tff.federated_zip(collections.OrderedDict(
         hyper=updated[1], post_update_loss=loss,
-        train=tff.federated_map(train_metrics, train_totals)))
+        train=_train_metrics(client_outputs)))
     return tff.learning.templates.LearningProcessOutput(updated[0], metrics)
 
-  @tff.tensorflow.computation(state_member)
-  def get_model_weights(state):
-    trainable, non_trainable = _current_model(
-        state['base'], state['log_lr'], state['pending'])
-    return tff.learning.models.ModelWeights(trainable=trainable,
-                                            non_trainable=non_trainable)
-
-  @tff.tensorflow.computation(
-      state_member, _type_of(
-          tff.learning.models.ModelWeights(*initial_weights)))
-  def set_model_weights(state, model_weights):
-    zeros = tf.nest.map_structure(tf.zeros_like, state['pending'])
-    return collections.OrderedDict(
-        base=(tuple(model_weights.trainable),
-              tuple(model_weights.non_trainable)),
-        log_lr=state['log_lr'], pending=zeros, pending_tangent=zeros,
-        exponent=state['exponent'],
-        hyper_optimizer=state['hyper_optimizer'])
-
+  get_model_weights, set_model_weights = _model_weights_accessors(
+      state_member, initial_weights)
   return tff.learning.templates.LearningProcess(
       initialize, next_fn, get_model_weights, set_model_weights)
