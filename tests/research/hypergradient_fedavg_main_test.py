@@ -73,3 +73,14 @@ def test_learned_weighting_needs_forward_mode(tmp_path):
                            fad_mode='reverse'):
     with pytest.raises(ValueError, match='--weighting=learned needs'):
       hypergradient_main.run()
+
+
+def test_runs_are_reproducible_from_the_seed(tmp_path):
+  summaries = []
+  for name in ('a', 'b'):
+    with flagsaver.flagsaver(output_dir=str(tmp_path / name), seed=3,
+                             **TINY):
+      summaries.append(hypergradient_main.run())
+  for key in ('final_test_accuracy', 'final_test_loss',
+              'final_server_learning_rate', 'server_learning_rate_by_round'):
+    assert summaries[0][key] == summaries[1][key], key
