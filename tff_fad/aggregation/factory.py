@@ -243,8 +243,8 @@ class FactoryAggregate(primitives.Primitive):
 
   def infer(self, inputs, point):
     x, state = inputs
-    primitives._require_placement(self.name, 'value', x, tff.CLIENTS)  # pylint: disable=protected-access
-    primitives._require_placement(self.name, 'state', state, tff.SERVER)  # pylint: disable=protected-access
+    primitives.require_placement(self.name, 'value', x, tff.CLIENTS)
+    primitives.require_placement(self.name, 'state', state, tff.SERVER)
     if not point.value_type.is_assignable_from(x.member):
       raise errors.FederatedADError(
           f'{point.name} aggregates {point.value_type}, but {x.name} has type '
@@ -388,7 +388,7 @@ def aggregate_with_factory(value: ir.Value, state: ir.Value,
   if not isinstance(point, AggregationPoint):
     raise errors.FederatedADError(
         f'aggregate_with_factory needs an AggregationPoint, found {point!r}.')
-  out = primitives._bind(FACTORY_AGGREGATE, [value, state], point=point)  # pylint: disable=protected-access
+  out = primitives.bind(FACTORY_AGGREGATE, [value, state], point=point)
   cotangent_sums.mark_upstream_broadcasts(
       value, _FactoryCotangentSum(point, state))
   return AggregateOutput(

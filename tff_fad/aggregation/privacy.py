@@ -84,7 +84,7 @@ def factory_dp_event(factory: Any, value_type: tff.Type
     return None
   # The factory keeps its DP query private; asking the query for one noised
   # result is how tensorflow_privacy reports a release's event.
-  query = factory._query  # pylint: disable=protected-access
+  query = factory._query
   specs = [tf.TensorSpec(t.shape, t.dtype)
            for t in fad_types.tensor_leaves(value_type)]
   global_state = query.initial_global_state()
@@ -117,9 +117,9 @@ def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
     raise ValueError(f'mode must be one of {PASSES}, found {mode!r}.')
   program = comp.program
   # The transforms' own analysis, so the count matches what they emit.
-  positions = [] if mode == 'primal' else transforms._resolve_wrt(  # pylint: disable=protected-access
+  positions = [] if mode == 'primal' else transforms.resolve_wrt(
       program, wrt)
-  active, nodes = transforms._activity(program, positions)  # pylint: disable=protected-access
+  active, nodes = transforms.activity(program, positions)
   reverse = mode in cotangent_sums.REVERSE_MODES
   found = []
   for node in nodes:

@@ -315,7 +315,7 @@ class SecureSum(primitives.Primitive):
 
   def infer(self, inputs, plan):
     (x,) = inputs
-    primitives._require_placement(self.name, 'value', x, tff.CLIENTS)  # pylint: disable=protected-access
+    primitives.require_placement(self.name, 'value', x, tff.CLIENTS)
     if not isinstance(x.member, (tff.TensorType, tff.StructType)) or (
         fad_types.non_float_leaves(x.member)):
       raise errors.FederatedADError(
@@ -437,7 +437,7 @@ def federated_secure_sum(
   )
   if plan.value is None:
     raise ValueError('clip_range is required: (lower, upper).')
-  out = primitives._bind(SECURE_SUM, [value], plan=plan)  # pylint: disable=protected-access
+  out = primitives.bind(SECURE_SUM, [value], plan=plan)
   cotangent_sums.mark_upstream_broadcasts(
       value, _SecureCotangentSum(plan.cotangent, out.name))
   total = out['result']

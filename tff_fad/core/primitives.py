@@ -177,7 +177,8 @@ class Primitive:
     return ''
 
 
-def _require_placement(primitive: str, argument: str, value: Any, placement):
+def require_placement(primitive: str, argument: str, value: Any, placement):
+  """Raises a PlacementError naming `argument` unless `value` is placed so."""
   if not isinstance(value, ir.Value):
     raise errors.FederatedADError(
         f'tff_fad.{primitive}: argument {argument!r} must be a tff_fad '
@@ -197,7 +198,7 @@ class Broadcast(Primitive):
 
   def infer(self, inputs):
     (x,) = inputs
-    _require_placement(self.name, 'value', x, tff.SERVER)
+    require_placement(self.name, 'value', x, tff.SERVER)
     return tff.FederatedType(x.member, tff.CLIENTS, all_equal=True)
 
   def primal(self, inputs):
@@ -217,7 +218,7 @@ class Sum(Primitive):
 
   def infer(self, inputs):
     (x,) = inputs
-    _require_placement(self.name, 'value', x, tff.CLIENTS)
+    require_placement(self.name, 'value', x, tff.CLIENTS)
     return tff.FederatedType(x.member, tff.SERVER)
 
   def primal(self, inputs):
@@ -243,7 +244,7 @@ class Mean(Primitive):
 
   def infer(self, inputs):
     (x,) = inputs
-    _require_placement(self.name, 'value', x, tff.CLIENTS)
+    require_placement(self.name, 'value', x, tff.CLIENTS)
     if fad_types.non_float_leaves(x.member):
       raise errors.FederatedADError(
           f'tff_fad.federated_mean needs floating-point values; {x.name} has '
@@ -277,8 +278,8 @@ class WeightedMean(Primitive):
 
   def infer(self, inputs):
     x, w = inputs
-    _require_placement('federated_mean', 'value', x, tff.CLIENTS)
-    _require_placement('federated_mean', 'weight', w, tff.CLIENTS)
+    require_placement('federated_mean', 'value', x, tff.CLIENTS)
+    require_placement('federated_mean', 'weight', w, tff.CLIENTS)
     if fad_types.non_float_leaves(x.member):
       raise errors.FederatedADError(
           f'tff_fad.federated_mean needs floating-point values; {x.name} has '
@@ -374,7 +375,7 @@ class _LocalFunction(Primitive):
 
   def infer(self, inputs, fn):
     for i, x in enumerate(inputs):
-      _require_placement(self.name, f'arg[{i}]', x, self.placement)
+      require_placement(self.name, f'arg[{i}]', x, self.placement)
     comp = self._primal_computation(fn, [x.member for x in inputs])
     return tff.FederatedType(comp.type_signature.result, self.placement)
 
@@ -520,7 +521,12 @@ ALLOWED_INTRINSICS = frozenset({
 # The public primitives.
 
 
-def _bind(primitive: Primitive, inputs: Sequence[ir.Value], **params):
+def bind(primitive: Primitive, inputs: Sequence[ir.Value], **params):
+  """Type-checks and records `primitive(*inputs, **params)` in the trace.
+
+  The one way to apply a primitive: new primitives (e.g. in
+  `tff_fad.aggregation`) define a `Primitive` subclass and call this.
+  """
   ir.current_program(primitive.name)  # Fails clearly outside a trace.
   return ir.bind(primitive, inputs, primitive.infer(inputs, **params),
                  **params)
@@ -528,12 +534,12 @@ def _bind(primitive: Primitive, inputs: Sequence[ir.Value], **params):
 
 def federated_broadcast(value: ir.Value) -> ir.Value:
   """Broadcasts `value`: T@SERVER -> T@CLIENTS. Derivative: a sum."""
-  return _bind(BROADCAST, [value])
+  return bind(BROADCAST, [value])
 
 
 def federated_sum(value: ir.Value) -> ir.Value:
   """Sums `value` over clients: {T}@CLIENTS -> T@SERVER. Derivative: broadcast."""
-  return _bind(SUM, [value])
+  return bind(SUM, [value])
 
 
 def federated_mean(value: ir.Value, weight: Optional[ir.Value] = None
@@ -549,8 +555,8 @@ def federated_mean(value: ir.Value, weight: Optional[ir.Value] = None
     `sum_i w_i x_i / sum_i w_i` at the server (`w_i = 1` without weights).
   """
   if weight is None:
-    return _bind(MEAN, [value])
-  return _bind(WEIGHTED_MEAN, [value, weight])
+    return bind(MEAN, [value])
+  return bind(WEIGHTED_MEAN, [value, weight])
 
 
 def _as_inputs(primitive: str, arg: Any) -> List[ir.Value]:
@@ -596,7 +602,7 @@ def federated_map(fn: Callable[..., Any], arg: Any) -> ir.Value:
   """
   inputs = _as_inputs('federated_map', arg)
   _check_callable('federated_map', fn, len(inputs))
-  return _bind(MAP, inputs, fn=fn)
+  return bind(MAP, inputs, fn=fn)
 
 
 def federated_apply(fn: Callable[..., Any], arg: Any) -> ir.Value:
@@ -612,7 +618,7 @@ def federated_apply(fn: Callable[..., Any], arg: Any) -> ir.Value:
   """
   inputs = _as_inputs('federated_apply', arg)
   _check_callable('federated_apply', fn, len(inputs))
-  return _bind(APPLY, inputs, fn=fn)
+  return bind(APPLY, inputs, fn=fn)
 
 
 def stop_gradient(value: ir.Value) -> ir.Value:
@@ -621,23 +627,23 @@ def stop_gradient(value: ir.Value) -> ir.Value:
   E.g. local training that starts from a broadcast model whose derivative is
   not wanted (and may be impossible: training iterates a dataset).
   """
-  return _bind(STOP_GRADIENT, [value])
+  return bind(STOP_GRADIENT, [value])
 
 
 def federated_min(value: ir.Value) -> ir.Value:
   """tff.federated_min; runs in the primal, has no derivative rule."""
-  return _bind(MIN, [value])
+  return bind(MIN, [value])
 
 
 def federated_max(value: ir.Value) -> ir.Value:
   """tff.federated_max; runs in the primal, has no derivative rule."""
-  return _bind(MAX, [value])
+  return bind(MAX, [value])
 
 
 def federated_aggregate(value: ir.Value, zero, accumulate, merge, report
                         ) -> ir.Value:
   """tff.federated_aggregate; runs in the primal, has no derivative rule."""
-  return _bind(AGGREGATE, [value], zero=zero, accumulate=accumulate,
+  return bind(AGGREGATE, [value], zero=zero, accumulate=accumulate,
                merge=merge, report=report)
 
 

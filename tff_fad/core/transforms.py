@@ -103,7 +103,7 @@ def federated_computation(*parameter_types):
 # Analysis.
 
 
-def _resolve_wrt(program: ir.Program, wrt: Wrt) -> List[int]:
+def resolve_wrt(program: ir.Program, wrt: Wrt) -> List[int]:
   """Parameter positions named by `wrt`, validated for differentiability."""
   items = list(wrt) if isinstance(wrt, (list, tuple)) else [wrt]
   if not items:
@@ -145,7 +145,7 @@ def _resolve_wrt(program: ir.Program, wrt: Wrt) -> List[int]:
   return positions
 
 
-def _activity(program: ir.Program, wrt: Sequence[int]):
+def activity(program: ir.Program, wrt: Sequence[int]):
   """Values that depend on `wrt` (active) and nodes the outputs need."""
   active = {program.parameters[i] for i in wrt}
   for node in program.nodes:
@@ -275,7 +275,7 @@ def _forward(program, nodes, args, tangents, active, num_directions):
 
 
 def _emit_primal(program: ir.Program) -> tff.Computation:
-  _, nodes = _activity(program, [])
+  _, nodes = activity(program, [])
 
   def body(args):
     env = _forward(program, nodes, args, {}, set(), None)
@@ -322,7 +322,7 @@ def _check_num_directions(num_directions):
 def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux):
   """Returns `(outputs, output_tangents, aux)` structures of TFF values."""
   main, aux = _split_aux(program, has_aux)
-  active, nodes = _activity(program, wrt)
+  active, nodes = activity(program, wrt)
   _check_differentiable(nodes, active, 'forward')
   env = _forward(program, nodes, args, dict(zip(wrt, tangents)), active,
                  num_directions)
@@ -355,7 +355,7 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
     broadcast/aggregation carries value and tangent in one message.
   """
   program = _as_program(comp, 'jvp')
-  positions = _resolve_wrt(program, wrt)
+  positions = resolve_wrt(program, wrt)
   _check_num_directions(num_directions)
   _split_aux(program, has_aux)
   parameters = list(zip(program.parameter_names, program.parameter_types))
@@ -387,7 +387,7 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
   their cotangents, so `grad` can seed with ones.
   """
   main, aux = _split_aux(program, has_aux)
-  active, nodes = _activity(program, wrt)
+  active, nodes = activity(program, wrt)
   _check_differentiable(nodes, active, mode)
   backward = {n for n in nodes if n.output in active}
 
@@ -485,7 +485,7 @@ def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
   """
   _check_reverse_mode(mode, 'vjp')
   program = _as_program(comp, 'vjp')
-  positions = _resolve_wrt(program, wrt)
+  positions = resolve_wrt(program, wrt)
   main, _ = _split_aux(program, has_aux)
   ct_type = _structure_type(
       main, lambda v: fad_types.federated_tangent_type(v.type_signature))
@@ -583,7 +583,7 @@ def _gradient_program(comp, wrt, mode, has_aux, transform):
   program = _as_program(comp, transform)
   main, _ = _split_aux(program, has_aux)
   _check_scalar_output(program, main, transform)
-  return program, _resolve_wrt(program, wrt)
+  return program, resolve_wrt(program, wrt)
 
 
 def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
