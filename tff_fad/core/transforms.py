@@ -45,8 +45,13 @@ class FederatedComputation:
   def __init__(self, fn, parameter_types: Sequence[Any]):
     self._fn = fn
     self.program = ir.trace(fn, parameter_types)
-    self.primal = _emit_primal(self.program)
     functools.update_wrapper(self, fn)
+
+  @functools.cached_property
+  def primal(self) -> tff.Computation:
+    # Built on first use: programs used only through their derivatives (as
+    # in the learning algorithms) never pay for TFF tracing the primal.
+    return _emit_primal(self.program)
 
   @property
   def type_signature(self) -> tff.FunctionType:
