@@ -4,41 +4,55 @@ Write a federated program with tff_fad's primitives, then ask for its
 derivative program: a native `tff.Computation` that uses only the same
 federated primitives (broadcast, map/apply, sum, mean), so it runs on TFF's
 runtime and composes with secure aggregation and differential privacy.
+
+The names below load their modules (and TensorFlow) on first use, so light
+entry points such as `python -m tff_fad.local_workers` start at once.
+Importing `tff_fad` registers the clean-up of TFF's leaked local worker at
+exit (`tff_fad.runtime`).
 """
 
+import importlib
+from typing import Any, List
+
 from tff_fad import runtime
-from tff_fad.core import communication_cost
-from tff_fad.core import CommunicationCost
-from tff_fad.core import federated_aggregate
-from tff_fad.core import federated_apply
-from tff_fad.core import federated_broadcast
-from tff_fad.core import federated_computation
-from tff_fad.core import federated_map
-from tff_fad.core import federated_max
-from tff_fad.core import federated_mean
-from tff_fad.core import federated_min
-from tff_fad.core import federated_sum
-from tff_fad.core import FederatedADError
-from tff_fad.core import FederatedComputation
-from tff_fad.core import grad
-from tff_fad.core import jvp
-from tff_fad.core import LocalFunction
-from tff_fad.core import MODES
-from tff_fad.core import NotDifferentiableError
-from tff_fad.core import PlacementError
-from tff_fad.core import stop_gradient
-from tff_fad.core import value_and_grad
-from tff_fad.core import vjp
-from tff_fad.core import with_derivatives
 
+# Public name -> the module that defines it.
+_CORE = (
+    'communication_cost', 'CommunicationCost', 'federated_aggregate',
+    'federated_apply', 'federated_broadcast', 'federated_computation',
+    'federated_map', 'federated_max', 'federated_mean', 'federated_min',
+    'federated_sum', 'FederatedADError', 'FederatedComputation', 'grad',
+    'jvp', 'LocalFunction', 'MODES', 'NotDifferentiableError',
+    'PlacementError', 'stop_gradient', 'value_and_grad', 'vjp',
+    'with_derivatives')
 # Privacy-aware aggregation points, built on the core.
-from tff_fad.aggregation import aggregate_with_factory
-from tff_fad.aggregation import AggregateOutput
-from tff_fad.aggregation import AggregationPoint
-from tff_fad.aggregation import federated_secure_sum
-from tff_fad.aggregation import privacy_report
-from tff_fad.aggregation import PrivacyReport
-from tff_fad.aggregation import secure_simulation_context
+_AGGREGATION = (
+    'aggregate_with_factory', 'AggregateOutput', 'AggregationPoint',
+    'federated_secure_sum', 'privacy_report', 'PrivacyReport',
+    'secure_simulation_context')
+_EXPORTS = {
+    **{name: 'tff_fad.core' for name in _CORE},
+    **{name: 'tff_fad.aggregation' for name in _AGGREGATION},
+}
+# Subpackages: learning algorithms (tff_fad.learning.build_...), data, and
+# execution on several TFF workers.
+_SUBMODULES = ('aggregation', 'core', 'data', 'learning', 'local_workers',
+               'workers')
 
-# Learning algorithms, built on both (tff_fad.learning.build_...).
-from tff_fad import learning
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    value = importlib.import_module(f'tff_fad.{name}')
+  elif name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  else:
+    raise AttributeError(f'module tff_fad has no attribute {name!r}')
+  globals()[name] = value  # Later lookups skip __getattr__.
+  return value
+
+
+def __dir__() -> List[str]:
+  return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
+
+__all__ = sorted(set(_EXPORTS) | set(_SUBMODULES) | {'runtime'})

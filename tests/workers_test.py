@@ -1,0 +1,155 @@
+"""Tests of tff_fad.workers: rounds split over TFF worker services."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_fad import data as fad_data
+from tff_fad import workers
+from tff_fad.learning import baffle
+from tff_fad.learning import hypergradient_fed_avg
+from tff_fad.learning import models
+
+# ---------------------------------------------------------------------------
+# Connecting.
+
+
+def test_unreachable_worker_is_named_after_the_timeout():
+  start = time.monotonic()
+  with pytest.raises(workers.WorkerUnavailableError,
+                     match=r'127\.0\.0\.1:1: not reachable within 1 s') as e:
+    workers.create_worker_context('127.0.0.1:1', connect_timeout_seconds=1)
+  assert e.value.address == '127.0.0.1:1'
+  assert time.monotonic() - start < 30
+
+
+# ---------------------------------------------------------------------------
+# One process vs two workers.
+
+
+@pytest.fixture(scope='module')
+def two_workers():
+  with workers.LocalWorkers(2) as local:
+    yield local
+  for pid in local.pids:
+    assert not _running(pid), pid
+
+
+def _running(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+@pytest.fixture(scope='module')
+def digits_setup():
+  fed = fad_data.load_federated_digits(num_clients=12, dirichlet_alpha=0.5,
+                                       seed=1, pad_to_32x32=False)
+  net = models.get_net('linear', fed.image_shape)
+  model = models.to_functional_model(net, fed.image_shape, seed=1)
+  ids = fed.train.client_ids
+
+  def round_data(round_num, num_clients=5):
+    rng = np.random.default_rng([1, round_num])
+    chosen = rng.choice(len(ids), num_clients, replace=False)
+    return [fed.train.create_tf_dataset_for_client(ids[i]).batch(16)
+            for i in chosen]
+
+  return model, round_data
+
+
+def _train(process, round_data, rounds):
+  state = process.initialize()
+  metrics = []
+  for round_num in range(1, rounds + 1):
+    output = process.next(state, round_data(round_num))
+    state = output.state
+    metrics.append(output.metrics)
+  return state, metrics
+
+
+def _assert_states_close(a, b, atol):
+  flat_a, flat_b = tf.nest.flatten(a), tf.nest.flatten(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), rtol=0, atol=atol)
+
+
+def _builders():
+  sgd = tff.learning.optimizers.build_sgdm(0.05)
+  return {
+      'hypergradient_forward': lambda m: (
+          hypergradient_fed_avg.build_hypergradient_fed_avg(
+              m, client_optimizer=sgd, initial_server_learning_rate=0.3)),
+      'learned_weighting': lambda m: (
+          hypergradient_fed_avg.build_learned_weighting_fed_avg(
+              m, client_optimizer=sgd, initial_server_learning_rate=0.3)),
+      'baffle_forward': lambda m: baffle.build_baffle(
+          m, num_perturbations=16, seed=3),
+      'tff_weighted_fed_avg': lambda m: (
+          tff.learning.algorithms.build_weighted_fed_avg(
+              m, client_optimizer_fn=sgd)),
+  }
+
+
+# Splitting the clients changes only the order of float32 additions in the
+# aggregation (a sum per worker, then the merge). BAFFLE's Adam divides by
+# sqrt(v) and so magnifies such differences in coordinates whose gradient is
+# near zero; 1e-4 is far below one step (lr 1e-2) yet catches a wrong merge.
+_TOLERANCE = {'hypergradient_forward': 1e-6, 'learned_weighting': 1e-6,
+              'baffle_forward': 1e-4, 'tff_weighted_fed_avg': 1e-6}
+
+
+_BUILDERS = _builders()
+
+
+@pytest.mark.parametrize('name', sorted(_BUILDERS))
+def test_two_workers_give_the_one_process_result(name, two_workers,
+                                                 digits_setup):
+  model, round_data = digits_setup
+  process = _BUILDERS[name](model)
+  local_state, local_metrics = _train(process, round_data, rounds=3)
+  with workers.worker_context(two_workers.addresses):
+    worker_state, worker_metrics = _train(process, round_data, rounds=3)
+  _assert_states_close(local_state, worker_state, _TOLERANCE[name])
+  _assert_states_close(local_metrics, worker_metrics, _TOLERANCE[name])
+  # The learning actually moved the model: the comparison is not vacuous.
+  initial = tf.nest.flatten(process.get_model_weights(process.initialize()))
+  final = tf.nest.flatten(process.get_model_weights(worker_state))
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(initial, final)) > 1e-3
+
+
+def test_reverse_mode_round_is_refused_by_name(two_workers, digits_setup):
+  model, round_data = digits_setup
+  process = hypergradient_fed_avg.build_hypergradient_fed_avg(
+      model, mode='reverse')
+  state = process.initialize()
+  with workers.worker_context(two_workers.addresses):
+    with pytest.raises(workers.NotMergeableError,
+                       match="Reverse-mode derivatives.*mode='forward'"):
+      process.next(state, round_data(1))
+
+
+def test_a_dead_worker_is_named_instead_of_hanging(digits_setup):
+  model, round_data = digits_setup
+  process = baffle.build_baffle(model, num_perturbations=4)
+  with workers.LocalWorkers(2) as local:
+    with workers.worker_context(local.addresses):
+      state = process.next(process.initialize(), round_data(1)).state
+      os.kill(local.pids[1], signal.SIGKILL)
+      start = time.monotonic()
+      with pytest.raises(workers.WorkerUnavailableError,
+                         match='stopped responding') as e:
+        process.next(state, round_data(2))
+  assert e.value.address == local.addresses[1]
+  assert time.monotonic() - start < 60
+
+

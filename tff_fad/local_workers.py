@@ -1,0 +1,414 @@
+r"""Local TFF worker services: start, find, stop; and their addresses.
+
+`tff_fad.workers` runs computations on TFF worker services (the C++
+`worker_binary` shipped in the tensorflow-federated wheel). This module
+starts such workers on this machine and validates worker addresses. It needs
+nothing beyond the standard library (and portpicker), so its command line
+answers at once, before any TensorFlow is imported:
+
+  python -m tff_fad.local_workers run -n 2 -- python -m research.baffle.main \
+      --output_dir out/baffle_2w
+
+starts two workers in a private network namespace, runs the command with
+`--workers=127.0.0.1:P1,127.0.0.1:P2` appended, and stops the workers when it
+ends. `start` / `stop` keep detached workers running between commands.
+
+Trust boundary: `worker_binary` serves unauthenticated, unencrypted gRPC and
+listens on all interfaces (`[::]:port`; it has no flag to change that).
+Whoever can reach its port can make it run any TensorFlow graph with the
+worker's privileges and read what it computes. So `run` puts the workers (and
+the command) in a new user + network namespace that has only its own
+loopback interface: nothing outside can reach them. Without that isolation
+(`--shared_network`, or `start`), they are reachable from the machine's
+network; only use that on machines and networks you trust.
+"""
+
+import importlib.util
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional, Sequence, Union
+
+import portpicker
+
+TRUST_WARNING = (
+    'TFF workers serve unauthenticated gRPC on all interfaces: anyone who can '
+    'reach a worker port can run code on that machine.')
+
+
+class WorkerError(RuntimeError):
+  """A TFF worker service failed; `address` names it."""
+
+  def __init__(self, address: str, message: str):
+    super().__init__(f'TFF worker {address}: {message}')
+    self.address = address
+
+
+class WorkerUnavailableError(WorkerError):
+  """A TFF worker could not be reached, or stopped responding."""
+
+
+# ---------------------------------------------------------------------------
+# Addresses.
+
+
+def _split_host_port(address: str):
+  if address.startswith('['):  # [v6]:port
+    host, sep, port = address[1:].partition(']:')
+  else:
+    host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f'Worker address {address!r} is not host:port (e.g. '
+                     "'localhost:8000' or '[::1]:8000').")
+  return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+  """Whether every address `host` resolves to is a loopback address."""
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    pass
+  try:
+    infos = socket.getaddrinfo(host, None)
+  except socket.gaierror:
+    return False
+  return bool(infos) and all(
+      ipaddress.ip_address(info[4][0].split('%')[0]).is_loopback
+      for info in infos)
+
+
+def parse_addresses(spec: Union[str, Sequence[str]], *,
+                    allow_remote: bool = False) -> List[str]:
+  """Validates worker addresses given as 'host:port,host:port' or a list.
+
+  Args:
+    spec: Comma-separated string or sequence of `host:port`.
+    allow_remote: Accept addresses that are not loopback. Only do this for
+      workers on machines and networks you trust (see the module docstring).
+
+  Returns:
+    The addresses, in order.
+
+  Raises:
+    ValueError: For an empty list, a malformed or repeated address, or a
+      non-loopback address without `allow_remote`.
+  """
+  items = spec.split(',') if isinstance(spec, str) else list(spec)
+  addresses = [item.strip() for item in items if item.strip()]
+  if not addresses:
+    raise ValueError('No worker addresses given (expected host:port,...).')
+  seen = set()
+  for address in addresses:
+    host, _ = _split_host_port(address)
+    if address in seen:
+      raise ValueError(f'Worker address {address!r} is given twice.')
+    seen.add(address)
+    if not allow_remote and not is_loopback(host):
+      raise ValueError(
+          f'Worker address {address!r} is not a loopback address. '
+          f'{TRUST_WARNING} Allow remote workers explicitly (allow_remote=True,'
+          ' or --allow_remote_workers) only for a trusted network.')
+  return addresses
+
+
+# ---------------------------------------------------------------------------
+# Local workers.
+
+
+def worker_binary_path() -> str:
+  """The `worker_binary` shipped in the installed tensorflow-federated."""
+  spec = importlib.util.find_spec('tensorflow_federated')
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'data',
+                      'worker_binary')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No TFF worker binary at {path}.')
+  return path
+
+
+# Execs argv[1:] after asking Linux to SIGKILL it when its parent dies, so a
+# killed training run cannot leave its workers behind. (Popen's preexec_fn
+# would do the same but can deadlock in a process with threads, as
+# TensorFlow's is.)
+_EXEC_DYING_WITH_PARENT = (
+    'import ctypes, os, signal, sys\n'
+    'try:\n'
+    '  ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n'
+    'except (OSError, AttributeError):\n'
+    '  pass\n'
+    'os.execv(sys.argv[1], sys.argv[1:])\n')
+# Starts argv[2:] in a new session, logging to argv[1], prints its pid and
+# exits: the worker is nobody's child here, so no clean-up at exit stops it.
+_START_DETACHED = (
+    'import subprocess, sys\n'
+    'with open(sys.argv[1], "ab") as log:\n'
+    '  print(subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL,\n'
+    '      stdout=log, stderr=subprocess.STDOUT, start_new_session=True).pid)\n')
+
+
+def _running(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (FileNotFoundError, IndexError):
+    return False
+
+
+class LocalWorkers:
+  """TFF worker services started on this machine, on free ports.
+
+  The workers' output goes to `log_dir` (never to this process's stdout,
+  which an orphaned worker would keep open). Unless `detach=True`, they are
+  killed if this process dies, and stopped by `stop()`, on leaving a `with`
+  block, or at exit. Detached workers run until stopped by pid.
+
+  Remember that each worker listens on all interfaces (see the module
+  docstring); `addresses` are loopback addresses.
+
+  Attributes:
+    addresses: `127.0.0.1:port` of each worker.
+    pids: Their process ids.
+    log_dir: Where their output goes.
+  """
+
+  def __init__(self, num_workers: int, *, ports: Optional[Sequence[int]] = None,
+               log_dir: Optional[str] = None, detach: bool = False,
+               ready_timeout_seconds: float = 60.0):
+    if not isinstance(num_workers, int) or num_workers < 1:
+      raise ValueError(f'num_workers must be a positive int, got {num_workers!r}.')
+    if ports is not None and len(ports) != num_workers:
+      raise ValueError(f'{len(ports)} ports given for {num_workers} workers.')
+    ports = list(ports) if ports else [portpicker.pick_unused_port()
+                                       for _ in range(num_workers)]
+    self.log_dir = log_dir or tempfile.mkdtemp(prefix='tff_fad_workers_')
+    os.makedirs(self.log_dir, exist_ok=True)
+    self.addresses = [f'127.0.0.1:{p}' for p in ports]
+    self.pids: List[int] = []
+    self._children: List[subprocess.Popen] = []
+    binary = worker_binary_path()
+    try:
+      for port in ports:
+        log_path = os.path.join(self.log_dir, f'worker_{port}.log')
+        argv = [binary, f'--port={port}']
+        if detach:
+          launched = subprocess.run(
+              [sys.executable, '-c', _START_DETACHED, log_path] + argv,
+              capture_output=True, text=True, check=True)
+          self.pids.append(int(launched.stdout))
+        else:
+          with open(log_path, 'ab') as log:
+            child = subprocess.Popen(
+                [sys.executable, '-c', _EXEC_DYING_WITH_PARENT] + argv,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+          self._children.append(child)
+          self.pids.append(child.pid)
+      self._wait_until_ready(ready_timeout_seconds)
+    except BaseException:
+      self.stop()
+      raise
+
+  def _wait_until_ready(self, timeout_seconds: float) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    for address, pid in zip(self.addresses, self.pids):
+      host, port = _split_host_port(address)
+      while True:
+        for child in self._children:
+          child.poll()  # Reap, so an exited child reads as not running.
+        if not _running(pid):
+          raise WorkerUnavailableError(
+              address, f'exited while starting; see {self.log_dir}.')
+        try:
+          with socket.create_connection((host, port), timeout=1.0):
+            break
+        except OSError:
+          if time.monotonic() > deadline:
+            raise WorkerUnavailableError(
+                address, f'did not start listening within {timeout_seconds:g} '
+                f's; see {self.log_dir}.') from None
+          time.sleep(0.1)
+
+  def stop(self, timeout_seconds: float = 10.0) -> None:
+    """Stops the workers (SIGINT, then SIGKILL). Safe to call twice."""
+    stop_pids(self.pids, timeout_seconds)
+    for child in self._children:
+      if child.poll() is None:  # Not yet exec'd into the worker binary.
+        child.kill()
+      child.wait()
+    self._children = []
+    self.pids = []
+
+  def __enter__(self) -> 'LocalWorkers':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+
+def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
+  """Stops the TFF workers among `pids` (SIGINT, then SIGKILL).
+
+  Pids that are not (or no longer) TFF workers are left alone.
+
+  Returns:
+    How many workers were signalled.
+  """
+  mine = []
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        argv0 = f.read().split(b'\0')[0]
+    except FileNotFoundError:
+      continue
+    if argv0.endswith(b'worker_binary') and _running(pid):
+      mine.append(pid)
+  for sig in (signal.SIGINT, signal.SIGKILL):
+    for pid in mine:
+      try:
+        os.kill(pid, sig)
+      except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_seconds
+    while any(_running(p) for p in mine) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    if not any(_running(p) for p in mine):
+      break
+  return len(mine)
+
+
+# ---------------------------------------------------------------------------
+# Command line: python -m tff_fad.local_workers run -n 2 -- COMMAND ...
+
+_PRIVATE_NETWORK_ENV = 'TFF_FAD_WORKERS_PRIVATE_NETWORK'
+_IFF_UP = 0x1
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+
+
+def _bring_up_loopback() -> None:
+  """`ip link set lo up`, without needing the ip tool."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    request = struct.pack('16sH', b'lo', 0)
+    flags = struct.unpack('16sH', fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
+    fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack('16sH', b'lo', flags | _IFF_UP))
+
+
+def _enter_private_network(argv: List[str]) -> None:
+  """Re-executes this command in a new user + network namespace.
+
+  Inside, only a loopback interface exists: the workers (and the command)
+  are reachable by nothing outside, whatever interfaces they listen on.
+  """
+  command = ['unshare', '--user', '--map-root-user', '--net', '--',
+             sys.executable, '-m', 'tff_fad.local_workers'] + argv
+  env = dict(os.environ, **{_PRIVATE_NETWORK_ENV: '1'})
+  try:
+    probe = subprocess.run(['unshare', '--user', '--map-root-user', '--net',
+                            'true'], capture_output=True, text=True,
+                           check=False)
+  except FileNotFoundError:
+    probe = None
+  if probe is None or probe.returncode != 0:
+    reason = ('the unshare tool (util-linux) is missing' if probe is None
+              else probe.stderr.strip() or f'exit code {probe.returncode}')
+    sys.exit(
+        'error: cannot start the workers in a private network namespace '
+        f'({reason}). {TRUST_WARNING} To start them on this machine\'s '
+        'network anyway, pass --shared_network.')
+  os.execvpe('unshare', command, env)
+
+
+def _run(args) -> int:
+  if not args.command:
+    sys.exit('error: give the command to run after --, e.g. `python -m '
+             'tff_fad.local_workers run -n 2 -- python -m research.baffle.main '
+             '--output_dir out/b`.')
+  if os.environ.get(_PRIVATE_NETWORK_ENV):
+    _bring_up_loopback()
+  with LocalWorkers(args.num_workers, log_dir=args.log_dir) as local:
+    command = args.command + [f'--workers={",".join(local.addresses)}']
+    where = ('a private network namespace' if os.environ.get(
+        _PRIVATE_NETWORK_ENV) else "this machine's network (all interfaces)")
+    print(f'tff_fad.local_workers: {args.num_workers} worker(s) at '
+          f'{",".join(local.addresses)} in {where}; logs in {local.log_dir}',
+          file=sys.stderr, flush=True)
+    child = subprocess.Popen(command)
+    try:
+      return child.wait()
+    except KeyboardInterrupt:
+      child.send_signal(signal.SIGINT)
+      return child.wait()
+
+
+def _start(args) -> int:
+  local = LocalWorkers(args.num_workers, log_dir=args.log_dir, detach=True)
+  with open(args.pid_file, 'w') as f:
+    f.write(' '.join(str(p) for p in local.pids) + '\n')
+  print(','.join(local.addresses))
+  print(f'tff_fad.local_workers: started {args.num_workers} worker(s) (pids in '
+        f'{args.pid_file}, logs in {local.log_dir}); they listen on all '
+        f'interfaces. Stop them with `python -m tff_fad.local_workers stop '
+        f'--pid_file {args.pid_file}`.', file=sys.stderr)
+  return 0
+
+
+def _stop(args) -> int:
+  try:
+    with open(args.pid_file) as f:
+      pids = [int(p) for p in f.read().split()]
+  except FileNotFoundError:
+    sys.exit(f'error: no pid file {args.pid_file}; nothing to stop.')
+  stopped = stop_pids(pids)
+  os.remove(args.pid_file)
+  print(f'tff_fad.local_workers: stopped {stopped} worker(s).', file=sys.stderr)
+  return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(
+      prog='python -m tff_fad.local_workers',
+      description='Start local TFF worker services. ' + TRUST_WARNING)
+  commands = parser.add_subparsers(dest='action', required=True)
+  run = commands.add_parser(
+      'run', help='start workers, run COMMAND with --workers=..., stop them')
+  run.add_argument('-n', '--num_workers', type=int, default=2)
+  run.add_argument('--shared_network', action='store_true',
+                   help="run on this machine's network instead of a private "
+                   'network namespace (workers then listen on all '
+                   'interfaces)')
+  run.add_argument('--log_dir', default=None)
+  run.add_argument('command', nargs=argparse.REMAINDER)
+  start = commands.add_parser(
+      'start', help='start detached workers and print their addresses')
+  start.add_argument('-n', '--num_workers', type=int, default=2)
+  start.add_argument('--shared_network', action='store_true', required=True,
+                     help='required: detached workers listen on all '
+                     "interfaces of this machine's network")
+  start.add_argument('--pid_file', default='.tff_workers.pids')
+  start.add_argument('--log_dir', default=None)
+  stop = commands.add_parser('stop', help='stop workers from `start`')
+  stop.add_argument('--pid_file', default='.tff_workers.pids')
+  args = parser.parse_args(argv)
+  if args.action in ('run', 'start') and args.num_workers < 1:
+    parser.error(f'--num_workers must be >= 1, got {args.num_workers}.')
+  if args.action == 'run':
+    if args.command and args.command[0] == '--':
+      args.command = args.command[1:]
+    if not args.shared_network and not os.environ.get(_PRIVATE_NETWORK_ENV):
+      _enter_private_network(argv)
+    return _run(args)
+  if args.action == 'start':
+    return _start(args)
+  return _stop(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

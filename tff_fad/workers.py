@@ -1,0 +1,213 @@
+r"""Running computations on several TFF worker services.
+
+TFF ships its C++ executor service in the tensorflow-federated wheel
+(`tensorflow_federated/data/worker_binary --port=N`), and TFF's mergeable
+execution context spreads one computation over several of them: it splits
+the `CLIENTS`-placed arguments into one part per worker, runs the computation
+up to its aggregation on each part, merges the partial aggregates and runs
+the rest (the server update) once. tff_fad uses exactly that machinery
+(`tff.framework.MergeableCompExecutionContext` with TFF's own
+`compile_to_mergeable_comp_form`); this module only connects to the workers,
+names them in errors, and refuses what cannot be split.
+
+What can be spread over workers: a computation whose aggregations do not
+depend on one another (broadcast -> client work -> aggregation -> server
+work), e.g. one round of hypergradient FedAvg in forward mode (the
+hypergradient rides on the round's broadcast), learned client weighting,
+BAFFLE, TFF's own `build_weighted_fed_avg`, and the primal or forward-mode
+(`jvp`) program of a single-round tff_fad program. What cannot: a derivative
+in 'reverse' or 'reverse_recompute' mode (its backward sweep broadcasts the
+cotangent of an aggregate and aggregates again), programs of several rounds,
+and secure sums (only TFF's test context runs them); invoking one raises
+`NotMergeableError`. Computations without aggregation (initialization,
+`get_model_weights`) run on one worker.
+
+Trust boundary: workers serve unauthenticated gRPC on all interfaces (see
+`tff_fad.local_workers`). `parse_addresses` refuses non-loopback addresses
+unless `allow_remote=True`.
+
+  with tff_fad.local_workers.LocalWorkers(2) as local:
+    with tff_fad.workers.worker_context(local.addresses):
+      state = process.next(state, client_data)   # split over 2 workers
+"""
+
+import contextlib
+from typing import Iterator, Optional, Sequence, Union
+
+import grpc
+import tensorflow_federated as tff
+
+from tff_fad.local_workers import LocalWorkers
+from tff_fad.local_workers import parse_addresses
+from tff_fad.local_workers import TRUST_WARNING
+from tff_fad.local_workers import WorkerError
+from tff_fad.local_workers import WorkerUnavailableError
+
+# As TFF's own local executor factory: model-sized values must fit.
+_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+_GRPC_OPTIONS = [
+    ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
+]
+# gRPC codes that mean the worker went away (or restarted and lost its
+# executors). TFF's context would retry these forever.
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE,
+                      grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class NotMergeableError(ValueError):
+  """A computation cannot be split over several workers."""
+
+
+# ---------------------------------------------------------------------------
+# Contexts.
+
+
+class _AddressedStub(tff.framework.RemoteExecutorStub):
+  """TFF's gRPC stub, with failures that name the worker.
+
+  TFF marks UNAVAILABLE as retryable and its execution context then retries
+  the whole call forever: a dead worker would hang the run. Here it is an
+  error naming the address, which the caller can act on (e.g. resume from the
+  last saved state once the worker is back).
+  """
+
+  def __init__(self, address: str, channel: grpc.Channel):
+    self._address = address
+    self._stub = tff.framework.RemoteExecutorGrpcStub(channel)
+
+  def _call(self, method: str, request):
+    try:
+      return getattr(self._stub, method)(request)
+    except grpc.RpcError as e:
+      code = e.code() if hasattr(e, 'code') else None
+      details = e.details() if hasattr(e, 'details') else str(e)
+      if code in _UNAVAILABLE_CODES:
+        raise WorkerUnavailableError(
+            self._address, f'stopped responding ({code.name}: {details}). '
+            'Check that it is running and reachable.') from None
+      raise WorkerError(self._address, f'{getattr(code, "name", code)}: '
+                        f'{details}') from None
+
+  def get_executor(self, request):
+    return self._call('get_executor', request)
+
+  def create_value(self, request):
+    return self._call('create_value', request)
+
+  def create_struct(self, request):
+    return self._call('create_struct', request)
+
+  def create_call(self, request):
+    return self._call('create_call', request)
+
+  def create_selection(self, request):
+    return self._call('create_selection', request)
+
+  def compute(self, request):
+    return self._call('compute', request)
+
+  def dispose(self, request):
+    return self._call('dispose', request)
+
+  def dispose_executor(self, request):
+    return self._call('dispose_executor', request)
+
+  @property
+  def is_ready(self) -> bool:
+    return self._stub.is_ready
+
+
+def _connect(address: str, timeout_seconds: float) -> grpc.Channel:
+  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  try:
+    grpc.channel_ready_future(channel).result(timeout=timeout_seconds)
+  except grpc.FutureTimeoutError:
+    channel.close()
+    raise WorkerUnavailableError(
+        address, f'not reachable within {timeout_seconds:g} s. Start it '
+        '(`worker_binary --port=N`, or `python -m tff_fad.local_workers`) or fix '
+        'the address.') from None
+  return channel
+
+
+def _async_worker_context(address: str, channel: grpc.Channel):
+  stub = _AddressedStub(address, channel)
+
+  def executor_stack(cardinalities):
+    # Server-only computations (initialize, get_model_weights) carry no
+    # CLIENTS cardinality; the C++ service requires one.
+    cardinalities = dict(cardinalities)
+    cardinalities.setdefault(tff.CLIENTS, 0)
+    executor = tff.framework.RemoteExecutor(stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  return tff.framework.AsyncExecutionContext(
+      executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack),
+      compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+      transform_args=tff.tensorflow.transform_args,
+      transform_result=tff.tensorflow.transform_result)
+
+
+def _compile_to_mergeable(comp):
+  try:
+    return tff.backends.native.compile_to_mergeable_comp_form(comp)
+  except Exception as e:  # TFF raises several types for the same cause.
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise NotMergeableError(
+        'Cannot split this computation over several workers: it needs one '
+        'layer of aggregation that no other aggregation depends on '
+        '(broadcast -> client work -> aggregation -> server work). '
+        'Reverse-mode derivatives and multi-round programs aggregate, '
+        "broadcast and aggregate again: use mode='forward', or run without "
+        f'workers. Its type: {comp.type_signature.parameter} -> ... '
+        f'(TFF: {type(e).__name__}: {reason[:300]})') from e
+
+
+def create_worker_context(
+    addresses: Union[str, Sequence[str]], *, allow_remote: bool = False,
+    connect_timeout_seconds: float = 20.0,
+    num_subrounds: Optional[int] = None,
+) -> tff.framework.MergeableCompExecutionContext:
+  """A TFF context that splits each computation's clients over workers.
+
+  Args:
+    addresses: `host:port` of running TFF worker services.
+    allow_remote: Accept non-loopback addresses (see the trust boundary in the
+      module docstring).
+    connect_timeout_seconds: How long to wait for each worker to answer.
+    num_subrounds: Parts the clients are split into (default: one per
+      worker; more parts than workers run in turn).
+
+  Returns:
+    A `tff.framework.MergeableCompExecutionContext`.
+
+  Raises:
+    ValueError: For bad addresses (see `parse_addresses`).
+    WorkerUnavailableError: If a worker does not answer, naming it.
+  """
+  addresses = parse_addresses(addresses, allow_remote=allow_remote)
+  contexts = [_async_worker_context(a, _connect(a, connect_timeout_seconds))
+              for a in addresses]
+  return tff.framework.MergeableCompExecutionContext(
+      contexts, compiler_fn=_compile_to_mergeable,
+      num_subrounds=num_subrounds)
+
+
+@contextlib.contextmanager
+def worker_context(addresses: Union[str, Sequence[str]],
+                   **kwargs) -> Iterator[None]:
+  """Runs TFF computations in the block on the given workers.
+
+  Args:
+    addresses: As `create_worker_context`.
+    **kwargs: Passed to `create_worker_context`.
+
+  Yields:
+    Nothing; the previous context is restored on exit.
+  """
+  context = create_worker_context(addresses, **kwargs)
+  with tff.framework.get_context_stack().install(context):
+    yield
