@@ -7,6 +7,9 @@ The helper functions take values, not flags.
 """
 
 import collections
+import contextlib
+import csv
+import json
 import os
 import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -21,6 +24,7 @@ from absl import logging
 
 from tff_fad import data as fad_data
 from tff_fad import runtime
+from tff_fad import workers
 from tff_fad.learning import models
 
 # Federated setting.
@@ -61,6 +65,29 @@ SEED = flags.DEFINE_integer('seed', 0, 'Seed of the data split, client '
                             'sampling, initial weights and randomness.')
 OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
 
+# Scale and fault tolerance.
+WORKERS = flags.DEFINE_list(
+    'workers', [], 'host:port of running TFF worker services; each round\'s '
+    'clients are split over them (TFF\'s mergeable execution). Empty: the '
+    'local runtime. Trust boundary: ' + workers.TRUST_WARNING + ' Only '
+    'loopback addresses are accepted without --allow_remote_workers. '
+    '`python -m tff_fad.local_workers run -n 2 -- <this command>` starts local '
+    'workers in a private network namespace and passes this flag.')
+ALLOW_REMOTE_WORKERS = flags.DEFINE_bool(
+    'allow_remote_workers', False, 'Accept non-loopback --workers: only for '
+    'workers on machines and networks you trust.')
+SAVE_EVERY = flags.DEFINE_integer(
+    'save_every', 5, 'Rounds between saves of the training state to '
+    '<output_dir>/program_state; run the same command again to resume from '
+    'the last save. 0: never save, never resume.')
+
+# Flags that may change when a run is resumed: they do not change what is
+# computed (only how, where, or for how long).
+_RESUMABLE_CHANGES = frozenset({
+    'rounds', 'workers', 'allow_remote_workers', 'save_every', 'eval_every',
+    'output_dir', 'emnist_cache_dir'})
+_STATE_PREFIX = 'program_state_'
+
 
 def flag_values(binary_module_name: str) -> dict:
   """The values of a binary's own flags and of the shared ones."""
@@ -85,6 +112,15 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
     # A user-facing condition with instructions, not a bug: no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except (workers.WorkerError, workers.NotMergeableError) as e:
+    saved = None
+    if OUTPUT_DIR.value and SAVE_EVERY.value > 0:
+      saved = latest_saved_round(OUTPUT_DIR.value)
+    hint = (f' The state of round {saved} is saved in {OUTPUT_DIR.value}: '
+            'run the same command again (with working --workers, or none) '
+            'to resume from it.' if saved is not None else '')
+    print(f'error: {e}{hint}', file=sys.stderr)
+    sys.exit(3)
   finally:
     runtime.shutdown_local_workers()
 
@@ -212,6 +248,142 @@ class ProgressReleaseManager(tff.program.ReleaseManager):
     if 'training_time_in_seconds' in flat:
       parts.append(f"({flat['training_time_in_seconds']:.1f} s)")
     print('  '.join(parts), flush=True)
+
+
+class ResumableProgramStateManager(tff.program.FileProgramStateManager):
+  """TFF's file program-state manager that survives a crash while saving.
+
+  A process killed while writing round N's state leaves a directory without
+  its `saved_model.pb` (TF writes that file last, atomically). Loading the
+  latest state skips and removes such a directory and falls back to the
+  previous save.
+  """
+
+  async def load_latest(self, structure):
+    for version in sorted(await self.get_versions() or [], reverse=True):
+      path = os.path.join(self._root_dir, f'{self._prefix}{version}')
+      if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
+        return await self.load(version, structure), version
+      logging.warning('Removing incomplete program state %s', path)
+      tf.io.gfile.rmtree(path)
+    return None, 0
+
+
+def _state_dir(output_dir: str) -> str:
+  return os.path.join(output_dir, 'program_state')
+
+
+def latest_saved_round(output_dir: str) -> Optional[int]:
+  """The last round whose state is completely saved in `output_dir`."""
+  root = _state_dir(output_dir)
+  if not tf.io.gfile.isdir(root):
+    return None
+  rounds = []
+  for entry in tf.io.gfile.listdir(root):
+    entry = entry.rstrip('/')
+    suffix = entry[len(_STATE_PREFIX):]
+    if entry.startswith(_STATE_PREFIX) and suffix.isdigit() and (
+        tf.io.gfile.exists(os.path.join(root, entry, 'saved_model.pb'))):
+      rounds.append(int(suffix))
+  return max(rounds) if rounds else None
+
+
+def check_resumable(output_dir: str, values: dict) -> Optional[int]:
+  """Records the run's flags; returns the round a restart resumes from.
+
+  Raises:
+    ValueError: If `output_dir` holds the saved state of a run with other
+      flags (other than those in `_RESUMABLE_CHANGES`), naming them.
+  """
+  path = os.path.join(output_dir, 'run_flags.json')
+  values = json.loads(json.dumps(values))  # Tuples -> lists, as saved.
+  saved_round = latest_saved_round(output_dir)
+  if saved_round is not None and tf.io.gfile.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = sorted(k for k in set(saved) | set(values)
+                     if k not in _RESUMABLE_CHANGES
+                     and saved.get(k) != values.get(k))
+    if changed:
+      raise ValueError(
+          f'--output_dir={output_dir} holds the saved state (round '
+          f'{saved_round}) of a run with different flags: ' + ', '.join(
+              f'--{k}={saved.get(k)!r} (now {values.get(k)!r})'
+              for k in changed) + '. Use another --output_dir, or delete '
+          'this one to start over.')
+  with open(path, 'w') as f:
+    json.dump(values, f, indent=2, sort_keys=True)
+  return saved_round
+
+
+def read_metrics(output_dir: str) -> dict:
+  """round -> {'a/b/c': float} from `metrics.csv` (all rounds, any run)."""
+  history = {}
+  with open(os.path.join(output_dir, 'metrics.csv'), newline='') as f:
+    for row in csv.DictReader(f):
+      values = {}
+      for key, value in row.items():
+        if key == 'round' or value in (None, ''):
+          continue
+        try:
+          values[key] = float(value)
+        except ValueError:
+          pass  # Not a scalar (none are written today).
+      history[int(row['round'])] = values
+  return history
+
+
+def execution_context():
+  """The TFF context of the training loop: --workers, or the local one."""
+  if not WORKERS.value:
+    return contextlib.nullcontext()
+  return workers.worker_context(WORKERS.value,
+                                allow_remote=ALLOW_REMOTE_WORKERS.value)
+
+
+def train(process, select_clients, *, output_dir: str, rounds: int,
+          evaluate, eval_every: int, progress: 'ProgressReleaseManager',
+          flag_values: dict):
+  """`tff.simulation.run_training_process`, resumable, on --workers.
+
+  Saves the state every --save_every rounds (and round 0) in
+  `<output_dir>/program_state`; if a saved state exists (and the flags that
+  shape the run match), training resumes after it. Metrics go to
+  `metrics.csv` (TFF's CSV manager drops rows after the resumed round before
+  writing, so nothing is duplicated), TensorBoard and `progress`.
+
+  Returns:
+    `(final state, resumed-from round or None)`.
+  """
+  save_every = SAVE_EVERY.value
+  if save_every < 0:
+    raise ValueError(f'--save_every must be >= 0, got {save_every}.')
+  resumed_from = None
+  kwargs = {}
+  if save_every:
+    resumed_from = check_resumable(output_dir, flag_values)
+    if resumed_from is not None and resumed_from > rounds:
+      raise ValueError(
+          f'--output_dir={output_dir} holds a state saved after round '
+          f'{resumed_from}, past --rounds={rounds}. Pass --rounds >= '
+          f'{resumed_from}, or another --output_dir.')
+    if resumed_from is not None:
+      print(f'Resuming from the state saved after round {resumed_from} in '
+            f'{_state_dir(output_dir)}', flush=True)
+    kwargs = dict(
+        program_state_manager=ResumableProgramStateManager(
+            _state_dir(output_dir), prefix=_STATE_PREFIX, keep_total=3),
+        rounds_per_saving_program_state=save_every)
+  if WORKERS.value:
+    print(f'Rounds run on {len(WORKERS.value)} TFF worker(s): '
+          f'{",".join(WORKERS.value)}', flush=True)
+  with execution_context():
+    state = tff.simulation.run_training_process(
+        process, select_clients, rounds, evaluation_fn=evaluate,
+        evaluation_selection_fn=lambda _: None,
+        rounds_per_evaluation=eval_every,
+        metrics_managers=release_managers(output_dir, progress), **kwargs)
+  return state, resumed_from
 
 
 def release_managers(output_dir: str, progress: ProgressReleaseManager):

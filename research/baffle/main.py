@@ -162,23 +162,23 @@ def run() -> dict[str, Any]:
       ('train_loss', 'client_work/train/loss', '.4f'),
       ('test_acc', experiment.ACCURACY_KEY, '.4f'),
   ])
-  managers = experiment.release_managers(output_dir, progress)
   print(f'BAFFLE: {_MODEL.value} ({net.num_params:,} params) on '
         f'{_DATASET.value}, K={_K.value}, estimator={_ESTIMATOR.value}, '
         f'mode={_MODE.value}, {_ROUNDS.value} rounds x '
         f'{_CLIENTS_PER_ROUND.value} clients; upload {upload} bytes per '
         'client per round', flush=True)
-  state = tff.simulation.run_training_process(
-      process, select_clients, _ROUNDS.value,
-      evaluation_fn=evaluate, evaluation_selection_fn=lambda _: None,
-      rounds_per_evaluation=_EVAL_EVERY.value, metrics_managers=managers)
+  state, resumed_from = experiment.train(
+      process, select_clients, output_dir=output_dir, rounds=_ROUNDS.value,
+      evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
+      flag_values=experiment.flag_values(__name__))
   final = evaluate(state, None)['test']
+  history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
   if _ROUNDS.value % _EVAL_EVERY.value:  # The loop did not evaluate it.
-    progress.history.setdefault(_ROUNDS.value, {}).update(
+    history.setdefault(_ROUNDS.value, {}).update(
         {experiment.ACCURACY_KEY: final['accuracy'], experiment.LOSS_KEY: final['loss']})
 
   plot_path = os.path.join(output_dir, 'accuracy.png')
-  _plot(progress.history, plot_path,
+  _plot(history, plot_path,
         f'BAFFLE {_ESTIMATOR.value}, K={_K.value}, {_MODEL.value}')
   summary = collections.OrderedDict(
       final_test_accuracy=final['accuracy'],
@@ -190,8 +190,9 @@ def run() -> dict[str, Any]:
       num_params=net.num_params,
       test_examples=int(test['y'].shape[0]),
       accuracy_by_round={str(r): h[experiment.ACCURACY_KEY] for r, h in
-                         sorted(progress.history.items())
+                         sorted(history.items())
                          if experiment.ACCURACY_KEY in h},
+      resumed_from_round=resumed_from,
       wall_time_seconds=round(time.time() - start, 1),
       flags=experiment.flag_values(__name__))
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:

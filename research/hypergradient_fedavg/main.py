@@ -169,13 +169,12 @@ def run() -> dict[str, Any]:
         f'{_CLIENTS_PER_ROUND.value} clients, initial server lr '
         f'{_SERVER_LR.value}', flush=True)
   print(f'Communication per round: {cost}', flush=True)
-  state = tff.simulation.run_training_process(
-      process, select, _ROUNDS.value, evaluation_fn=evaluate,
-      evaluation_selection_fn=lambda _: None,
-      rounds_per_evaluation=_EVAL_EVERY.value,
-      metrics_managers=experiment.release_managers(output_dir, progress))
+  state, resumed_from = experiment.train(
+      process, select, output_dir=output_dir, rounds=_ROUNDS.value,
+      evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
+      flag_values=experiment.flag_values(__name__))
   final = evaluate(state, None)['test']
-  history = progress.history
+  history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
   history.setdefault(_ROUNDS.value, {}).update(
       {experiment.ACCURACY_KEY: final['accuracy'],
        experiment.LOSS_KEY: final['loss']})
@@ -223,6 +222,7 @@ def run() -> dict[str, Any]:
                          for r in acc_rounds},
       server_learning_rate_by_round={str(r): history[r][_LR_KEY]
                                      for r in lr_rounds},
+      resumed_from_round=resumed_from,
       wall_time_seconds=round(time.time() - start, 1),
       flags=experiment.flag_values(__name__))
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:

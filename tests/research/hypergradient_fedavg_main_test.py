@@ -81,6 +81,8 @@ def test_runs_are_reproducible_from_the_seed(tmp_path):
     with flagsaver.flagsaver(output_dir=str(tmp_path / name), seed=3,
                              **TINY):
       summaries.append(hypergradient_main.run())
+  # To float32 rounding: TFF's runtime adds client values in the order they
+  # finish, so the last bits of a sum can differ between runs.
   for key in ('final_test_accuracy', 'final_test_loss',
               'final_server_learning_rate', 'server_learning_rate_by_round'):
-    assert summaries[0][key] == summaries[1][key], key
+    assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-5), key
