@@ -15,13 +15,6 @@ from tff_fad import runtime
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _running(pid):
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-  except FileNotFoundError:
-    return False
-
 
 # ---------------------------------------------------------------------------
 # Addresses.
@@ -65,12 +58,12 @@ def test_local_workers_rejects_bad_counts():
 def test_local_workers_stop_on_exit_of_the_block():
   with local_workers.LocalWorkers(2) as local:
     pids = list(local.pids)
-    assert all(_running(p) for p in pids)
+    assert all(local_workers.is_running(p) for p in pids)
     assert set(pids) <= set(runtime.local_worker_pids())
     for address in local.addresses:
       host, port = address.rsplit(':', 1)
       socket.create_connection((host, int(port)), 5).close()
-  assert not any(_running(p) for p in pids)
+  assert not any(local_workers.is_running(p) for p in pids)
 
 
 def test_local_workers_die_with_their_process(tmp_path):
@@ -85,11 +78,11 @@ def test_local_workers_die_with_their_process(tmp_path):
   child = subprocess.Popen([sys.executable, '-c', program], cwd=_REPO,
                            stdout=subprocess.PIPE, text=True)
   pids = [int(p) for p in child.stdout.readline().split()]
-  assert len(pids) == 2 and all(_running(p) for p in pids)
+  assert len(pids) == 2 and all(local_workers.is_running(p) for p in pids)
   child.kill()
   child.wait()
   deadline = time.monotonic() + 30
-  while any(_running(p) for p in pids):
+  while any(local_workers.is_running(p) for p in pids):
     assert time.monotonic() < deadline, f'workers {pids} outlived their parent'
     time.sleep(0.1)
 
@@ -169,12 +162,12 @@ def test_cli_start_and_stop(tmp_path):
   assert len(addresses) == len(pids) == 2
   try:
     # Detached: they outlive the command that started them.
-    assert all(_running(p) for p in pids)
+    assert all(local_workers.is_running(p) for p in pids)
     assert not set(pids) & set(runtime.local_worker_pids())
   finally:
     stopped = _run_cli('stop', '--pid_file', pid_file)
   assert stopped.returncode == 0, stopped.stderr
   deadline = time.monotonic() + 30
-  while any(_running(p) for p in pids):
+  while any(local_workers.is_running(p) for p in pids):
     assert time.monotonic() < deadline, 'workers still running after stop'
     time.sleep(0.1)

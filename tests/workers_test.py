@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fad import data as fad_data
+from tff_fad import local_workers
 from tff_fad import workers
 from tff_fad.learning import baffle
 from tff_fad.learning import hypergradient_fed_avg
@@ -34,18 +35,11 @@ def test_unreachable_worker_is_named_after_the_timeout():
 
 @pytest.fixture(scope='module')
 def two_workers():
-  with workers.LocalWorkers(2) as local:
+  with local_workers.LocalWorkers(2) as local:
     yield local
   for pid in local.pids:
-    assert not _running(pid), pid
+    assert not local_workers.is_running(pid), pid
 
-
-def _running(pid):
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-  except FileNotFoundError:
-    return False
 
 
 @pytest.fixture(scope='module')
@@ -127,6 +121,30 @@ def test_two_workers_give_the_one_process_result(name, two_workers,
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(initial, final)) > 1e-3
 
 
+@tff.tensorflow.computation(np.int32)
+def _busy_for_a_second(index):
+  """Spins for 1 s; returns a vector with [start, end] at slots 2i, 2i+1."""
+  start = tf.timestamp()
+  end = tf.while_loop(lambda t: t - start < 1.0, lambda t: tf.timestamp(),
+                      [start])[0]
+  return tf.scatter_nd([[2 * index], [2 * index + 1]], tf.stack([start, end]),
+                       [4])
+
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+def _busy_spans(indices):
+  return tff.federated_sum(tff.federated_map(_busy_for_a_second, indices))
+
+
+def test_workers_compute_their_parts_at_the_same_time(two_workers):
+  # TFF's remote executor blocks its event loop on each gRPC call; without a
+  # loop per worker, the second part would start after the first ended.
+  with workers.worker_context(two_workers.addresses):
+    spans = _busy_spans([0, 1])
+  starts, ends = spans[0::2], spans[1::2]
+  assert min(ends) - max(starts) > 0.5, spans  # They overlap.
+
+
 def test_reverse_mode_round_is_refused_by_name(two_workers, digits_setup):
   model, round_data = digits_setup
   process = hypergradient_fed_avg.build_hypergradient_fed_avg(
@@ -141,7 +159,7 @@ def test_reverse_mode_round_is_refused_by_name(two_workers, digits_setup):
 def test_a_dead_worker_is_named_instead_of_hanging(digits_setup):
   model, round_data = digits_setup
   process = baffle.build_baffle(model, num_perturbations=4)
-  with workers.LocalWorkers(2) as local:
+  with local_workers.LocalWorkers(2) as local:
     with workers.worker_context(local.addresses):
       state = process.next(process.initialize(), round_data(1)).state
       os.kill(local.pids[1], signal.SIGKILL)

@@ -151,7 +151,8 @@ _START_DETACHED = (
     '      stdout=log, stderr=subprocess.STDOUT, start_new_session=True).pid)\n')
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+  """Whether `pid` is a live process (not gone, not a zombie; Linux /proc)."""
   try:
     with open(f'/proc/{pid}/stat') as f:
       return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
@@ -219,7 +220,7 @@ class LocalWorkers:
       while True:
         for child in self._children:
           child.poll()  # Reap, so an exited child reads as not running.
-        if not _running(pid):
+        if not is_running(pid):
           raise WorkerUnavailableError(
               address, f'exited while starting; see {self.log_dir}.')
         try:
@@ -264,7 +265,7 @@ def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
         argv0 = f.read().split(b'\0')[0]
     except FileNotFoundError:
       continue
-    if argv0.endswith(b'worker_binary') and _running(pid):
+    if argv0.endswith(b'worker_binary') and is_running(pid):
       mine.append(pid)
   for sig in (signal.SIGINT, signal.SIGKILL):
     for pid in mine:
@@ -273,9 +274,9 @@ def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
       except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout_seconds
-    while any(_running(p) for p in mine) and time.monotonic() < deadline:
+    while any(is_running(p) for p in mine) and time.monotonic() < deadline:
       time.sleep(0.05)
-    if not any(_running(p) for p in mine):
+    if not any(is_running(p) for p in mine):
       break
   return len(mine)
 

@@ -31,7 +31,10 @@ unless `allow_remote=True`.
       state = process.next(state, client_data)   # split over 2 workers
 """
 
+import asyncio
 import contextlib
+import logging
+import threading
 from typing import Iterator, Optional, Sequence, Union
 
 import grpc
@@ -58,6 +61,23 @@ _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE,
 
 class NotMergeableError(ValueError):
   """A computation cannot be split over several workers."""
+
+
+class _DropUnretrievedWorkerErrors(logging.Filter):
+  """Hides asyncio's 'Task exception was never retrieved' for worker errors.
+
+  When a worker fails, TFF's mergeable context raises the first sub-round's
+  error and never awaits the others; asyncio would later log their (same)
+  worker errors as unretrieved, after the run has already reported one.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc_info = getattr(record, 'exc_info', None)
+    return not (record.getMessage().startswith('Task exception was never')
+                and exc_info and isinstance(exc_info[1], WorkerError))
+
+
+logging.getLogger('asyncio').addFilter(_DropUnretrievedWorkerErrors())
 
 
 # ---------------------------------------------------------------------------
@@ -132,6 +152,27 @@ def _connect(address: str, timeout_seconds: float) -> grpc.Channel:
   return channel
 
 
+class _WorkerThreadContext(tff.framework.AsyncContext):
+  """Runs one worker's TFF context on an event loop of its own.
+
+  TFF 0.87's `RemoteExecutor` makes blocking gRPC calls inside its
+  coroutines. Under one shared event loop, as the mergeable context runs its
+  sub-rounds, worker 2 would wait for worker 1's whole computation: the split
+  would run in sequence. A loop (thread) per worker lets them work at once.
+  """
+
+  def __init__(self, address: str, inner: tff.framework.AsyncContext):
+    self._inner = inner
+    self._loop = asyncio.new_event_loop()
+    threading.Thread(target=self._loop.run_forever, daemon=True,
+                     name=f'tff_fad worker {address}').start()
+
+  async def invoke(self, comp, arg):
+    future = asyncio.run_coroutine_threadsafe(self._inner.invoke(comp, arg),
+                                              self._loop)
+    return await asyncio.wrap_future(future)
+
+
 def _async_worker_context(address: str, channel: grpc.Channel):
   stub = _AddressedStub(address, channel)
 
@@ -144,11 +185,11 @@ def _async_worker_context(address: str, channel: grpc.Channel):
     executor.set_cardinalities(cardinalities)
     return executor
 
-  return tff.framework.AsyncExecutionContext(
+  return _WorkerThreadContext(address, tff.framework.AsyncExecutionContext(
       executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack),
       compiler_fn=tff.backends.native.desugar_and_transform_to_native,
       transform_args=tff.tensorflow.transform_args,
-      transform_result=tff.tensorflow.transform_result)
+      transform_result=tff.tensorflow.transform_result))
 
 
 def _compile_to_mergeable(comp):
