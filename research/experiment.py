@@ -125,6 +125,23 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
     runtime.shutdown_local_workers()
 
 
+def validate_execution_flags() -> None:
+  """Checks --workers, --allow_remote_workers and --save_every up front.
+
+  Raises:
+    ValueError: Naming the flag (a non-loopback worker without
+      --allow_remote_workers, a malformed address, a negative --save_every).
+  """
+  if SAVE_EVERY.value < 0:
+    raise ValueError(f'--save_every must be >= 0, got {SAVE_EVERY.value}.')
+  if WORKERS.value:
+    try:
+      workers.parse_addresses(WORKERS.value,
+                              allow_remote=ALLOW_REMOTE_WORKERS.value)
+    except ValueError as e:
+      raise ValueError(f'--workers: {e}') from None
+
+
 def set_flag_defaults(**defaults) -> None:
   """A binary's own defaults for the shared flags (shown by --help)."""
   for name, value in defaults.items():
@@ -355,9 +372,8 @@ def train(process, select_clients, *, output_dir: str, rounds: int,
   Returns:
     `(final state, resumed-from round or None)`.
   """
+  validate_execution_flags()
   save_every = SAVE_EVERY.value
-  if save_every < 0:
-    raise ValueError(f'--save_every must be >= 0, got {save_every}.')
   resumed_from = None
   kwargs = {}
   if save_every:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+import tff_fad
 from research import experiment
 from tff_fad.learning import baffle
 from tff_fad.learning import models
@@ -88,6 +89,7 @@ def validate_flags() -> None:
     raise ValueError(f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must '
                      f'be <= --num_clients ({_NUM_CLIENTS.value}).')
   experiment.parse_alpha(_DIRICHLET_ALPHA.value)
+  experiment.validate_execution_flags()
 
 
 def _plot(history: dict[int, dict[str, float]], path: str, title: str) -> None:
@@ -135,8 +137,10 @@ def run() -> dict[str, Any]:
   process = baffle.build_baffle(
       model, server_optimizer=server_optimizer, model_aggregator=aggregator,
       ema_decay=_EMA.value or None, seed=_SEED.value, **hparams)
-  upload = baffle.upload_bytes(
-      baffle.build_client_work(model, **hparams))
+  # Every byte a client sends in a round: its scores (or update), the
+  # aggregation weight and the metrics' sums.
+  upload = tff_fad.communication_cost(
+      process.next, _CLIENTS_PER_ROUND.value).client_to_server_bytes_per_client
 
   client_ids = list(train.client_ids)
 

@@ -41,8 +41,10 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
     summary = json.load(f)
   assert 0.0 <= summary['final_test_accuracy'] <= 1.0
   assert summary['rounds'] == 2
-  # K float32 scores, the aggregation weight and the loss metric.
-  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 2)
+  # From communication_cost: K float32 scores times their aggregation weight
+  # and the weight (the weighted mean), the loss times the weight and the
+  # weight (its weighted mean), and the example count (a sum).
+  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 1 + 2 + 1)
   assert summary['flags']['K'] == 4 and summary['flags']['output_dir'] == out
   assert set(summary['accuracy_by_round']) == {'0', '1', '2'}
 
