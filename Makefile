@@ -16,13 +16,15 @@ DEMO_ARGS ?= --rounds=40 --server_lr=0.1
 BAZEL ?= bazel
 BAZEL_ARGS ?=
 
-.PHONY: help venv test demo bench lock bazel bazel-setup bazel-test clean
+.PHONY: help venv test demo demo-workers bench bench-core bench-baffle \
+	bench-scaling lock bazel bazel-setup bazel-test clean
 
 help:
 	@echo "make demo        run the main job (research/hypergradient_fedavg/main.py) on embedded data"
 	@echo "                 (outputs in $(DEMO_OUT); extra flags via DEMO_ARGS=...)"
 	@echo "make test        run the whole pytest suite"
-	@echo "make bench       measure the Federated AD modes (benchmarks/core_modes.py)"
+	@echo "make demo-workers  the demo with each round split over 2 local TFF workers"
+	@echo "make bench       all benchmarks (bench-core, bench-baffle, bench-scaling)"
 	@echo "make bazel-test  install Bazel if missing and run 'bazel test //...'"
 	@echo "make lock        recompile requirements/requirements.lock"
 	@echo "make clean       remove .venv, .bazel-local and Bazel outputs"
@@ -37,10 +39,27 @@ test: venv
 demo: venv
 	$(PY) -m research.hypergradient_fedavg.main --output_dir=$(DEMO_OUT) $(DEMO_ARGS)
 
+# The demo on 2 local TFF workers, started in a private network namespace
+# (tff_fad/local_workers.py) and stopped when the run ends. Running it again
+# resumes from the last saved round.
+demo-workers: venv
+	$(PY) -m tff_fad.local_workers run --num_workers=2 -- \
+	    $(PY) -m research.hypergradient_fedavg.main \
+	    --output_dir=$(DEMO_OUT)_workers $(DEMO_ARGS)
+
 # Long-running measurements (results are reported in the README).
-bench: venv
+bench: bench-core bench-baffle bench-scaling
+
+bench-core: venv
 	$(PY) -m benchmarks.core_modes --repeats=21 \
 	    --output=benchmarks/results/core_modes.json
+
+bench-baffle: venv
+	$(PY) -m benchmarks.baffle_client \
+	    --output=benchmarks/results/baffle_client.json
+
+bench-scaling: venv
+	$(PY) -m benchmarks.scaling --output=benchmarks/results/scaling.json
 
 # Recompile the lock (uv is installed in .venv by the bootstrap). Relative
 # paths keep the command recorded in the lock's header reproducible.

@@ -1,7 +1,9 @@
 r"""BAFFLE's client cost against backprop and plain inference, side by side.
 
-For LeNet (26,730 parameters) and WRN-10-2 on one batch of `--batch_size`
-random 32x32x1 images with random labels (the values do not change the cost):
+For LeNet (26,730 parameters) and WRN-10-2 (or `--models=linear
+--image_shape=28,28,1`, the experiments' model) on one batch of
+`--batch_size` random images with random labels (the values do not change
+the cost):
 
 Time (all variants in this process, compiled once and warmed up, then
 interleaved in a random order per repeat; a figure is the median of
@@ -28,9 +30,10 @@ run), resets the process's peak-RSS mark (`/proc/self/clear_refs`
 /proc/self/status; `ru_maxrss` would include the parent's peak, which exec
 carries over); a baseline subprocess does
 everything except running a variant. Reported: the variant's peak RSS minus
-the baseline's, for `inference` (one forward pass), `baffle` (K=`--K`) and
-`backprop`. RSS deltas include TF's graph building and kernel caches, so
-small differences (a few MB) are noise.
+the baseline's, for `inference` (one forward pass), `baffle` (K=`--K`, the
+forward estimator), `baffle_central`, `baffle_jvp` and `backprop`. RSS
+deltas include TF's graph building and kernel caches, so small differences
+(a few MB) are noise.
 
   python -m benchmarks.baffle_client
 writes benchmarks/results/baffle_client.json and prints a table.
@@ -63,25 +66,34 @@ _MEMORY_CALLS = flags.DEFINE_integer(
     'memory_calls', 2, 'Calls of the variant in each memory subprocess.')
 _OUTPUT = flags.DEFINE_string(
     'output', 'benchmarks/results/baffle_client.json', 'Where to write JSON.')
+_IMAGE = flags.DEFINE_list('image_shape', ['32', '32', '1'],
+                           'Input shape (LeNet and WRN need 32x32; the '
+                           'experiments run the linear model on 28x28).')
+_MEMORY_VARIANTS = ('inference', 'baffle', 'baffle_central', 'baffle_jvp',
+                    'backprop')
 _MEMORY_VARIANT = flags.DEFINE_enum(
-    'memory_variant', None, ['baseline', 'inference', 'baffle', 'backprop'],
+    'memory_variant', None, ('baseline',) + _MEMORY_VARIANTS,
     'Internal: run one variant and print its peak RSS (used by subprocesses).')
 _MODEL = flags.DEFINE_string('model', 'lenet', 'Internal: model of '
                              '--memory_variant.')
 
-IMAGE_SHAPE = (32, 32, 1)
 SIGMA = 1e-4
 SEED = 0
 
 
+def _image_shape():
+  return tuple(int(d) for d in _IMAGE.value)
+
+
 def _setup(model_name: str, batch_size: int, num_perturbations: int):
   """Returns (functional model, weights, batch, dict of variant callables)."""
-  net = models.get_net(model_name, IMAGE_SHAPE)
-  model = models.to_functional_model(net, IMAGE_SHAPE, seed=SEED)
+  image_shape = _image_shape()
+  net = models.get_net(model_name, image_shape)
+  model = models.to_functional_model(net, image_shape, seed=SEED)
   weights = [tf.constant(w) for w in model.initial_weights[0]]
   rng = np.random.default_rng(SEED)
   batch = collections.OrderedDict(
-      x=tf.constant(rng.random((batch_size, *IMAGE_SHAPE), np.float32)),
+      x=tf.constant(rng.random((batch_size, *image_shape), np.float32)),
       y=tf.constant(rng.integers(0, 10, batch_size).astype(np.int32)))
   seed = tf.constant([SEED, 1], tf.int64)
 
@@ -92,12 +104,17 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
   def forward(trainable, b):
     return loss(trainable, b)
 
-  @tf.function
-  def baffle_scores(trainable, b, s):
-    # Exactly the body of build_client_work's 'fedsgd' computation.
-    return baffle.estimate_scores(
-        baffle._batch_loss_fn(model, (), b), list(trainable), s,  # pylint: disable=protected-access
-        num_perturbations, SIGMA, 'forward', 1)
+  def scores_fn(estimator):
+    @tf.function
+    def scores(trainable, b, s):
+      # Exactly the body of build_client_work's 'fedsgd' computation.
+      return baffle.estimate_scores(
+          baffle._batch_loss_fn(model, (), b), list(trainable), s,  # pylint: disable=protected-access
+          num_perturbations, SIGMA, estimator, 1)
+    return scores
+
+  estimators = {name: scores_fn(name) for name in baffle.ESTIMATORS}
+  baffle_scores = estimators['forward']
 
   @tf.function
   def backprop(trainable, b):
@@ -122,11 +139,18 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
 
   variants = collections.OrderedDict(
       inference=run_forward, baffle=run_baffle, backprop=run_backprop,
-      forwards=run_forwards)
+      forwards=run_forwards,
+      baffle_central=lambda: estimators['central'](
+          weights, batch, seed)[0].numpy(),
+      baffle_jvp=lambda: estimators['jvp'](weights, batch, seed)[0].numpy())
   # Builds each variant's graph without running it.
   tracers = collections.OrderedDict(
       inference=lambda: forward.get_concrete_function(weights, batch),
       baffle=lambda: baffle_scores.get_concrete_function(weights, batch, seed),
+      baffle_central=lambda: estimators['central'].get_concrete_function(
+          weights, batch, seed),
+      baffle_jvp=lambda: estimators['jvp'].get_concrete_function(
+          weights, batch, seed),
       backprop=lambda: backprop.get_concrete_function(weights, batch))
   return net, model, weights, batch, seed, variants, tracers
 
@@ -163,7 +187,8 @@ def _peak_rss_kb(model_name: str, variant: str) -> int:
       [sys.executable, '-m', 'benchmarks.baffle_client',
        f'--memory_variant={variant}', f'--model={model_name}',
        f'--K={_K.value}', f'--batch_size={_BATCH.value}',
-       f'--memory_calls={_MEMORY_CALLS.value}'],
+       f'--memory_calls={_MEMORY_CALLS.value}',
+       f'--image_shape={",".join(_IMAGE.value)}'],
       capture_output=True, text=True, check=True, env=env,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   for line in out.stdout.splitlines():
@@ -219,12 +244,13 @@ def main(argv):
     for model_name in _MODELS.value:
       timing = _time_model(model_name)
       rss = {v: _peak_rss_kb(model_name, v)
-             for v in ('baseline', 'inference', 'baffle', 'backprop')}
+             for v in ('baseline',) + _MEMORY_VARIANTS}
       delta_mb = {v: (rss[v] - rss['baseline']) / 1024.0
-                  for v in ('inference', 'baffle', 'backprop')}
+                  for v in _MEMORY_VARIANTS}
       s = timing['seconds']
       results.append(collections.OrderedDict(
-          model=model_name, num_params=timing['num_params'],
+          model=model_name, image_shape=list(_image_shape()),
+          num_params=timing['num_params'],
           batch_size=_BATCH.value, K=k, repeats=_REPEATS.value,
           seconds=s,
           time_ratios=collections.OrderedDict(
@@ -247,7 +273,8 @@ def main(argv):
 
   lines = [
       f'BAFFLE client (forward estimator, K={k}) vs backprop, batch '
-      f'{_BATCH.value}, 32x32x1; time = median of {_REPEATS.value} calls',
+      f'{_BATCH.value}, {"x".join(_IMAGE.value)}; time = median of '
+      f'{_REPEATS.value} calls',
       '| model | params | BAFFLE (s) | BAFFLE via TFF (s) | backprop (s) | '
       f'{k + 1} forwards (s) | BAFFLE/backprop | BAFFLE/{k + 1} fwd |',
       '|---|---|---|---|---|---|---|---|']
@@ -259,13 +286,15 @@ def main(argv):
         f"{ratio(r['time_ratios']['baffle_over_backprop'])} | "
         f"{ratio(r['time_ratios']['baffle_over_forwards'])} |")
   lines += [
-      '', 'Peak RSS above the baseline process (MB)',
-      '| model | inference | BAFFLE | backprop | BAFFLE/backprop | '
-      'BAFFLE/inference |', '|---|---|---|---|---|---|']
+      '', f'Peak RSS above the baseline process (MB), K={k}',
+      '| model | inference | BAFFLE forward | BAFFLE central | BAFFLE jvp | '
+      'backprop | BAFFLE/backprop | BAFFLE/inference |',
+      '|---|---|---|---|---|---|---|---|']
   for r in results:
     d = r['peak_rss_delta_mb']
     lines.append(
         f"| {r['model']} | {d['inference']:.1f} | {d['baffle']:.1f} | "
+        f"{d['baffle_central']:.1f} | {d['baffle_jvp']:.1f} | "
         f"{d['backprop']:.1f} | "
         f"{ratio(r['memory_ratios']['baffle_over_backprop'])} | "
         f"{ratio(r['memory_ratios']['baffle_over_inference'])} |")
