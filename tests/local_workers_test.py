@@ -171,3 +171,14 @@ def test_cli_start_and_stop(tmp_path):
   while any(local_workers.is_running(p) for p in pids):
     assert time.monotonic() < deadline, 'workers still running after stop'
     time.sleep(0.1)
+
+
+@pytest.mark.parametrize('command, message', [
+    ([], 'give the command to run after --'),
+    (['no-such-program-tff-fad'], "cannot run 'no-such-program-tff-fad': no "
+                                  'such program'),
+])
+def test_cli_run_names_a_missing_command(command, message):
+  result = _run_cli('run', '-n', '1', '--shared_network', '--', *command)
+  assert result.returncode == 1
+  assert message in result.stderr

@@ -339,7 +339,11 @@ def _run(args) -> int:
     print(f'tff_fad.local_workers: {args.num_workers} worker(s) at '
           f'{",".join(local.addresses)} in {where}; logs in {local.log_dir}',
           file=sys.stderr, flush=True)
-    child = subprocess.Popen(command)
+    env = {k: v for k, v in os.environ.items() if k != _PRIVATE_NETWORK_ENV}
+    try:
+      child = subprocess.Popen(command, env=env)
+    except FileNotFoundError:
+      sys.exit(f'error: cannot run {command[0]!r}: no such program.')
     try:
       return child.wait()
     except KeyboardInterrupt:

@@ -128,11 +128,13 @@ class _AddressedStub(tff.framework.RemoteExecutorStub):
   def compute(self, request):
     return self._call('compute', request)
 
+  # Clean-up calls keep TFF's own errors: TFF catches those when it frees a
+  # dead worker's values and executors.
   def dispose(self, request):
-    return self._call('dispose', request)
+    return self._stub.dispose(request)
 
   def dispose_executor(self, request):
-    return self._call('dispose_executor', request)
+    return self._stub.dispose_executor(request)
 
   @property
   def is_ready(self) -> bool:
