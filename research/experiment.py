@@ -276,9 +276,13 @@ class ResumableProgramStateManager(tff.program.FileProgramStateManager):
   previous save.
   """
 
+  def __init__(self, root_dir: str, prefix: str = _STATE_PREFIX, **kwargs):
+    super().__init__(root_dir, prefix=prefix, **kwargs)
+    self._state_root, self._state_prefix = root_dir, prefix
+
   async def load_latest(self, structure):
     for version in sorted(await self.get_versions() or [], reverse=True):
-      path = os.path.join(self._root_dir, f'{self._prefix}{version}')
+      path = os.path.join(self._state_root, f'{self._state_prefix}{version}')
       if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
         return await self.load(version, structure), version
       logging.warning('Removing incomplete program state %s', path)
