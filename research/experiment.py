@@ -243,21 +243,15 @@ def flatten(value: Any, prefix: tuple = ()) -> Iterable[tuple]:
 
 
 class ProgressReleaseManager(tff.program.ReleaseManager):
-  """Prints one line per round and keeps the history for plots/summaries.
-
-  Attributes:
-    history: round -> flattened metrics ('a/b/c' keys).
-  """
+  """Prints one line per round (plots and summaries read `metrics.csv`)."""
 
   def __init__(self, total_rounds: int, columns: Sequence[tuple]):
     """`columns`: (label, flattened key, format) printed when present."""
     self._total = total_rounds
     self._columns = columns
-    self.history: dict = {}
 
   async def release(self, value: Any, key: int) -> None:
     flat = {'/'.join(path): float(v) for path, v in flatten(value)}
-    self.history[key] = flat
     parts = [f'round {key:4d}/{self._total}']
     for label, metric, fmt in self._columns:
       if metric in flat:
@@ -283,11 +277,15 @@ class ResumableProgramStateManager(tff.program.FileProgramStateManager):
   async def load_latest(self, structure):
     for version in sorted(await self.get_versions() or [], reverse=True):
       path = os.path.join(self._state_root, f'{self._state_prefix}{version}')
-      if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
+      if _is_complete_save(path):
         return await self.load(version, structure), version
       logging.warning('Removing incomplete program state %s', path)
       tf.io.gfile.rmtree(path)
     return None, 0
+
+
+def _is_complete_save(path: str) -> bool:
+  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
 
 
 def _state_dir(output_dir: str) -> str:
@@ -304,7 +302,7 @@ def latest_saved_round(output_dir: str) -> Optional[int]:
     entry = entry.rstrip('/')
     suffix = entry[len(_STATE_PREFIX):]
     if entry.startswith(_STATE_PREFIX) and suffix.isdigit() and (
-        tf.io.gfile.exists(os.path.join(root, entry, 'saved_model.pb'))):
+        _is_complete_save(os.path.join(root, entry))):
       rounds.append(int(suffix))
   return max(rounds) if rounds else None
 
@@ -373,10 +371,11 @@ def train(process, select_clients, *, output_dir: str, rounds: int,
   `metrics.csv` (TFF's CSV manager drops rows after the resumed round before
   writing, so nothing is duplicated), TensorBoard and `progress`.
 
+  The caller has checked the flags (`validate_execution_flags`).
+
   Returns:
     `(final state, resumed-from round or None)`.
   """
-  validate_execution_flags()
   save_every = SAVE_EVERY.value
   resumed_from = None
   kwargs = {}

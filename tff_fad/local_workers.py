@@ -36,6 +36,8 @@ from typing import List, Optional, Sequence, Union
 
 import portpicker
 
+from tff_fad import runtime
+
 TRUST_WARNING = (
     'TFF workers serve unauthenticated gRPC on all interfaces: anyone who can '
     'reach a worker port can run code on that machine.')
@@ -258,15 +260,7 @@ def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
   Returns:
     How many workers were signalled.
   """
-  mine = []
-  for pid in pids:
-    try:
-      with open(f'/proc/{pid}/cmdline', 'rb') as f:
-        argv0 = f.read().split(b'\0')[0]
-    except FileNotFoundError:
-      continue
-    if argv0.endswith(b'worker_binary') and is_running(pid):
-      mine.append(pid)
+  mine = [p for p in pids if runtime.is_tff_worker(p) and is_running(p)]
   for sig in (signal.SIGINT, signal.SIGKILL):
     for pid in mine:
       try:

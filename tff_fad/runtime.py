@@ -41,7 +41,8 @@ def _children_of(pid: int) -> List[int]:
   return children
 
 
-def _is_tff_worker(pid: int) -> bool:
+def is_tff_worker(pid: int) -> bool:
+  """Whether `pid` runs the worker_binary of a tensorflow-federated wheel."""
   try:
     with open(f'/proc/{pid}/cmdline', 'rb') as f:
       argv0 = f.read().split(b'\0', 1)[0].decode(errors='replace')
@@ -52,7 +53,7 @@ def _is_tff_worker(pid: int) -> bool:
 
 def local_worker_pids() -> List[int]:
   """Returns the pids of TFF worker processes started by this process."""
-  return [p for p in _children_of(os.getpid()) if _is_tff_worker(p)]
+  return [p for p in _children_of(os.getpid()) if is_tff_worker(p)]
 
 
 def _reap(pid: int) -> bool:

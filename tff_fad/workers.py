@@ -110,23 +110,16 @@ class _AddressedStub(tff.framework.RemoteExecutorStub):
       raise WorkerError(self._address, f'{getattr(code, "name", code)}: '
                         f'{details}') from None
 
-  def get_executor(self, request):
-    return self._call('get_executor', request)
+  def _named_errors(method: str):  # pylint: disable=no-self-argument
+    return lambda self, request: self._call(method, request)  # pylint: disable=protected-access
 
-  def create_value(self, request):
-    return self._call('create_value', request)
-
-  def create_struct(self, request):
-    return self._call('create_struct', request)
-
-  def create_call(self, request):
-    return self._call('create_call', request)
-
-  def create_selection(self, request):
-    return self._call('create_selection', request)
-
-  def compute(self, request):
-    return self._call('compute', request)
+  get_executor = _named_errors('get_executor')
+  create_value = _named_errors('create_value')
+  create_struct = _named_errors('create_struct')
+  create_call = _named_errors('create_call')
+  create_selection = _named_errors('create_selection')
+  compute = _named_errors('compute')
+  del _named_errors
 
   # Clean-up calls keep TFF's own errors: TFF catches those when it frees a
   # dead worker's values and executors.
