@@ -2,7 +2,8 @@ r"""The README's hypergradient FedAvg experiments, same seeds and rounds.
 
 --experiment=rates: TFF's `build_weighted_fed_avg` with fixed server
 learning rates (--fixed_rates) against tff_fad's hypergradient FedAvg started
-from --hypergradient_starts.
+from --hypergradient_starts, once per --tangent_decays value (0: the greedy
+one-step hypergradient).
 --experiment=weighting: hypergradient FedAvg averaging client updates
 uniformly, by example count, or with learned weights (n_i ** exponent);
 run it under strong label skew (e.g. --dirichlet_alpha=0.1).
@@ -36,6 +37,9 @@ _FIXED = flags.DEFINE_list('fixed_rates', ['0.1', '0.3', '1.0', '3.0', '10.0'],
                            'Server learning rates of the FedAvg baselines.')
 _STARTS = flags.DEFINE_list('hypergradient_starts', ['0.1', '3.0', '10.0'],
                             'Initial rates of the hypergradient runs.')
+_DECAYS = flags.DEFINE_list(
+    'tangent_decays', ['0.0', '0.9'],
+    'tangent_decay values of the hypergradient runs (--experiment=rates).')
 _TARGET = flags.DEFINE_float('target_accuracy', 0.8,
                              'Accuracy whose first round is reported.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (runs are averaged).')
@@ -59,8 +63,9 @@ def main(argv):
   if _EXPERIMENT.value == 'rates':
     configs = [dict(algorithm='fedavg', server_lr=float(r))
                for r in _FIXED.value] + [
-                   dict(algorithm='hypergradient', server_lr=float(r))
-                   for r in _STARTS.value]
+                   dict(algorithm='hypergradient', server_lr=float(r),
+                        tangent_decay=float(d))
+                   for d in _DECAYS.value for r in _STARTS.value]
   else:
     configs = [dict(algorithm='hypergradient', weighting=w)
                for w in ('uniform', 'example_count', 'learned')]
@@ -79,16 +84,17 @@ def main(argv):
     rows.append(collections.OrderedDict(
         algorithm=runs[0]['algorithm'], weighting=runs[0]['weighting'],
         initial_server_lr=runs[0]['initial_server_learning_rate'],
+        tangent_decay=config.get('tangent_decay'),
         final_weight_exponent=runs[0]['final_weight_exponent'],
         final_test_accuracy=sum(s['final_test_accuracy'] for s in runs) / n,
         rounds_to_target=reached,
         final_server_lr=sum(s['final_server_learning_rate'] for s in runs) / n,
         rounds=runs[0]['rounds']))
   lines = [
-      f'| algorithm | client weighting | server lr (initial) | final test '
-      f'accuracy | first round >= {_TARGET.value:.0%} | final server lr | '
-      'final weight exponent |',
-      '|---|---|---|---|---|---|---|']
+      f'| algorithm | client weighting | server lr (initial) | tangent decay '
+      f'| final test accuracy | first round >= {_TARGET.value:.0%} | final '
+      'server lr | final weight exponent |',
+      '|---|---|---|---|---|---|---|---|']
   for r in rows:
     name = ('FedAvg, fixed lr' if r['algorithm'] == 'fedavg'
             else 'hypergradient FedAvg')
@@ -96,8 +102,10 @@ def main(argv):
                         for x in r['rounds_to_target'])
     exponent = ('' if r['final_weight_exponent'] is None
                 else f"{r['final_weight_exponent']:.3f}")
+    decay = ('-' if r['tangent_decay'] is None
+             else f"{r['tangent_decay']:g}")
     lines.append(f"| {name} | {r['weighting']} | "
-                 f"{r['initial_server_lr']:g} | "
+                 f"{r['initial_server_lr']:g} | {decay} | "
                  f"{r['final_test_accuracy']:.4f} | {reached} | "
                  f"{r['final_server_lr']:.3f} | {exponent} |")
   table = '\n'.join(lines)

@@ -36,6 +36,11 @@ _SERVER_LR = flags.DEFINE_float(
     'learning rate.')
 _HYPER_LR = flags.DEFINE_float(
     'hyper_lr', 0.1, 'Adam learning rate of log(server learning rate).')
+_TANGENT_DECAY = flags.DEFINE_float(
+    'tangent_decay', 0.9,
+    'How much of d(model)/d(log lr) carries over to the next round, in '
+    '[0, 1): 0 is the greedy one-step hypergradient; g looks back about '
+    '1/(1-g) rounds.')
 _WEIGHTING = flags.DEFINE_enum(
     'weighting', 'example_count', ['example_count', 'uniform', 'learned'],
     "Client weights of the update average: 'example_count' (FedAvg), "
@@ -78,6 +83,9 @@ def validate_flags() -> None:
   for flag in (_HYPER_LR, _DP_NOISE):
     if flag.value < 0:
       raise ValueError(f'--{flag.name} must be >= 0, got {flag.value!r}.')
+  if not 0 <= _TANGENT_DECAY.value < 1:
+    raise ValueError('--tangent_decay must be in [0, 1), got '
+                     f'{_TANGENT_DECAY.value!r}.')
   if _OUTPUT_DIR.value is None:
     raise ValueError('--output_dir is required.')
   experiment.parse_alpha(_DIRICHLET_ALPHA.value)
@@ -115,12 +123,12 @@ def build_process(model):
         model, client_optimizer=client_optimizer,
         initial_server_learning_rate=_SERVER_LR.value,
         initial_weight_exponent=_WEIGHT_EXPONENT.value,
-        hyper_optimizer=hyper_optimizer)
+        hyper_optimizer=hyper_optimizer, tangent_decay=_TANGENT_DECAY.value)
   return hypergradient_fed_avg.build_hypergradient_fed_avg(
       model, client_optimizer=client_optimizer,
       initial_server_learning_rate=_SERVER_LR.value,
       hyper_optimizer=hyper_optimizer, mode=_MODE.value,
-      model_aggregator=_aggregator())
+      model_aggregator=_aggregator(), tangent_decay=_TANGENT_DECAY.value)
 
 
 def run() -> dict[str, Any]:
@@ -170,7 +178,8 @@ def run() -> dict[str, Any]:
       ('test_acc', experiment.ACCURACY_KEY, '.4f'),
   ])
   name = ('FedAvg (fixed server lr)' if _ALGORITHM.value == 'fedavg'
-          else f'Hypergradient FedAvg ({_MODE.value} mode)')
+          else f'Hypergradient FedAvg ({_MODE.value} mode, tangent decay '
+          f'{_TANGENT_DECAY.value:g})')
   print(f'{name}: {_MODEL.value} ({net.num_params:,} params) on '
         f'{_DATASET.value}, {_ROUNDS.value} rounds x '
         f'{_CLIENTS_PER_ROUND.value} clients, initial server lr '

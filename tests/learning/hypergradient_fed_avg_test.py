@@ -21,8 +21,9 @@ def setup():
   model = models.to_functional_model(net, fed.image_shape, seed=0)
   data = [fed.train.create_tf_dataset_for_client(c).batch(16)
           for c in fed.client_ids[:3]]
+  # The greedy one-step hypergradient; `carried` below adds the carry.
   processes = {mode: hg.build_hypergradient_fed_avg(
-      model, initial_server_learning_rate=0.5, mode=mode)
+      model, initial_server_learning_rate=0.5, mode=mode, tangent_decay=0.0)
                for mode in hg.MODES}
   return collections.namedtuple('Setup', 'net model data processes')(
       net, model, data, processes)
@@ -78,6 +79,83 @@ def test_forward_and_reverse_modes_agree(setup):
       forward.state['pending'], reverse.state['pending'])
 
 
+@pytest.fixture(scope='module')
+def carried(setup):
+  """Processes that carry d(model)/d(log lr) across rounds, both modes."""
+  return {mode: hg.build_hypergradient_fed_avg(
+      setup.model, initial_server_learning_rate=0.5, mode=mode,
+      tangent_decay=0.8) for mode in hg.MODES}
+
+
+def _after_rounds(process, data, n):
+  state = process.initialize()
+  for _ in range(n):
+    state = process.next(state, data).state
+  return state
+
+
+def test_base_tangent_accumulates_decayed_server_steps(setup, carried):
+  process = carried['forward']
+  s1 = _after_rounds(process, setup.data, 1)
+  s2 = process.next(s1, setup.data).state
+  s3 = process.next(s2, setup.data).state
+  # Round 1 starts from no pending update, so round 2 is the first step.
+  for t in s1['base_tangent']:
+    np.testing.assert_array_equal(t, np.zeros_like(t))
+  lr2, lr3 = np.exp(s1['log_lr']), np.exp(s2['log_lr'])
+  for t2, t3, p2, p3 in zip(s2['base_tangent'], s3['base_tangent'],
+                            s1['pending'], s2['pending']):
+    np.testing.assert_allclose(t2, -lr2 * p2, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(t3, 0.8 * (-lr2 * p2) - lr3 * p3, rtol=1e-5,
+                               atol=1e-8)
+  assert np.linalg.norm(s3['base_tangent'][0]) > 0
+
+
+@pytest.mark.parametrize('mode', hg.MODES)
+def test_carried_hypergradient_matches_finite_differences(setup, carried,
+                                                          mode):
+  process = carried[mode]
+  state = _after_rounds(process, setup.data, 3)
+  round_program = hg.build_round_program(
+      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+  eps = 1e-2
+
+  def post_update_loss(shift):
+    # The last rounds' steps move with the rate: base along 0.8 * tangent.
+    trainable = [b + shift * 0.8 * t for b, t in zip(state['base'][0],
+                                                       state['base_tangent'])]
+    base = (tuple(np.float32(t) for t in trainable), state['base'][1])
+    return round_program(base, np.float32(state['log_lr'] + shift),
+                         state['pending'], setup.data)[0]
+
+  finite_difference = (post_update_loss(eps) - post_update_loss(-eps)) / (
+      2 * eps)
+  greedy = (round_program(state['base'], np.float32(state['log_lr'] + eps),
+                          state['pending'], setup.data)[0] -
+            round_program(state['base'], np.float32(state['log_lr'] - eps),
+                          state['pending'], setup.data)[0]) / (2 * eps)
+  reported = process.next(state, setup.data).metrics['hypergradient']
+  assert abs(finite_difference - greedy) > 1e-3  # The carry matters here.
+  assert reported == pytest.approx(finite_difference, rel=2e-2)
+
+
+def test_carried_forward_and_reverse_modes_agree(setup, carried):
+  state = _after_rounds(carried['forward'], setup.data, 3)
+  forward = carried['forward'].next(state, setup.data)
+  reverse = carried['reverse'].next(state, setup.data)
+  assert forward.metrics['hypergradient'] == pytest.approx(
+      reverse.metrics['hypergradient'], rel=1e-4)
+  tf.nest.map_structure(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      forward.state['base_tangent'], reverse.state['base_tangent'])
+
+
+def test_the_carry_costs_no_communication(setup, carried):
+  for mode in hg.MODES:
+    assert tff_fad.communication_cost(carried[mode].next, 3) == (
+        tff_fad.communication_cost(setup.processes[mode].next, 3))
+
+
 def test_model_weights_are_base_minus_lr_times_pending(setup):
   process = setup.processes['forward']
   state = _after_one_round(process, setup.data)
@@ -119,6 +197,8 @@ def test_communication_cost_of_the_modes(setup):
     (dict(mode='sideways'), 'mode must be one of'),
     (dict(initial_server_learning_rate=0.0),
      'initial_server_learning_rate must be > 0'),
+    (dict(tangent_decay=1.0), r'tangent_decay must be in \[0, 1\)'),
+    (dict(tangent_decay=-0.5), r'tangent_decay must be in \[0, 1\)'),
 ])
 def test_bad_arguments(setup, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -128,7 +208,7 @@ def test_bad_arguments(setup, kwargs, message):
 @pytest.fixture(scope='module')
 def weighting(setup):
   process = hg.build_learned_weighting_fed_avg(
-      setup.model, initial_server_learning_rate=0.5)
+      setup.model, initial_server_learning_rate=0.5, tangent_decay=0.0)
   round_program = hg.build_learned_weighting_round_program(
       setup.model, tff.learning.optimizers.build_sgdm(0.1))
   return process, round_program
@@ -172,3 +252,36 @@ def test_weighting_hypergradient_matches_finite_differences(setup, weighting):
   assert reported['hypergradient_exponent'] == pytest.approx(
       finite_difference, rel=3e-2)
   assert reported['weight_exponent'] == pytest.approx(s1['exponent'])
+
+
+def test_carried_weighting_hypergradients_match_finite_differences(setup):
+  process = hg.build_learned_weighting_fed_avg(
+      setup.model, initial_server_learning_rate=0.5, tangent_decay=0.8)
+  round_program = hg.build_learned_weighting_round_program(
+      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+  state = _after_rounds(process, setup.data, 3)
+  reported = process.next(state, setup.data).metrics['hyper']
+  eps = 1e-2
+
+  def loss_along(direction, shift):
+    # Direction 0 shifts log_lr, 1 the exponent (and the pending update along
+    # its tangent); earlier rounds' steps move along 0.8 * base_tangent.
+    trainable = tuple(np.float32(b + shift * 0.8 * t[direction]) for b, t in
+                      zip(state['base'][0], state['base_tangent']))
+    pending = state['pending']
+    if direction == 1:
+      pending = tuple(np.float32(p + shift * t) for p, t in
+                      zip(state['pending'], state['pending_tangent']))
+    (loss, _), _ = round_program(
+        (trainable, state['base'][1]),
+        np.float32(state['log_lr'] + shift * (direction == 0)), pending,
+        np.float32(state['exponent'] + shift * (direction == 1)), setup.data)
+    return loss
+
+  for direction, key in enumerate(('hypergradient_log_lr',
+                                   'hypergradient_exponent')):
+    finite_difference = (loss_along(direction, eps) -
+                         loss_along(direction, -eps)) / (2 * eps)
+    assert abs(finite_difference) > 1e-5
+    assert reported[key] == pytest.approx(finite_difference, rel=3e-2), key
+  assert np.linalg.norm(state['base_tangent'][0][1]) > 0

@@ -7,13 +7,28 @@ previous round) and forms the model the clients train from:
     w_t = base - exp(log_lr) * delta                    (server)
 
 The hypergradient of the post-update loss L(w_t) = mean_i L_i(w_t) w.r.t.
-`log_lr` measures whether the last server step was too long or too short;
+`log_lr` measures whether the server steps were too long or too short;
 a hyper-optimizer then moves `log_lr` (hypergradient descent, Baydin et al.
 2018, in the federated form of Rush, Charles & Garrett, "Federated Automatic
 Differentiation", 2024).
 
-The round is one tff_fad program (`round_program`), differentiated by the
-core's `value_and_grad(..., wrt='log_lr', has_aux=True)`:
+Which steps count is `tangent_decay` (g). The server carries T = dw/dlog_lr
+from round to round:
+
+    dw_t/dlog_lr = g * T_{t-1} - exp(log_lr) * delta     (server, free)
+
+g = 0 is the greedy one-step hypergradient: only the last step moves with
+the rate. It is biased towards short steps (Wu et al. 2018, "Understanding
+short-horizon bias"): from a low start it stops climbing early. g > 0 also
+moves the earlier steps, with weight g^k for the step k rounds back, so the
+derivative answers "would a larger rate over the last ~1/(1-g) rounds have
+helped?". The carry treats the clients' updates as fixed (d delta/dw = 0):
+differentiating local training would cost a model-sized tangent upload and
+forward-over-reverse passes on every client, while T costs no communication
+(the broadcast carries a tangent of w_t either way).
+
+The round is one tff_fad program (`round_program`), differentiated w.r.t.
+`(base, log_lr)` with the carried tangent as base's direction:
 
   * mode='forward': the broadcast carries <w_t, dw_t/dlog_lr> in one message;
     each client returns <loss, d loss> (two scalars) with its model update,
@@ -21,13 +36,12 @@ core's `value_and_grad(..., wrt='log_lr', has_aux=True)`:
     extra round trip, +1 model-size downlink and +1 scalar uplink per client.
   * mode='reverse': a second sweep broadcasts the cotangent and each client
     uploads the gradient of its loss at w_t (model-size uplink) in a second
-    round trip; the server contracts it with -lr * delta.
+    round trip; the server contracts it with dw_t/dlog_lr.
   `communication_cost(process.next, n)` reports both, from the computation.
 
-Local training starts from `stop_gradient(w_t)`: the hypergradient is the
-greedy, one-step one (it ignores how w_t changes what clients learn next),
-and training never has to be differentiated. Client data are datasets, so
-the post-update loss brings per-batch derivative rules (`with_derivatives`).
+Local training starts from `stop_gradient(w_t)`, so training never has to be
+differentiated. Client data are datasets, so the post-update loss brings
+per-batch derivative rules (`with_derivatives`).
 
 The model-update aggregation is any `tff.aggregators` factory, applied
 outside the differentiated program because nothing differentiates through it.
@@ -47,12 +61,15 @@ AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
 MODES = ('forward', 'reverse')
 
 
-def _check_args(mode, initial_server_learning_rate):
+def _check_args(mode, initial_server_learning_rate, tangent_decay=0.0):
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
   if not initial_server_learning_rate > 0:
     raise ValueError('initial_server_learning_rate must be > 0, got '
                      f'{initial_server_learning_rate!r}.')
+  if not 0.0 <= tangent_decay < 1.0:
+    raise ValueError('tangent_decay must be in [0, 1) (0: greedy one-step '
+                     f'hypergradient), got {tangent_decay!r}.')
 
 
 def _batch_loss_sum(model, weights, batch):
@@ -229,7 +246,7 @@ def _model_weights_accessors(state_member, initial_weights):
     new_state = collections.OrderedDict(state)
     new_state['base'] = (tuple(model_weights.trainable),
                          tuple(model_weights.non_trainable))
-    for key in ('pending', 'pending_tangent'):
+    for key in ('pending', 'pending_tangent', 'base_tangent'):
       if key in new_state:
         new_state[key] = tf.nest.map_structure(tf.zeros_like, state[key])
     return new_state
@@ -245,6 +262,7 @@ def build_hypergradient_fed_avg(
     hyper_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     mode: str = 'forward',
     model_aggregator: Optional[AggregationFactory] = None,
+    tangent_decay: float = 0.9,
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg whose server learning rate is learned by Federated AD.
 
@@ -263,6 +281,9 @@ def build_hypergradient_fed_avg(
     model_aggregator: A `tff.aggregators` factory for the model updates;
       weighted factories get the client example counts. Default: weighted
       mean.
+    tangent_decay: In [0, 1): how much of dw/dlog_lr carries over to the
+      next round (module docstring). 0 is the greedy one-step
+      hypergradient; the default 0.9 looks back about 10 rounds.
 
   Returns:
     A `tff.learning.templates.LearningProcess`. Its metrics hold
@@ -270,7 +291,7 @@ def build_hypergradient_fed_avg(
     (d loss / d log lr), `post_update_loss` (clients' loss at the round's
     model, before local training) and `train` loss.
   """
-  _check_args(mode, initial_server_learning_rate)
+  _check_args(mode, initial_server_learning_rate, tangent_decay)
   client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
       learning_rate=0.1)
   hyper_optimizer = hyper_optimizer or tff.learning.optimizers.build_adam(
@@ -278,8 +299,14 @@ def build_hypergradient_fed_avg(
   model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
 
   round_program = build_round_program(model, client_optimizer)
-  differentiated = fad.value_and_grad(
-      round_program, wrt='log_lr', mode=mode, has_aux=True)
+  # d loss/d log_lr = dL/dw . (decay * d base/d log_lr - lr * pending): the
+  # derivative w.r.t. `base` carries the earlier rounds' steps.
+  if mode == 'forward':
+    differentiated = fad.jvp(round_program, wrt=('base', 'log_lr'),
+                             has_aux=True)
+  else:
+    differentiated = fad.value_and_grad(
+        round_program, wrt=('base', 'log_lr'), mode=mode, has_aux=True)
 
   weights_type = _type_of(model.initial_weights)
   trainable_type = weights_type[0]
@@ -302,6 +329,7 @@ def build_hypergradient_fed_avg(
         base=tf.nest.map_structure(tf.constant, initial_weights),
         log_lr=tf.constant(log_lr0, tf.float32),
         pending=zeros,
+        base_tangent=zeros,
         hyper_optimizer=hyper_optimizer.initialize(scalar_spec))
 
   @tff.federated_computation
@@ -309,7 +337,8 @@ def build_hypergradient_fed_avg(
     values = tff.federated_eval(initial_server_values, tff.SERVER)
     return tff.federated_zip(collections.OrderedDict(
         base=values['base'], log_lr=values['log_lr'],
-        pending=values['pending'], hyper_optimizer=values['hyper_optimizer'],
+        pending=values['pending'], base_tangent=values['base_tangent'],
+        hyper_optimizer=values['hyper_optimizer'],
         aggregator=aggregation.initialize()))
 
   state_type = initialize.type_signature.result
@@ -317,15 +346,35 @@ def build_hypergradient_fed_avg(
       tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
       tff.CLIENTS)
 
+  state_member = state_type.member
+
+  @tff.tensorflow.computation(state_member)
+  def base_tangent_in(state):
+    # Tangent of `base` (the last round's model) along log_lr, decayed.
+    return (tf.nest.map_structure(lambda t: tangent_decay * t,
+                                  state['base_tangent']),
+            tf.nest.map_structure(tf.zeros_like, state['base'][1]))
+
   @tff.tensorflow.computation
-  def server_update(hyper_state, log_lr, hypergradient, loss):
+  def hypergradient_of(gradients, base_tangent):
+    (d_base, _), d_log_lr = gradients
+    return d_log_lr + sum(
+        tf.reduce_sum(g * t) for g, t in zip(tf.nest.flatten(d_base),
+                                             tf.nest.flatten(base_tangent[0])))
+
+  @tff.tensorflow.computation
+  def server_update(hyper_state, log_lr, hypergradient, base_tangent,
+                    pending):
     # A non-finite hypergradient (diverged round) must not poison the rate.
     hypergradient = tf.where(tf.math.is_finite(hypergradient), hypergradient,
                              tf.zeros_like(hypergradient))
-    hyper_state, new_log_lr = hyper_optimizer.next(hyper_state, log_lr,
-                                                   hypergradient)
-    del loss
-    return hyper_state, new_log_lr
+    new_hyper_state, new_log_lr = hyper_optimizer.next(hyper_state, log_lr,
+                                                       hypergradient)
+    # d w_t / d log_lr, the next round's d base / d log_lr.
+    lr = tf.exp(log_lr)
+    model_tangent = tf.nest.map_structure(lambda t, p: t - lr * p,
+                                          base_tangent[0], pending)
+    return new_hyper_state, new_log_lr, model_tangent
 
   @tff.tensorflow.computation(np.float32)
   def learning_rate(log_lr):
@@ -333,8 +382,16 @@ def build_hypergradient_fed_avg(
 
   @tff.federated_computation(state_type, data_type)
   def next_fn(state, data):
-    (loss, (weights, client_outputs)), hypergradient = differentiated(
-        state['base'], state['log_lr'], state['pending'], data)
+    base_tangent = tff.federated_map(base_tangent_in, state)
+    if mode == 'forward':
+      loss, hypergradient, (weights, client_outputs) = differentiated(
+          state['base'], state['log_lr'], state['pending'], data,
+          base_tangent, tff.federated_value(np.float32(1.0), tff.SERVER))
+    else:
+      (loss, (weights, client_outputs)), gradients = differentiated(
+          state['base'], state['log_lr'], state['pending'], data)
+      hypergradient = tff.federated_map(hypergradient_of, (
+          tff.federated_zip(gradients), base_tangent))
     if weighted:
       aggregate = aggregation.next(state['aggregator'],
                                    client_outputs['update'],
@@ -343,10 +400,12 @@ def build_hypergradient_fed_avg(
       aggregate = aggregation.next(state['aggregator'],
                                    client_outputs['update'])
     hyper = tff.federated_map(server_update, (
-        state['hyper_optimizer'], state['log_lr'], hypergradient, loss))
+        state['hyper_optimizer'], state['log_lr'], hypergradient,
+        base_tangent, state['pending']))
     new_state = tff.federated_zip(collections.OrderedDict(
         base=weights, log_lr=hyper[1], pending=aggregate.result,
-        hyper_optimizer=hyper[0], aggregator=aggregate.state))
+        base_tangent=hyper[2], hyper_optimizer=hyper[0],
+        aggregator=aggregate.state))
     metrics = tff.federated_zip(collections.OrderedDict(
         server_learning_rate=tff.federated_map(learning_rate, state['log_lr']),
         hypergradient=hypergradient,
@@ -356,7 +415,7 @@ def build_hypergradient_fed_avg(
     return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
   get_model_weights, set_model_weights = _model_weights_accessors(
-      state_type.member, initial_weights)
+      state_member, initial_weights)
   return tff.learning.templates.LearningProcess(
       initialize, next_fn, get_model_weights, set_model_weights)
 
@@ -408,6 +467,7 @@ def build_learned_weighting_fed_avg(
     initial_server_learning_rate: float = 1.0,
     initial_weight_exponent: float = 0.0,
     hyper_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    tangent_decay: float = 0.9,
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg that learns its server learning rate and its client weighting.
 
@@ -420,7 +480,8 @@ def build_learned_weighting_fed_avg(
 
     round t:   clients get <w_t, dw_t/d(log_lr, exponent)>  (one broadcast)
                clients send <n^e delta, d(n^e delta)/de, ...> and <loss, dloss>
-    server:    new update and its tangent; both hyperparameters step.
+    server:    new update and its tangent; both hyperparameters step;
+               dw_t/d(log_lr, exponent) is kept, decayed, for the next round.
 
   Per client this costs 3 model-sized messages each way (value plus two
   tangent directions) and stays one round trip. The aggregation must be
@@ -433,12 +494,14 @@ def build_learned_weighting_fed_avg(
     initial_server_learning_rate: Starting server learning rate (> 0).
     initial_weight_exponent: Starting exponent (0: uniform weights).
     hyper_optimizer: Optimizer of `(log lr, exponent)`; default Adam 0.05.
+    tangent_decay: In [0, 1): how much of dw/d(log_lr, exponent) carries
+      over to the next round, as in `build_hypergradient_fed_avg`.
 
   Returns:
     A `tff.learning.templates.LearningProcess`; metrics add
     `weight_exponent` and `hypergradient` becomes a pair.
   """
-  _check_args('forward', initial_server_learning_rate)
+  _check_args('forward', initial_server_learning_rate, tangent_decay)
   client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
       learning_rate=0.1)
   hyper_optimizer = hyper_optimizer or tff.learning.optimizers.build_adam(
@@ -447,7 +510,7 @@ def build_learned_weighting_fed_avg(
                                                         client_optimizer)
   directions = 2  # d/d log_lr and d/d exponent.
   differentiated = fad.jvp(round_program,
-                           wrt=('log_lr', 'pending', 'exponent'),
+                           wrt=('base', 'log_lr', 'pending', 'exponent'),
                            num_directions=directions, has_aux=True)
 
   initial_weights = model.initial_weights
@@ -464,6 +527,9 @@ def build_learned_weighting_fed_avg(
         pending=zeros,
         # d pending / d exponent; pending never depends on the current rate.
         pending_tangent=zeros,
+        # d base / d (log_lr, exponent): the earlier rounds' part.
+        base_tangent=tf.nest.map_structure(
+            lambda z: tf.stack([z, z]), zeros),
         exponent=tf.constant(initial_weight_exponent, tf.float32),
         hyper_optimizer=hyper_optimizer.initialize(hyper_spec))
 
@@ -480,23 +546,35 @@ def build_learned_weighting_fed_avg(
   @tff.tensorflow.computation(state_member)
   def input_tangents(state):
     # Direction 0 moves log_lr, direction 1 moves the exponent.
+    base_tangent = (
+        tf.nest.map_structure(lambda t: tangent_decay * t,
+                              state['base_tangent']),
+        tf.nest.map_structure(
+            lambda t: tf.zeros([directions] + t.shape.as_list()),
+            state['base'][1]))
     pending_tangent = tf.nest.map_structure(
         lambda t: tf.stack([tf.zeros_like(t), t]), state['pending_tangent'])
-    return (tf.constant([1.0, 0.0]), pending_tangent,
+    return (base_tangent, tf.constant([1.0, 0.0]), pending_tangent,
             tf.constant([0.0, 1.0]))
 
   @tff.tensorflow.computation
   def server_update(state, new_pending, pending_tangent, hypergradient,
-                    base):
+                    base, base_tangent):
     hypergradient = tf.where(tf.math.is_finite(hypergradient), hypergradient,
                              tf.zeros_like(hypergradient))
     hyper_state, (log_lr, exponent) = hyper_optimizer.next(
         state['hyper_optimizer'], (state['log_lr'], state['exponent']),
         (hypergradient[0], hypergradient[1]))
+    # d w_t / d (log_lr, exponent), the next round's d base.
+    lr = tf.exp(state['log_lr'])
+    model_tangent = tf.nest.map_structure(
+        lambda t, p, dp: t - lr * tf.stack([p, dp]), base_tangent[0],
+        state['pending'], state['pending_tangent'])
     new_state = collections.OrderedDict(
         base=base, log_lr=log_lr, pending=new_pending,
         pending_tangent=tf.nest.map_structure(lambda t: t[1],
                                               pending_tangent),
+        base_tangent=model_tangent,
         exponent=exponent, hyper_optimizer=hyper_state)
     metrics = collections.OrderedDict(
         server_learning_rate=tf.exp(state['log_lr']),
@@ -511,9 +589,10 @@ def build_learned_weighting_fed_avg(
     (loss, new_pending), (d_loss, d_pending), (weights, client_outputs) = (
         differentiated(state['base'],
                        state['log_lr'], state['pending'], state['exponent'],
-                       data, tangents[0], tangents[1], tangents[2]))
+                       data, tangents[0], tangents[1], tangents[2],
+                       tangents[3]))
     updated = tff.federated_map(server_update, (
-        state, new_pending, d_pending, d_loss, weights))
+        state, new_pending, d_pending, d_loss, weights, tangents[0]))
     metrics = tff.federated_zip(collections.OrderedDict(
         hyper=updated[1], post_update_loss=loss,
         train=_train_metrics(client_outputs)))
