@@ -84,17 +84,22 @@ def main(argv):
     rows.append(collections.OrderedDict(
         algorithm=runs[0]['algorithm'], weighting=runs[0]['weighting'],
         initial_server_lr=runs[0]['initial_server_learning_rate'],
-        tangent_decay=config.get('tangent_decay'),
+        tangent_decay=(runs[0]['flags']['tangent_decay']
+                       if runs[0]['algorithm'] == 'hypergradient' else None),
+        hyper_optimizer=(
+            f"Adam {runs[0]['flags']['hyper_lr']:g}, beta_1 "
+            f"{runs[0]['flags']['hyper_beta_1']:g}"
+            if runs[0]['algorithm'] == 'hypergradient' else None),
         final_weight_exponent=runs[0]['final_weight_exponent'],
         final_test_accuracy=sum(s['final_test_accuracy'] for s in runs) / n,
         rounds_to_target=reached,
         final_server_lr=sum(s['final_server_learning_rate'] for s in runs) / n,
         rounds=runs[0]['rounds']))
   lines = [
-      f'| algorithm | client weighting | server lr (initial) | tangent decay '
-      f'| final test accuracy | first round >= {_TARGET.value:.0%} | final '
-      'server lr | final weight exponent |',
-      '|---|---|---|---|---|---|---|---|']
+      f'| algorithm | client weighting | server lr (initial) | '
+      'hyper-optimizer | tangent decay | final test accuracy | first round '
+      f'>= {_TARGET.value:.0%} | final server lr | final weight exponent |',
+      '|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     name = ('FedAvg, fixed lr' if r['algorithm'] == 'fedavg'
             else 'hypergradient FedAvg')
@@ -105,7 +110,8 @@ def main(argv):
     decay = ('-' if r['tangent_decay'] is None
              else f"{r['tangent_decay']:g}")
     lines.append(f"| {name} | {r['weighting']} | "
-                 f"{r['initial_server_lr']:g} | {decay} | "
+                 f"{r['initial_server_lr']:g} | "
+                 f"{r['hyper_optimizer'] or '-'} | {decay} | "
                  f"{r['final_test_accuracy']:.4f} | {reached} | "
                  f"{r['final_server_lr']:.3f} | {exponent} |")
   table = '\n'.join(lines)

@@ -36,6 +36,11 @@ _SERVER_LR = flags.DEFINE_float(
     'learning rate.')
 _HYPER_LR = flags.DEFINE_float(
     'hyper_lr', 0.1, 'Adam learning rate of log(server learning rate).')
+_HYPER_BETA_1 = flags.DEFINE_float(
+    'hyper_beta_1', 0.0,
+    'Adam beta_1 (momentum) of the hyper-optimizer. 0: the carried tangent '
+    '(--tangent_decay) already averages over rounds; momentum on top makes '
+    'the rate overshoot.')
 _TANGENT_DECAY = flags.DEFINE_float(
     'tangent_decay', 0.9,
     'How much of d(model)/d(log lr) carries over to the next round, in '
@@ -83,9 +88,10 @@ def validate_flags() -> None:
   for flag in (_HYPER_LR, _DP_NOISE):
     if flag.value < 0:
       raise ValueError(f'--{flag.name} must be >= 0, got {flag.value!r}.')
-  if not 0 <= _TANGENT_DECAY.value < 1:
-    raise ValueError('--tangent_decay must be in [0, 1), got '
-                     f'{_TANGENT_DECAY.value!r}.')
+  for flag in (_TANGENT_DECAY, _HYPER_BETA_1):
+    if not 0 <= flag.value < 1:
+      raise ValueError(f'--{flag.name} must be in [0, 1), got '
+                       f'{flag.value!r}.')
   if _OUTPUT_DIR.value is None:
     raise ValueError('--output_dir is required.')
   experiment.parse_alpha(_DIRICHLET_ALPHA.value)
@@ -117,7 +123,8 @@ def build_process(model):
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(
             _SERVER_LR.value),
         model_aggregator=_aggregator())
-  hyper_optimizer = tff.learning.optimizers.build_adam(_HYPER_LR.value)
+  hyper_optimizer = tff.learning.optimizers.build_adam(
+      _HYPER_LR.value, beta_1=_HYPER_BETA_1.value)
   if _WEIGHTING.value == 'learned':
     return hypergradient_fed_avg.build_learned_weighting_fed_avg(
         model, client_optimizer=client_optimizer,

@@ -51,6 +51,8 @@ def test_fixed_rate_fedavg_baseline_runs(tmp_path):
     ('dirichlet_alpha', 'lots', "--dirichlet_alpha must be 'iid' or a "
                                 'positive number'),
     ('hyper_lr', -1.0, '--hyper_lr must be >= 0'),
+    ('tangent_decay', 1.0, r'--tangent_decay must be in \[0, 1\)'),
+    ('hyper_beta_1', -0.1, r'--hyper_beta_1 must be in \[0, 1\)'),
 ])
 def test_bad_flags_are_named(tmp_path, flag, value, message):
   with flagsaver.flagsaver(output_dir=str(tmp_path), **{flag: value}):

@@ -61,7 +61,7 @@ AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
 MODES = ('forward', 'reverse')
 
 
-def _check_args(mode, initial_server_learning_rate, tangent_decay=0.0):
+def _check_args(mode, initial_server_learning_rate, tangent_decay):
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
   if not initial_server_learning_rate > 0:
@@ -70,6 +70,18 @@ def _check_args(mode, initial_server_learning_rate, tangent_decay=0.0):
   if not 0.0 <= tangent_decay < 1.0:
     raise ValueError('tangent_decay must be in [0, 1) (0: greedy one-step '
                      f'hypergradient), got {tangent_decay!r}.')
+
+
+def default_hyper_optimizer() -> tff.learning.optimizers.Optimizer:
+  """Adam, learning rate 0.1, no momentum (beta_1 = 0).
+
+  log(lr) moves by about 0.1 a round (more while the hypergradient grows
+  faster than its running RMS, which Adam divides by). The carried tangent
+  (`tangent_decay`) already averages the hypergradient over rounds; Adam's
+  momentum on top of it keeps raising the rate for ~10 rounds after the
+  hypergradient turns, which overshoots (see the README's experiments).
+  """
+  return tff.learning.optimizers.build_adam(learning_rate=0.1, beta_1=0.0)
 
 
 def _batch_loss_sum(model, weights, batch):
@@ -275,8 +287,8 @@ def build_hypergradient_fed_avg(
     model: A `tff.learning.models.FunctionalModel`.
     client_optimizer: Local optimizer (default SGD, learning rate 0.1).
     initial_server_learning_rate: Starting server learning rate (> 0).
-    hyper_optimizer: Optimizer of `log(server learning rate)`; default Adam
-      with learning rate 0.05, so the rate changes by at most ~5% a round.
+    hyper_optimizer: Optimizer of `log(server learning rate)`; default
+      `default_hyper_optimizer()`.
     mode: 'forward' or 'reverse' accumulation of the hypergradient.
     model_aggregator: A `tff.aggregators` factory for the model updates;
       weighted factories get the client example counts. Default: weighted
@@ -294,8 +306,7 @@ def build_hypergradient_fed_avg(
   _check_args(mode, initial_server_learning_rate, tangent_decay)
   client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
       learning_rate=0.1)
-  hyper_optimizer = hyper_optimizer or tff.learning.optimizers.build_adam(
-      learning_rate=0.05)
+  hyper_optimizer = hyper_optimizer or default_hyper_optimizer()
   model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
 
   round_program = build_round_program(model, client_optimizer)
@@ -493,7 +504,8 @@ def build_learned_weighting_fed_avg(
     client_optimizer: Local optimizer (default SGD, learning rate 0.1).
     initial_server_learning_rate: Starting server learning rate (> 0).
     initial_weight_exponent: Starting exponent (0: uniform weights).
-    hyper_optimizer: Optimizer of `(log lr, exponent)`; default Adam 0.05.
+    hyper_optimizer: Optimizer of `(log lr, exponent)`; default
+      `default_hyper_optimizer()`.
     tangent_decay: In [0, 1): how much of dw/d(log_lr, exponent) carries
       over to the next round, as in `build_hypergradient_fed_avg`.
 
@@ -504,8 +516,7 @@ def build_learned_weighting_fed_avg(
   _check_args('forward', initial_server_learning_rate, tangent_decay)
   client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
       learning_rate=0.1)
-  hyper_optimizer = hyper_optimizer or tff.learning.optimizers.build_adam(
-      learning_rate=0.05)
+  hyper_optimizer = hyper_optimizer or default_hyper_optimizer()
   round_program = build_learned_weighting_round_program(model,
                                                         client_optimizer)
   directions = 2  # d/d log_lr and d/d exponent.
