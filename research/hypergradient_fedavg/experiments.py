@@ -52,6 +52,12 @@ def _first_round_reaching(accuracy_by_round, target):
   return None
 
 
+def _mean(summaries, key):
+  """Mean of `key` over the seeds' summaries; None where it does not apply."""
+  values = [s[key] for s in summaries]
+  return None if None in values else sum(values) / len(values)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -78,7 +84,6 @@ def main(argv):
       with flagsaver.flagsaver(seed=int(seed), output_dir=run_dir,
                                eval_every=1, **config):
         runs.append(hypergradient_main.run())
-    n = len(runs)
     reached = [_first_round_reaching(s['accuracy_by_round'], _TARGET.value)
                for s in runs]
     rows.append(collections.OrderedDict(
@@ -90,10 +95,10 @@ def main(argv):
             f"Adam {runs[0]['flags']['hyper_lr']:g}, beta_1 "
             f"{runs[0]['flags']['hyper_beta_1']:g}"
             if runs[0]['algorithm'] == 'hypergradient' else None),
-        final_weight_exponent=runs[0]['final_weight_exponent'],
-        final_test_accuracy=sum(s['final_test_accuracy'] for s in runs) / n,
+        final_weight_exponent=_mean(runs, 'final_weight_exponent'),
+        final_test_accuracy=_mean(runs, 'final_test_accuracy'),
         rounds_to_target=reached,
-        final_server_lr=sum(s['final_server_learning_rate'] for s in runs) / n,
+        final_server_lr=_mean(runs, 'final_server_learning_rate'),
         rounds=runs[0]['rounds']))
   lines = [
       f'| algorithm | client weighting | server lr (initial) | '

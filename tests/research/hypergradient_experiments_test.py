@@ -57,3 +57,12 @@ def test_rates_grid_averages_seeds_and_labels_each_row(tmp_path):
   assert lines[4].startswith('| hypergradient FedAvg | example_count | 0.1 | '
                              'Adam 0.2, beta_1 0 | 0.9 | ')
   assert len(lines) == 5
+
+
+def test_seed_means_skip_what_does_not_apply():
+  runs = [dict(final_weight_exponent=-0.2, weighting='learned'),
+          dict(final_weight_exponent=0.1, weighting='learned')]
+  assert experiments._mean(runs, 'final_weight_exponent') == pytest.approx(
+      -0.05)
+  assert experiments._mean([dict(final_weight_exponent=None)] * 2,
+                           'final_weight_exponent') is None
