@@ -234,6 +234,7 @@ def _time_model(model_name: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  tff_fad.runtime.exit_on_termination_signals()  # Clean-up runs on kill.
   if _MEMORY_VARIANT.value:
     _memory_child()
     return

@@ -106,6 +106,7 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
     # TFF's training loop logs several INFO lines per round; the progress
     # lines say the same in one.
     logging.set_verbosity(logging.WARNING)
+  runtime.exit_on_termination_signals()
   try:
     run()
   except fad_data.EmnistUnavailableError as e:
@@ -113,16 +114,24 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except (workers.WorkerError, workers.NotMergeableError) as e:
-    saved = None
-    if OUTPUT_DIR.value and SAVE_EVERY.value > 0:
-      saved = latest_saved_round(OUTPUT_DIR.value)
-    hint = (f' The state of round {saved} is saved in {OUTPUT_DIR.value}: '
-            'run the same command again (with working --workers, or none) '
-            'to resume from it.' if saved is not None else '')
-    print(f'error: {e}{hint}', file=sys.stderr)
+    print(f'error: {e}{_resume_hint(" (with working --workers, or none)")}',
+          file=sys.stderr)
     sys.exit(3)
+  except runtime.TerminatedBySignal as e:
+    print(f'stopped by {e.signal_name}.{_resume_hint()}', file=sys.stderr)
+    raise
   finally:
     runtime.shutdown_local_workers()
+
+
+def _resume_hint(how: str = '') -> str:
+  saved = None
+  if OUTPUT_DIR.value and SAVE_EVERY.value > 0:
+    saved = latest_saved_round(OUTPUT_DIR.value)
+  if saved is None:
+    return ''
+  return (f' The state of round {saved} is saved in {OUTPUT_DIR.value}: '
+          f'run the same command again{how} to resume from it.')
 
 
 def validate_execution_flags() -> None:

@@ -3,6 +3,7 @@
 import gc
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,21 @@ def test_shutdown_local_workers_stops_in_process_worker():
     tff.backends.native.set_sync_local_cpp_execution_context()
     gc.collect()
   assert total([2.0, 5.0]) == pytest.approx(7.0)
+
+
+def test_termination_signals_raise_and_keep_existing_handlers():
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+  custom = lambda signum, frame: None
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, custom)
+    runtime.exit_on_termination_signals()
+    assert signal.getsignal(signal.SIGHUP) is custom  # Left alone.
+    with pytest.raises(runtime.TerminatedBySignal) as raised:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)  # The handler runs at the next bytecode boundary.
+    assert raised.value.code == 128 + signal.SIGTERM
+    assert raised.value.signal_name == 'SIGTERM'
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)

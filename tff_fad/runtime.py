@@ -5,7 +5,9 @@ as a child process. Its only shutdown hook is a `__del__` that never runs at
 interpreter exit, so the worker outlives Python, orphaned, and keeps the
 parent's stdout/stderr open: `python train.py | tee log` then never returns
 and CI jobs hang. Importing `tff_fad` registers `shutdown_local_workers` with
-`atexit`; entry points may also call it explicitly.
+`atexit`; entry points may also call it explicitly, and should call
+`exit_on_termination_signals()`: SIGTERM and SIGHUP otherwise end Python
+without running `atexit`.
 """
 
 import atexit
@@ -116,6 +118,37 @@ def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
     manager._process = None  # pylint: disable=protected-access
     manager._stub = None  # pylint: disable=protected-access
   return len(pids)
+
+
+class TerminatedBySignal(SystemExit):
+  """SIGTERM or SIGHUP, turned into an exit that runs clean-up code."""
+
+  def __init__(self, signum: int):
+    super().__init__(128 + signum)  # The shell's code for death by signal.
+    self.signum = signum
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signum).name
+
+
+def _raise_terminated(signum, unused_frame):
+  raise TerminatedBySignal(signum)
+
+
+def exit_on_termination_signals() -> None:
+  """Makes SIGTERM and SIGHUP raise `TerminatedBySignal` in the main thread.
+
+  By default they end Python at once, skipping `finally` blocks and `atexit`,
+  so `kill PID`, a closed terminal or a scheduler's stop leaks TFF's worker.
+  As an exception they unwind the stack and exit with code 128 + signal
+  number. Signals that already have a handler other than the default are
+  left alone. Call from the main thread (Python sets handlers only there).
+  SIGKILL cannot be caught: run under a process group the caller can kill.
+  """
+  for signum in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(signum) is signal.SIG_DFL:
+      signal.signal(signum, _raise_terminated)
 
 
 atexit.register(_at_exit)
