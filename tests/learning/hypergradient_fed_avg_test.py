@@ -285,3 +285,24 @@ def test_carried_weighting_hypergradients_match_finite_differences(setup):
     assert abs(finite_difference) > 1e-5
     assert reported[key] == pytest.approx(finite_difference, rel=3e-2), key
   assert np.linalg.norm(state['base_tangent'][0][1]) > 0
+
+
+@pytest.mark.parametrize('builder', ['hypergradient', 'learned_weighting'])
+def test_set_model_weights_starts_a_fresh_history(setup, carried, builder):
+  process = (carried['forward'] if builder == 'hypergradient' else
+             hg.build_learned_weighting_fed_avg(
+                 setup.model, initial_server_learning_rate=0.5,
+                 tangent_decay=0.8))
+  state = _after_rounds(process, setup.data, 3)
+  assert np.linalg.norm(state['base_tangent'][0]) > 0
+  new_weights = tff.learning.models.ModelWeights(
+      trainable=[np.full_like(t, 0.25) for t in state['base'][0]],
+      non_trainable=list(state['base'][1]))
+  fresh = process.set_model_weights(state, new_weights)
+  for key in ('pending', 'base_tangent', 'pending_tangent'):
+    for t in tf.nest.flatten(fresh.get(key, ())):
+      np.testing.assert_array_equal(t, np.zeros_like(t), err_msg=key)
+  assert fresh['log_lr'] == pytest.approx(state['log_lr'])
+  for got, want in zip(process.get_model_weights(fresh).trainable,
+                       new_weights.trainable):
+    np.testing.assert_allclose(got, want)

@@ -240,8 +240,9 @@ def _model_weights_accessors(state_member, initial_weights):
   """`get_model_weights` / `set_model_weights` of a learning process.
 
   The state holds `base`, `log_lr` and `pending` (the current model is
-  `base - exp(log_lr) * pending`); setting weights clears `pending` and any
-  `pending_tangent`, keeping the rest of the state.
+  `base - exp(log_lr) * pending`); setting weights clears `pending` and the
+  tangents (`pending_tangent`, `base_tangent`): the new model has no history.
+  The rest of the state is kept.
   """
 
   @tff.tensorflow.computation(state_member)
