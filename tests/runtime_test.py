@@ -156,6 +156,9 @@ def test_termination_signals_raise_and_keep_existing_handlers():
       time.sleep(1)  # The handler runs at the next bytecode boundary.
     assert raised.value.code == 128 + signal.SIGTERM
     assert raised.value.signal_name == 'SIGTERM'
+    # Clean-up is under way: a second signal is ignored.
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGHUP) is custom
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)

@@ -132,7 +132,14 @@ class TerminatedBySignal(SystemExit):
     return signal.Signals(self.signum).name
 
 
+_TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_terminated(signum, unused_frame):
+  # A second signal must not cut the (bounded) clean-up short.
+  for other in _TERMINATION_SIGNALS:
+    if signal.getsignal(other) is _raise_terminated:
+      signal.signal(other, signal.SIG_IGN)
   raise TerminatedBySignal(signum)
 
 
@@ -142,11 +149,13 @@ def exit_on_termination_signals() -> None:
   By default they end Python at once, skipping `finally` blocks and `atexit`,
   so `kill PID`, a closed terminal or a scheduler's stop leaks TFF's worker.
   As an exception they unwind the stack and exit with code 128 + signal
-  number. Signals that already have a handler other than the default are
-  left alone. Call from the main thread (Python sets handlers only there).
-  SIGKILL cannot be caught: run under a process group the caller can kill.
+  number; later ones are ignored while clean-up runs (it is bounded by
+  `shutdown_local_workers`' timeout). Signals that already have a handler
+  other than the default are left alone. Call from the main thread (Python
+  sets handlers only there). SIGKILL cannot be caught: run under a process
+  group the caller can kill.
   """
-  for signum in (signal.SIGTERM, signal.SIGHUP):
+  for signum in _TERMINATION_SIGNALS:
     if signal.getsignal(signum) is signal.SIG_DFL:
       signal.signal(signum, _raise_terminated)
 
