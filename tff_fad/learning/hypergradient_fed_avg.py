@@ -236,6 +236,20 @@ def _train_metrics(client_outputs):
   return tff.federated_map(finalize, totals)
 
 
+def _decayed_base_tangent(state, tangent_decay, num_directions=None):
+  """The tangent of `base` (the last round's model) fed to this round.
+
+  `tangent_decay * state['base_tangent']` for the trainable weights, zeros
+  for the non-trainable ones (with a leading `num_directions` axis if set).
+  """
+  leading = [] if num_directions is None else [num_directions]
+  return (tf.nest.map_structure(lambda t: tangent_decay * t,
+                                state['base_tangent']),
+          tf.nest.map_structure(
+              lambda t: tf.zeros(leading + t.shape.as_list(), t.dtype),
+              state['base'][1]))
+
+
 def _model_weights_accessors(state_member, initial_weights):
   """`get_model_weights` / `set_model_weights` of a learning process.
 
@@ -362,10 +376,7 @@ def build_hypergradient_fed_avg(
 
   @tff.tensorflow.computation(state_member)
   def base_tangent_in(state):
-    # Tangent of `base` (the last round's model) along log_lr, decayed.
-    return (tf.nest.map_structure(lambda t: tangent_decay * t,
-                                  state['base_tangent']),
-            tf.nest.map_structure(tf.zeros_like, state['base'][1]))
+    return _decayed_base_tangent(state, tangent_decay)
 
   @tff.tensorflow.computation
   def hypergradient_of(gradients, base_tangent):
@@ -558,12 +569,7 @@ def build_learned_weighting_fed_avg(
   @tff.tensorflow.computation(state_member)
   def input_tangents(state):
     # Direction 0 moves log_lr, direction 1 moves the exponent.
-    base_tangent = (
-        tf.nest.map_structure(lambda t: tangent_decay * t,
-                              state['base_tangent']),
-        tf.nest.map_structure(
-            lambda t: tf.zeros([directions] + t.shape.as_list()),
-            state['base'][1]))
+    base_tangent = _decayed_base_tangent(state, tangent_decay, directions)
     pending_tangent = tf.nest.map_structure(
         lambda t: tf.stack([tf.zeros_like(t), t]), state['pending_tangent'])
     return (base_tangent, tf.constant([1.0, 0.0]), pending_tangent,
