@@ -29,8 +29,11 @@ def setup():
       net, model, data, processes)
 
 
-def _after_one_round(process, data):
-  return process.next(process.initialize(), data).state
+def _after_rounds(process, data, n):
+  state = process.initialize()
+  for _ in range(n):
+    state = process.next(state, data).state
+  return state
 
 
 def test_is_a_learning_process(setup):
@@ -47,7 +50,7 @@ def test_is_a_learning_process(setup):
 def test_hypergradient_matches_finite_differences_of_post_update_loss(
     setup, mode):
   process = setup.processes[mode]
-  state = _after_one_round(process, setup.data)
+  state = _after_rounds(process, setup.data, 1)
   round_program = hg.build_round_program(
       setup.model, tff.learning.optimizers.build_sgdm(0.1))
   eps = 1e-2
@@ -67,7 +70,7 @@ def test_hypergradient_matches_finite_differences_of_post_update_loss(
 
 
 def test_forward_and_reverse_modes_agree(setup):
-  state = _after_one_round(setup.processes['forward'], setup.data)
+  state = _after_rounds(setup.processes['forward'], setup.data, 1)
   forward = setup.processes['forward'].next(state, setup.data)
   reverse = setup.processes['reverse'].next(state, setup.data)
   assert forward.metrics['hypergradient'] == pytest.approx(
@@ -85,13 +88,6 @@ def carried(setup):
   return {mode: hg.build_hypergradient_fed_avg(
       setup.model, initial_server_learning_rate=0.5, mode=mode,
       tangent_decay=0.8) for mode in hg.MODES}
-
-
-def _after_rounds(process, data, n):
-  state = process.initialize()
-  for _ in range(n):
-    state = process.next(state, data).state
-  return state
 
 
 def test_base_tangent_accumulates_decayed_server_steps(setup, carried):
@@ -158,7 +154,7 @@ def test_the_carry_costs_no_communication(setup, carried):
 
 def test_model_weights_are_base_minus_lr_times_pending(setup):
   process = setup.processes['forward']
-  state = _after_one_round(process, setup.data)
+  state = _after_rounds(process, setup.data, 1)
   lr = np.exp(state['log_lr'])
   expected = [b - lr * p for b, p in zip(state['base'][0], state['pending'])]
   tf.nest.map_structure(
@@ -169,7 +165,7 @@ def test_model_weights_are_base_minus_lr_times_pending(setup):
 
 def test_learning_rate_moves_against_the_hypergradient(setup):
   process = setup.processes['forward']
-  state = _after_one_round(process, setup.data)
+  state = _after_rounds(process, setup.data, 1)
   output = process.next(state, setup.data)
   step = output.state['log_lr'] - state['log_lr']
   assert output.metrics['hypergradient'] != 0
