@@ -15,7 +15,7 @@ import gc
 import os
 import signal
 import time
-from typing import List
+from typing import List, Optional
 
 _WORKER_SUFFIX = os.path.join('data', 'worker_binary')
 
@@ -53,9 +53,14 @@ def is_tff_worker(pid: int) -> bool:
   return os.path.normpath(argv0).endswith(_WORKER_SUFFIX)
 
 
-def local_worker_pids() -> List[int]:
-  """Returns the pids of TFF worker processes started by this process."""
-  return [p for p in _children_of(os.getpid()) if is_tff_worker(p)]
+def local_worker_pids(parent_pid: Optional[int] = None) -> List[int]:
+  """Returns the pids of TFF worker processes started by `parent_pid`.
+
+  Args:
+    parent_pid: The starting process; default this one.
+  """
+  parent = os.getpid() if parent_pid is None else parent_pid
+  return [p for p in _children_of(parent) if is_tff_worker(p)]
 
 
 def _reap(pid: int) -> bool:

@@ -15,10 +15,6 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
 
-def _workers_of(pid):
-  return [p for p in runtime._children_of(pid) if runtime.is_tff_worker(p)]  # pylint: disable=protected-access
-
-
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='uses /proc')
 def test_sigterm_stops_the_binary_its_worker_and_says_how_to_resume(
     tmp_path):
@@ -36,7 +32,7 @@ def test_sigterm_stops_the_binary_its_worker_and_says_how_to_resume(
   try:
     for line in child.stdout:
       if re.match(r'round\s+3/1000\b', line):
-        started = _workers_of(child.pid)
+        started = runtime.local_worker_pids(child.pid)
         child.send_signal(signal.SIGTERM)
         break
     # A leaked worker would hold the pipes open past the timeout.
