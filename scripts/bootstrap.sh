@@ -22,7 +22,7 @@ cd "${ROOT}"
 
 inputs_hash() {
   # Anything that changes what gets installed invalidates the environment.
-  cat "${LOCK}" setup.py scripts/bootstrap.sh | sha256sum | cut -d' ' -f1
+  cat "${LOCK}" pyproject.toml setup.py scripts/bootstrap.sh | sha256sum | cut -d' ' -f1
 }
 
 find_python311() {
