@@ -62,7 +62,9 @@ bench-scaling: venv
 	$(PY) -m benchmarks.scaling --output=benchmarks/results/scaling.json
 
 # Recompile the lock (uv is installed in .venv by the bootstrap). Relative
-# paths keep the command recorded in the lock's header reproducible.
+# paths keep the command recorded in the lock's header reproducible. uv also
+# applies pyproject.toml's [tool.uv] override (the same jax/jaxlib pins;
+# tests/install_test.py checks they agree), annotated `--override (workspace)`.
 lock: venv
 	$(VENV)/bin/uv pip compile requirements/requirements.in \
 	    --override requirements/overrides.txt --python-version 3.11 \
