@@ -10,7 +10,7 @@ interleaved in a random order per repeat; a figure is the median of
 `--repeats` timed calls, each ending with `.numpy()` so the work is done):
   * `baffle`: the per-client computation of `build_client_work(...,
     mode='fedsgd', estimator='forward')` with K=`--K`. Its body is
-    `baffle.estimate_scores(baffle._batch_loss_fn(model, (), batch), ...)`
+    `baffle.estimate_scores(baffle.batch_loss_fn(model, (), batch), ...)`
     on the first batch; here that same call is wrapped in a `tf.function`
     and fed the batch as a tensor, so no TFF executor or `tf.data` overhead
     is counted (reproduced, not the TFF computation object itself).
@@ -98,7 +98,7 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
   seed = tf.constant([SEED, 1], tf.int64)
 
   def loss(trainable, b):
-    return baffle._batch_loss_fn(model, (), b)(trainable)  # pylint: disable=protected-access
+    return baffle.batch_loss_fn(model, (), b)(trainable)
 
   @tf.function
   def forward(trainable, b):
@@ -107,9 +107,9 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
   def scores_fn(estimator):
     @tf.function
     def scores(trainable, b, s):
-      # Exactly the body of build_client_work's 'fedsgd' computation.
+      # build_client_work's 'fedsgd' scores (without its metrics update).
       return baffle.estimate_scores(
-          baffle._batch_loss_fn(model, (), b), list(trainable), s,  # pylint: disable=protected-access
+          baffle.batch_loss_fn(model, (), b), list(trainable), s,
           num_perturbations, SIGMA, estimator, 1)
     return scores
 

@@ -83,8 +83,7 @@ def _process(name: str, model):
     return tff.learning.algorithms.build_weighted_fed_avg(
         model, client_optimizer_fn=sgd)
   if name == 'hypergradient_fed_avg':
-    return hypergradient_fed_avg.build_hypergradient_fed_avg(
-        model, client_optimizer=sgd, initial_server_learning_rate=1.0)
+    return hypergradient_fed_avg.build_hypergradient_fed_avg(model, sgd)
   if name == 'baffle':
     return baffle.build_baffle(model, num_perturbations=_K.value)
   raise ValueError(f'--algorithms: unknown {name!r}.')

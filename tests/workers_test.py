@@ -82,10 +82,10 @@ def _builders():
   return {
       'hypergradient_forward': lambda m: (
           hypergradient_fed_avg.build_hypergradient_fed_avg(
-              m, client_optimizer=sgd, initial_server_learning_rate=0.3)),
+              m, sgd, tff.learning.optimizers.build_sgdm(0.3))),
       'learned_weighting': lambda m: (
           hypergradient_fed_avg.build_learned_weighting_fed_avg(
-              m, client_optimizer=sgd, initial_server_learning_rate=0.3)),
+              m, sgd, tff.learning.optimizers.build_sgdm(0.3))),
       'baffle_forward': lambda m: baffle.build_baffle(
           m, num_perturbations=16, seed=3),
       'tff_weighted_fed_avg': lambda m: (

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
-import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
+import tff_fad
 from tff_fad.data import digits
 from tff_fad.learning import baffle
 from tff_fad.learning import models
@@ -188,8 +188,10 @@ def test_upload_is_k_scalars():
   client = baffle.build_client_work(model, num_perturbations=100)
   result = client.type_signature.result
   assert result['update'].is_equivalent_to(tff.TensorType(np.float32, [100]))
-  # K scores + aggregation weight + loss metric, all float32.
-  assert baffle.upload_bytes(client) == 4 * (100 + 2)
+  process = baffle.build_baffle(model, num_perturbations=100)
+  cost = tff_fad.communication_cost(process.next, 3)
+  # K scores + aggregation weight + the model's 3 metric sums, all float32.
+  assert cost.client_to_server_bytes_per_client == 4 * (100 + 1 + 3)
 
 
 @pytest.mark.parametrize('kwargs, name', [
@@ -218,7 +220,7 @@ def test_learning_process_type_signature_and_loss_decreases(sklearn_digits):
                                      sklearn_digits.image_shape, seed=0)
   process = baffle.build_baffle(
       model, num_perturbations=200, estimator='jvp',
-      server_optimizer=tff.learning.optimizers.build_adam(0.05),
+      server_optimizer_fn=tff.learning.optimizers.build_adam(0.05),
       ema_decay=0.5, seed=1)
   assert isinstance(process, tff.learning.templates.LearningProcess)
   state_type, data_type = process.next.type_signature.parameter
@@ -235,7 +237,7 @@ def test_learning_process_type_signature_and_loss_decreases(sklearn_digits):
   for round_num in range(4):
     output = process.next(state, data)
     state = output.state
-    assert state.round_num == round_num + 1
+    assert state.finalizer['round_num'] == round_num + 1
     losses.append(float(output.metrics['client_work']['train']['loss']))
   # The same batches every round, so the loss must fall.
   assert losses[-1] < losses[0] - 0.2, losses
@@ -251,7 +253,8 @@ def test_one_epoch_mode_and_unweighted_aggregator_run(sklearn_digits,
                                      sklearn_digits.image_shape)
   process = baffle.build_baffle(
       model, num_perturbations=20, sigma=1e-3, estimator=estimator,
-      mode='one_epoch', client_learning_rate=0.5,
+      mode='one_epoch',
+      client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.5),
       model_aggregator=tff.aggregators.UnweightedMeanFactory())
   state = process.initialize()
   data = [fed_ds.take(2) for fed_ds in _client_datasets(sklearn_digits, 2, 16)]

@@ -23,10 +23,23 @@ def setup():
           for c in fed.client_ids[:3]]
   # The greedy one-step hypergradient; `carried` below adds the carry.
   processes = {mode: hg.build_hypergradient_fed_avg(
-      model, initial_server_learning_rate=0.5, mode=mode, tangent_decay=0.0)
+      model, server_optimizer_fn=_sgd(0.5), mode=mode, tangent_decay=0.0)
                for mode in hg.MODES}
   return collections.namedtuple('Setup', 'net model data processes')(
       net, model, data, processes)
+
+
+def _sgd(learning_rate):
+  return tff.learning.optimizers.build_sgdm(learning_rate)
+
+
+def _log_lr(state):
+  return state.finalizer['log_lr']
+
+
+def _pair(state):
+  weights = state.global_model_weights
+  return (tuple(weights.trainable), tuple(weights.non_trainable))
 
 
 def _after_rounds(process, data, n):
@@ -40,7 +53,8 @@ def test_is_a_learning_process(setup):
   process = setup.processes['forward']
   assert isinstance(process, tff.learning.templates.LearningProcess)
   state = process.initialize()
-  assert state['log_lr'] == pytest.approx(np.log(0.5))
+  assert isinstance(state, tff.learning.templates.LearningAlgorithmState)
+  assert _log_lr(state) == pytest.approx(np.log(0.5))
   weights = process.get_model_weights(state)
   np.testing.assert_allclose(weights.trainable[0],
                              setup.model.initial_weights[0][0])
@@ -51,60 +65,62 @@ def test_hypergradient_matches_finite_differences_of_post_update_loss(
     setup, mode):
   process = setup.processes[mode]
   state = _after_rounds(process, setup.data, 1)
-  round_program = hg.build_round_program(
-      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+  round_program = hg.build_round_program(setup.model, _sgd(0.1))
   eps = 1e-2
 
   def post_update_loss(log_lr):
-    return round_program(state['base'], np.float32(log_lr), state['pending'],
+    return round_program(_pair(state), np.float32(log_lr),
+                         state.finalizer['pending'], _log_lr(state),
                          setup.data)[0]
 
-  finite_difference = (post_update_loss(state['log_lr'] + eps) -
-                       post_update_loss(state['log_lr'] - eps)) / (2 * eps)
-  metrics = process.next(state, setup.data).metrics
+  finite_difference = (post_update_loss(_log_lr(state) + eps) -
+                       post_update_loss(_log_lr(state) - eps)) / (2 * eps)
+  metrics = process.next(state, setup.data).metrics['hyperparameters']
   assert abs(finite_difference) > 1e-4  # A real signal, not 0 == 0.
   assert metrics['hypergradient'] == pytest.approx(finite_difference,
                                                    rel=2e-2)
   assert metrics['post_update_loss'] == pytest.approx(
-      post_update_loss(state['log_lr']), rel=1e-5)
+      post_update_loss(_log_lr(state)), rel=1e-5)
 
 
 def test_forward_and_reverse_modes_agree(setup):
   state = _after_rounds(setup.processes['forward'], setup.data, 1)
   forward = setup.processes['forward'].next(state, setup.data)
   reverse = setup.processes['reverse'].next(state, setup.data)
-  assert forward.metrics['hypergradient'] == pytest.approx(
-      reverse.metrics['hypergradient'], rel=1e-4)
-  np.testing.assert_allclose(forward.state['log_lr'], reverse.state['log_lr'],
+  assert forward.metrics['hyperparameters']['hypergradient'] == (
+      pytest.approx(reverse.metrics['hyperparameters']['hypergradient'],
+                    rel=1e-4))
+  np.testing.assert_allclose(_log_lr(forward.state), _log_lr(reverse.state),
                              rtol=1e-5)
   tf.nest.map_structure(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-      forward.state['pending'], reverse.state['pending'])
+      forward.state.finalizer['pending'], reverse.state.finalizer['pending'])
 
 
 @pytest.fixture(scope='module')
 def carried(setup):
   """Processes that carry d(model)/d(log lr) across rounds, both modes."""
   return {mode: hg.build_hypergradient_fed_avg(
-      setup.model, initial_server_learning_rate=0.5, mode=mode,
+      setup.model, server_optimizer_fn=_sgd(0.5), mode=mode,
       tangent_decay=0.8) for mode in hg.MODES}
 
 
-def test_base_tangent_accumulates_decayed_server_steps(setup, carried):
+def test_model_tangent_accumulates_decayed_server_steps(setup, carried):
   process = carried['forward']
   s1 = _after_rounds(process, setup.data, 1)
   s2 = process.next(s1, setup.data).state
   s3 = process.next(s2, setup.data).state
   # Round 1 starts from no pending update, so round 2 is the first step.
-  for t in s1['base_tangent']:
+  for t in s1.finalizer['model_tangent']:
     np.testing.assert_array_equal(t, np.zeros_like(t))
-  lr2, lr3 = np.exp(s1['log_lr']), np.exp(s2['log_lr'])
-  for t2, t3, p2, p3 in zip(s2['base_tangent'], s3['base_tangent'],
-                            s1['pending'], s2['pending']):
+  lr2, lr3 = np.exp(_log_lr(s1)), np.exp(_log_lr(s2))
+  for t2, t3, p2, p3 in zip(s2.finalizer['model_tangent'],
+                            s3.finalizer['model_tangent'],
+                            s1.finalizer['pending'], s2.finalizer['pending']):
     np.testing.assert_allclose(t2, -lr2 * p2, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(t3, 0.8 * (-lr2 * p2) - lr3 * p3, rtol=1e-5,
                                atol=1e-8)
-  assert np.linalg.norm(s3['base_tangent'][0]) > 0
+  assert np.linalg.norm(s3.finalizer['model_tangent'][0]) > 0
 
 
 @pytest.mark.parametrize('mode', hg.MODES)
@@ -112,25 +128,27 @@ def test_carried_hypergradient_matches_finite_differences(setup, carried,
                                                           mode):
   process = carried[mode]
   state = _after_rounds(process, setup.data, 3)
-  round_program = hg.build_round_program(
-      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+  round_program = hg.build_round_program(setup.model, _sgd(0.1))
   eps = 1e-2
+  pending = state.finalizer['pending']
 
-  def post_update_loss(shift):
-    # The last rounds' steps move with the rate: base along 0.8 * tangent.
-    trainable = [b + shift * 0.8 * t for b, t in zip(state['base'][0],
-                                                       state['base_tangent'])]
-    base = (tuple(np.float32(t) for t in trainable), state['base'][1])
-    return round_program(base, np.float32(state['log_lr'] + shift),
-                         state['pending'], setup.data)[0]
+  def post_update_loss(shift, carry=True):
+    # The last rounds' steps move with the rate: the stored model along
+    # 0.8 * tangent.
+    model, non_trainable = _pair(state)
+    if carry:
+      model = tuple(np.float32(m + shift * 0.8 * t) for m, t in zip(
+          model, state.finalizer['model_tangent']))
+    return round_program((model, non_trainable),
+                         np.float32(_log_lr(state) + shift), pending,
+                         _log_lr(state), setup.data)[0]
 
   finite_difference = (post_update_loss(eps) - post_update_loss(-eps)) / (
       2 * eps)
-  greedy = (round_program(state['base'], np.float32(state['log_lr'] + eps),
-                          state['pending'], setup.data)[0] -
-            round_program(state['base'], np.float32(state['log_lr'] - eps),
-                          state['pending'], setup.data)[0]) / (2 * eps)
-  reported = process.next(state, setup.data).metrics['hypergradient']
+  greedy = (post_update_loss(eps, carry=False) -
+            post_update_loss(-eps, carry=False)) / (2 * eps)
+  reported = process.next(state, setup.data).metrics['hyperparameters'][
+      'hypergradient']
   assert abs(finite_difference - greedy) > 1e-3  # The carry matters here.
   assert reported == pytest.approx(finite_difference, rel=2e-2)
 
@@ -139,11 +157,13 @@ def test_carried_forward_and_reverse_modes_agree(setup, carried):
   state = _after_rounds(carried['forward'], setup.data, 3)
   forward = carried['forward'].next(state, setup.data)
   reverse = carried['reverse'].next(state, setup.data)
-  assert forward.metrics['hypergradient'] == pytest.approx(
-      reverse.metrics['hypergradient'], rel=1e-4)
+  assert forward.metrics['hyperparameters']['hypergradient'] == (
+      pytest.approx(reverse.metrics['hyperparameters']['hypergradient'],
+                    rel=1e-4))
   tf.nest.map_structure(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-      forward.state['base_tangent'], reverse.state['base_tangent'])
+      forward.state.finalizer['model_tangent'],
+      reverse.state.finalizer['model_tangent'])
 
 
 def test_the_carry_costs_no_communication(setup, carried):
@@ -152,24 +172,28 @@ def test_the_carry_costs_no_communication(setup, carried):
         tff_fad.communication_cost(setup.processes[mode].next, 3))
 
 
-def test_model_weights_are_base_minus_lr_times_pending(setup):
+def test_model_is_the_round_model_minus_the_new_rate_times_the_update(setup):
   process = setup.processes['forward']
-  state = _after_rounds(process, setup.data, 1)
-  lr = np.exp(state['log_lr'])
-  expected = [b - lr * p for b, p in zip(state['base'][0], state['pending'])]
+  initial = process.initialize()
+  state = process.next(initial, setup.data).state
+  lr = np.exp(_log_lr(state))
+  # Round 0 trained from the initial model (nothing was pending).
+  expected = [m - lr * p for m, p in zip(initial.global_model_weights.trainable,
+                                         state.finalizer['pending'])]
   tf.nest.map_structure(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
       list(process.get_model_weights(state).trainable), expected)
-  assert np.linalg.norm(state['pending'][0]) > 0  # Training moved the model.
+  assert np.linalg.norm(state.finalizer['pending'][0]) > 0  # It moved.
 
 
 def test_learning_rate_moves_against_the_hypergradient(setup):
   process = setup.processes['forward']
   state = _after_rounds(process, setup.data, 1)
   output = process.next(state, setup.data)
-  step = output.state['log_lr'] - state['log_lr']
-  assert output.metrics['hypergradient'] != 0
-  assert np.sign(step) == -np.sign(output.metrics['hypergradient'])
+  step = _log_lr(output.state) - _log_lr(state)
+  hypergradient = output.metrics['hyperparameters']['hypergradient']
+  assert hypergradient != 0
+  assert np.sign(step) == -np.sign(hypergradient)
 
 
 def test_communication_cost_of_the_modes(setup):
@@ -178,21 +202,26 @@ def test_communication_cost_of_the_modes(setup):
   forward = tff_fad.communication_cost(setup.processes['forward'].next, 3)
   reverse = tff_fad.communication_cost(setup.processes['reverse'].next, 3)
   # Forward: one broadcast of <w, dw>; uploads: model update + its weight
-  # (4 B), <(loss, count), (dloss, dcount)> (16 B), train totals (8 B).
+  # (4 B), <(loss, count), (dloss, dcount)> (16 B), the model's three metric
+  # sums (12 B).
   assert forward.server_to_client_bytes_per_client == 2 * model_bytes
-  assert forward.client_to_server_bytes_per_client == model_bytes + 28
+  assert forward.client_to_server_bytes_per_client == model_bytes + 32
   assert forward.round_trips == 1
   # Reverse: w, then the cotangent of (loss, count) (8 B); uploads: (loss,
-  # count) (8 B), the loss gradient (model-size), the update etc. (12 B).
+  # count) (8 B), the loss gradient (model-size), the update etc. (16 B).
   assert reverse.server_to_client_bytes_per_client == model_bytes + 8
-  assert reverse.client_to_server_bytes_per_client == 2 * model_bytes + 20
+  assert reverse.client_to_server_bytes_per_client == 2 * model_bytes + 24
   assert reverse.round_trips == 2
 
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(mode='sideways'), 'mode must be one of'),
-    (dict(initial_server_learning_rate=0.0),
-     'initial_server_learning_rate must be > 0'),
+    (dict(server_optimizer_fn=_sgd(0.0)),
+     'initial server learning rate must be > 0'),
+    (dict(server_optimizer_fn=tff.learning.optimizers.build_adam(0.1)),
+     'plain server SGD.*beta_1'),
+    (dict(server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+        1.0, momentum=0.9)), 'plain server SGD.*momentum'),
     (dict(tangent_decay=1.0), r'tangent_decay must be in \[0, 1\)'),
     (dict(tangent_decay=-0.5), r'tangent_decay must be in \[0, 1\)'),
 ])
@@ -201,12 +230,29 @@ def test_bad_arguments(setup, kwargs, message):
     hg.build_hypergradient_fed_avg(setup.model, **kwargs)
 
 
+@pytest.mark.parametrize('builder', [hg.build_hypergradient_fed_avg,
+                                     hg.build_learned_weighting_fed_avg])
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(model_fn=tf.keras.Sequential([tf.keras.layers.Dense(2)])),
+     'got a Keras model.*functional_model_from_keras'),
+    (dict(model_fn=lambda: 'not a model'), 'got str'),
+    (dict(client_optimizer_fn=lambda: tf.keras.optimizers.SGD(0.1)),
+     'client_optimizer_fn must be a tff.learning.optimizers.Optimizer'),
+    (dict(hyper_optimizer_fn='adam'),
+     'hyper_optimizer_fn must be a tff.learning.optimizers.Optimizer'),
+])
+def test_wrong_kinds_of_arguments_are_named(setup, builder, kwargs, message):
+  kwargs = {'model_fn': setup.model, **kwargs}
+  with pytest.raises(TypeError, match=message):
+    builder(**kwargs)
+
+
 @pytest.fixture(scope='module')
 def weighting(setup):
   process = hg.build_learned_weighting_fed_avg(
-      setup.model, initial_server_learning_rate=0.5, tangent_decay=0.0)
-  round_program = hg.build_learned_weighting_round_program(
-      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+      setup.model, server_optimizer_fn=_sgd(0.5), tangent_decay=0.0)
+  round_program = hg.build_learned_weighting_round_program(setup.model,
+                                                           _sgd(0.1))
   return process, round_program
 
 
@@ -229,76 +275,87 @@ def test_weighting_hypergradient_matches_finite_differences(setup, weighting):
   first, second = setup.data[:2], setup.data[1:]
   s0 = process.initialize()
   s1 = process.next(s0, first).state
-  reported = process.next(s1, second).metrics['hyper']
+  reported = process.next(s1, second).metrics['hyperparameters']
   eps = 1e-2
+  lr1 = np.exp(_log_lr(s1))
 
   def loss_after_round_zero_with(exponent):
     # Round 0's update, averaged with weights n_i ** exponent ...
-    (_, pending), _ = round_program(s0['base'], s0['log_lr'], s0['pending'],
-                                    np.float32(exponent), first)
-    # ... then the loss of round 1's clients at the updated model.
-    (loss, _), _ = round_program(s1['base'], s1['log_lr'], pending,
-                                 s1['exponent'], second)
+    (_, pending), (w0, _) = round_program(
+        _pair(s0), _log_lr(s0), s0.finalizer['pending'], _log_lr(s0),
+        np.float32(exponent), first)
+    # ... applied at the new rate, then round 1's clients' loss there.
+    model = (tuple(np.float32(w - lr1 * p) for w, p in zip(w0[0], pending)),
+             w0[1])
+    (loss, _), _ = round_program(model, _log_lr(s1), pending, _log_lr(s1),
+                                 s1.finalizer['weight_exponent'], second)
     return loss
 
-  finite_difference = (loss_after_round_zero_with(s0['exponent'] + eps) -
-                       loss_after_round_zero_with(s0['exponent'] - eps)) / (
-                           2 * eps)
+  exponent = s0.finalizer['weight_exponent']
+  finite_difference = (loss_after_round_zero_with(exponent + eps) -
+                       loss_after_round_zero_with(exponent - eps)) / (2 * eps)
   assert abs(finite_difference) > 1e-5
-  assert reported['hypergradient_exponent'] == pytest.approx(
+  assert reported['hypergradient_weight_exponent'] == pytest.approx(
       finite_difference, rel=3e-2)
-  assert reported['weight_exponent'] == pytest.approx(s1['exponent'])
+  assert reported['weight_exponent'] == pytest.approx(
+      s1.finalizer['weight_exponent'])
 
 
 def test_carried_weighting_hypergradients_match_finite_differences(setup):
   process = hg.build_learned_weighting_fed_avg(
-      setup.model, initial_server_learning_rate=0.5, tangent_decay=0.8)
-  round_program = hg.build_learned_weighting_round_program(
-      setup.model, tff.learning.optimizers.build_sgdm(0.1))
+      setup.model, server_optimizer_fn=_sgd(0.5), tangent_decay=0.8)
+  round_program = hg.build_learned_weighting_round_program(setup.model,
+                                                           _sgd(0.1))
   state = _after_rounds(process, setup.data, 3)
-  reported = process.next(state, setup.data).metrics['hyper']
+  reported = process.next(state, setup.data).metrics['hyperparameters']
+  finalizer = state.finalizer
+  lr = np.exp(_log_lr(state))
   eps = 1e-2
 
   def loss_along(direction, shift):
-    # Direction 0 shifts log_lr, 1 the exponent (and the pending update along
-    # its tangent); earlier rounds' steps move along 0.8 * base_tangent.
-    trainable = tuple(np.float32(b + shift * 0.8 * t[direction]) for b, t in
-                      zip(state['base'][0], state['base_tangent']))
-    pending = state['pending']
-    if direction == 1:
-      pending = tuple(np.float32(p + shift * t) for p, t in
-                      zip(state['pending'], state['pending_tangent']))
+    # Direction 0 shifts log_lr, 1 the exponent. The earlier rounds' steps
+    # move along 0.8 * model_tangent; along the exponent the last step moves
+    # too, with the pending update's tangent.
+    model, non_trainable = _pair(state)
+    model = tuple(
+        np.float32(m + shift * (0.8 * t[direction] - (direction == 1) * lr *
+                                dp))
+        for m, t, dp in zip(model, finalizer['model_tangent'],
+                            finalizer['pending_tangent']))
     (loss, _), _ = round_program(
-        (trainable, state['base'][1]),
-        np.float32(state['log_lr'] + shift * (direction == 0)), pending,
-        np.float32(state['exponent'] + shift * (direction == 1)), setup.data)
+        (model, non_trainable),
+        np.float32(_log_lr(state) + shift * (direction == 0)),
+        finalizer['pending'], _log_lr(state),
+        np.float32(finalizer['weight_exponent'] + shift * (direction == 1)),
+        setup.data)
     return loss
 
-  for direction, key in enumerate(('hypergradient_log_lr',
-                                   'hypergradient_exponent')):
+  for direction, key in enumerate(('hypergradient',
+                                   'hypergradient_weight_exponent')):
     finite_difference = (loss_along(direction, eps) -
                          loss_along(direction, -eps)) / (2 * eps)
     assert abs(finite_difference) > 1e-5
     assert reported[key] == pytest.approx(finite_difference, rel=3e-2), key
-  assert np.linalg.norm(state['base_tangent'][0][1]) > 0
+  assert np.linalg.norm(finalizer['model_tangent'][0][1]) > 0
 
 
 @pytest.mark.parametrize('builder', ['hypergradient', 'learned_weighting'])
 def test_set_model_weights_starts_a_fresh_history(setup, carried, builder):
   process = (carried['forward'] if builder == 'hypergradient' else
              hg.build_learned_weighting_fed_avg(
-                 setup.model, initial_server_learning_rate=0.5,
+                 setup.model, server_optimizer_fn=_sgd(0.5),
                  tangent_decay=0.8))
   state = _after_rounds(process, setup.data, 3)
-  assert np.linalg.norm(state['base_tangent'][0]) > 0
+  assert np.linalg.norm(state.finalizer['model_tangent'][0]) > 0
   new_weights = tff.learning.models.ModelWeights(
-      trainable=[np.full_like(t, 0.25) for t in state['base'][0]],
-      non_trainable=list(state['base'][1]))
+      trainable=[np.full_like(t, 0.25)
+                 for t in state.global_model_weights.trainable],
+      non_trainable=list(state.global_model_weights.non_trainable))
   fresh = process.set_model_weights(state, new_weights)
-  for key in ('pending', 'base_tangent', 'pending_tangent'):
-    for t in tf.nest.flatten(fresh.get(key, ())):
+  for key in ('pending', 'model_tangent', 'pending_tangent'):
+    for t in tf.nest.flatten(fresh.finalizer.get(key, ())):
       np.testing.assert_array_equal(t, np.zeros_like(t), err_msg=key)
-  assert fresh['log_lr'] == pytest.approx(state['log_lr'])
+  assert _log_lr(fresh) == pytest.approx(_log_lr(state))
   for got, want in zip(process.get_model_weights(fresh).trainable,
                        new_weights.trainable):
     np.testing.assert_allclose(got, want)

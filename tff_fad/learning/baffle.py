@@ -19,8 +19,15 @@ elementwise (the official code clamps to 0.3), and applies a server optimizer
 the weights for evaluation.
 
 `mode='one_epoch'` is the paper's second mode (FedAvg-like): each client takes
-one forward-only SGD step per local batch with the same estimator, and uploads
-its model delta; the server applies its optimizer to the mean delta.
+one forward-only step of its optimizer per local batch with the same
+estimator, and uploads its model delta; the server applies its optimizer to
+the mean delta.
+
+The model is a `tff.learning.models.FunctionalModel` read as TFF reads it
+(`functional_models`): batches as `{'x', 'y'}` or `(x, y)`, its own loss, its
+own metrics (updated with the loss pass at the unperturbed weights, which the
+forward estimator needs anyway; the central and jvp estimators pay one extra
+forward pass per step for it).
 
 Client memory stays close to inference: the K perturbed models are never held
 at once; a `tf.while_loop` regenerates z_k from `(seed, k)` at each iteration
@@ -29,11 +36,13 @@ speed). Server and client share `perturbation` so they agree bit for bit.
 """
 
 import collections
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from tff_fad.learning import functional_models as fm
 
 ESTIMATORS = ('forward', 'central', 'jvp')
 MODES = ('fedsgd', 'one_epoch')
@@ -44,28 +53,12 @@ Tensors = Sequence[tf.Tensor]
 LossFn = Callable[[Tensors], tf.Tensor]
 
 
-class BaffleState(NamedTuple):
-  """Server state of the BAFFLE learning process (all `@SERVER`).
-
-  Attributes:
-    global_model_weights: The `tff.learning.models.ModelWeights` trained.
-    round_num: int64 round counter; the round seed is `(seed, round_num)`.
-    aggregator: State of the aggregation process.
-    optimizer: State of the server optimizer.
-    ema_weights: EMA of the trainable weights, or `()` without EMA.
-  """
-
-  global_model_weights: Any
-  round_num: Any
-  aggregator: Any
-  optimizer: Any
-  ema_weights: Any
+_STATE = tff.learning.templates.LearningAlgorithmState
 
 
 def validate_hparams(num_perturbations: int, sigma: float, estimator: str,
                      mode: str = 'fedsgd', clip_value: Optional[float] = None,
                      ema_decay: Optional[float] = None,
-                     client_learning_rate: float = 0.1,
                      parallel_perturbations: int = 1) -> None:
   """Raises `ValueError` naming the first bad argument."""
   if not isinstance(num_perturbations, (int, np.integer)) or (
@@ -82,9 +75,6 @@ def validate_hparams(num_perturbations: int, sigma: float, estimator: str,
     raise ValueError(f'clip_value must be > 0 or None, got {clip_value!r}.')
   if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1) or None, got {ema_decay!r}.')
-  if not client_learning_rate > 0:
-    raise ValueError(
-        f'client_learning_rate must be > 0, got {client_learning_rate!r}.')
   if parallel_perturbations < 1:
     raise ValueError('parallel_perturbations must be >= 1, got '
                      f'{parallel_perturbations!r}.')
@@ -135,7 +125,8 @@ def directional_derivative(loss_fn: LossFn, weights: Tensors,
 
 def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
                     num_perturbations: int, sigma: float, estimator: str,
-                    parallel_perturbations: int = 1
+                    parallel_perturbations: int = 1,
+                    base_loss: Optional[tf.Tensor] = None
                     ) -> tuple[tf.Tensor, tf.Tensor]:
   """Computes a client's K scalar scores d_k with forward passes only.
 
@@ -148,13 +139,18 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     estimator: `'forward'`, `'central'` or `'jvp'`.
     parallel_perturbations: Loop iterations allowed to run at once (1 keeps a
       single perturbed model alive).
+    base_loss: `loss_fn(weights)` if the caller already has it (the forward
+      estimator then makes K forward passes, not K + 1).
 
   Returns:
     `(scores, loss)`: float32 `[K]` and the loss at `w` (for `'central'`, the
     mean of the two perturbed losses, equal to it up to O(sigma^2)).
   """
   shapes = [w.shape for w in weights]
-  base_loss = loss_fn(weights) if estimator == 'forward' else None
+  if estimator == 'forward' and base_loss is None:
+    base_loss = loss_fn(weights)
+  elif estimator != 'forward':
+    base_loss = None
 
   def score(k):
     z = perturbation(shapes, seed, k)
@@ -201,32 +197,15 @@ def rebuild_gradient(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
   return [t / tf.cast(num, tf.float32) for t in total]
 
 
-def upload_bytes(client_work: tff.Computation) -> int:
-  """Bytes one client uploads per round: every tensor of its result.
-
-  Args:
-    client_work: A computation from `build_client_work`.
-  """
-
-  def size(type_spec: tff.types.Type) -> int:
-    if isinstance(type_spec, tff.TensorType):
-      return int(np.prod(type_spec.shape)) * np.dtype(type_spec.dtype).itemsize
-    return sum(size(t) for t in type_spec.children())
-
-  return size(client_work.type_signature.result)
-
-
 def round_seed(seed: int, round_num: tf.Tensor) -> tf.Tensor:
   """The int64 `[2]` seed of a round."""
   return tf.stack([tf.constant(seed, tf.int64), tf.cast(round_num, tf.int64)])
 
 
-def _batch_loss_fn(model: tff.learning.models.FunctionalModel,
-                   non_trainable: Tensors, batch: Any) -> LossFn:
-  if isinstance(batch, Mapping):
-    x, y = batch['x'], batch['y']
-  else:
-    x, y = batch
+def batch_loss_fn(model: tff.learning.models.FunctionalModel,
+                  non_trainable: Tensors, batch: Any) -> LossFn:
+  """Trainable weights -> the model's loss on `batch` (training mode)."""
+  x, y = fm.batch_inputs(batch)
 
   def loss_fn(trainable):
     output = model.predict_on_batch((tuple(trainable), tuple(non_trainable)), x,
@@ -236,20 +215,11 @@ def _batch_loss_fn(model: tff.learning.models.FunctionalModel,
   return loss_fn
 
 
-def _num_examples(batch: Any) -> tf.Tensor:
-  x = batch['x'] if isinstance(batch, Mapping) else batch[0]
-  return tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
-
-
-def _model_weights_type(model: tff.learning.models.FunctionalModel):
-  def spec(w):
-    w = np.asarray(w)
-    return tf.TensorSpec(w.shape, tf.as_dtype(w.dtype))
-
-  return tff.types.tensorflow_to_type(
-      tff.learning.models.ModelWeights(
-          trainable=tuple(spec(w) for w in model.initial_weights[0]),
-          non_trainable=tuple(spec(w) for w in model.initial_weights[1])))
+def _loss_and_metrics(model, weights, batch, metrics_state):
+  """The loss at `weights` and the metrics updated with the same pass."""
+  loss, output, n = fm.batch_loss(model, weights, batch, training=True)
+  return loss, fm.update_metrics(model, metrics_state, batch, output,
+                                 loss), tf.cast(n, tf.float32)
 
 
 def build_client_work(
@@ -258,46 +228,63 @@ def build_client_work(
     sigma: float = 1e-4,
     estimator: str = 'forward',
     mode: str = 'fedsgd',
-    client_learning_rate: float = 0.1,
+    client_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
     clip_value: Optional[float] = 0.3,
     parallel_perturbations: int = 1,
+    client_weighting: tff.learning.ClientWeighting = (
+        tff.learning.ClientWeighting.NUM_EXAMPLES),
 ) -> tff.Computation:
   """Builds the client's `tff.tensorflow.computation` (forward passes only).
 
   Its argument is `(model_weights, seed, dataset)`: the broadcast
   `ModelWeights`, the int64 `[2]` round seed and the client's batched dataset.
+  It returns `OrderedDict(update, weight, metrics)`: what is uploaded, the
+  aggregation weight (0 if the update is not finite) and the model's
+  unfinalized metrics, updated with the loss pass at each step's weights.
 
-  * `'fedsgd'`: on the client's first batch, returns
-    `OrderedDict(update=float32[K] scores, weight=examples, loss=loss at w)`.
-  * `'one_epoch'`: one forward-only step per batch,
-    `w <- w - client_learning_rate * clip(g_hat)`, with directions seeded by
-    `(round seed, step, a fingerprint of the client's data)` so clients do
-    not share directions; returns `update = w_start - w_end` (per trainable
-    tensor), `weight` = examples seen, `loss` = mean loss before each step.
+  * `'fedsgd'`: on the client's first batch, `update` is the float32 `[K]`
+    scores.
+  * `'one_epoch'`: one `client_optimizer` step per batch along the clipped
+    estimate, with directions seeded by `(round seed, step, a fingerprint of
+    the client's data)` so clients do not share directions;
+    `update = w_start - w_end` (per trainable tensor). The optimizer starts
+    fresh each round (TFF clients are stateless).
 
-  Args: see `build_baffle`.
+  Args: see `build_baffle`; `client_optimizer` defaults to SGD, rate 0.1.
 
   Returns:
-    The client computation; `update` is what is uploaded.
+    The client computation.
   """
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
-                   None, client_learning_rate, parallel_perturbations)
-  weights_type = _model_weights_type(model)
-  data_type = tff.SequenceType(
-      tff.types.tensorflow_to_type(model.input_spec))
+                   None, parallel_perturbations)
+  if client_optimizer is None:
+    client_optimizer = tff.learning.optimizers.build_sgdm(0.1)
+  weights_type = fm.weights_type(model)
+  data_type = fm.data_type(model)
   seed_type = tff.TensorType(np.int64, [2])
+
+  def client_result(update, count, metrics):
+    update, non_finite = fm.zero_if_non_finite(update)
+    return collections.OrderedDict(
+        update=update,
+        weight=fm.client_weight(client_weighting, non_finite, count),
+        metrics=tf.cond(non_finite > 0, model.initialize_metrics_state,
+                        lambda: metrics))
 
   if mode == 'fedsgd':
 
     @tff.tensorflow.computation(weights_type, seed_type, data_type)
     def client_fedsgd(model_weights, seed, dataset):
       batch = dataset.take(1).get_single_element()
-      loss_fn = _batch_loss_fn(model, model_weights.non_trainable, batch)
-      scores, loss = estimate_scores(
-          loss_fn, list(model_weights.trainable), seed, num_perturbations,
-          sigma, estimator, parallel_perturbations)
-      return collections.OrderedDict(
-          update=scores, weight=_num_examples(batch), loss=loss)
+      non_trainable = tuple(model_weights.non_trainable)
+      loss, metrics, n = _loss_and_metrics(
+          model, (tuple(model_weights.trainable), non_trainable), batch,
+          model.initialize_metrics_state())
+      scores, _ = estimate_scores(
+          batch_loss_fn(model, non_trainable, batch),
+          list(model_weights.trainable), seed, num_perturbations, sigma,
+          estimator, parallel_perturbations, base_loss=loss)
+      return client_result(scores, n, metrics)
 
     return client_fedsgd
 
@@ -305,114 +292,138 @@ def build_client_work(
   def client_one_epoch(model_weights, seed, dataset):
     # A tuple, not a list: tf.data would pack a list into one tensor.
     start = tuple(tf.identity(w) for w in model_weights.trainable)
+    non_trainable = tuple(model_weights.non_trainable)
     shapes = [w.shape for w in start]
-    first = dataset.take(1).get_single_element()
-    first_x = first['x'] if isinstance(first, Mapping) else first[0]
+    first_x, _ = fm.batch_inputs(dataset.take(1).get_single_element())
     # Different clients must explore different directions; the data differ,
     # so a fingerprint of the first batch decorrelates them reproducibly.
-    salt = tf.bitcast(tf.reduce_sum(tf.nest.flatten(first_x)[0]), tf.int32)
+    salt = tf.bitcast(tf.reduce_sum(tf.cast(tf.nest.flatten(first_x)[0],
+                                            tf.float32)), tf.int32)
     client_seed = tf.random.experimental.stateless_fold_in(seed, salt)
 
     def step(carry, batch):
-      weights, step_num, loss_sum, num_examples = carry
-      loss_fn = _batch_loss_fn(model, model_weights.non_trainable, batch)
+      weights, optimizer_state, step_num, metrics, num_examples = carry
+      loss, metrics, n = _loss_and_metrics(
+          model, (weights, non_trainable), batch, metrics)
       step_seed = tf.random.experimental.stateless_fold_in(
           client_seed, step_num)
-      scores, loss = estimate_scores(loss_fn, list(weights), step_seed,
-                                     num_perturbations, sigma, estimator,
-                                     parallel_perturbations)
+      scores, _ = estimate_scores(
+          batch_loss_fn(model, non_trainable, batch), list(weights),
+          step_seed, num_perturbations, sigma, estimator,
+          parallel_perturbations, base_loss=loss)
       grads = rebuild_gradient(shapes, step_seed, scores)
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
-      weights = tuple(
-          w - client_learning_rate * g for w, g in zip(weights, grads))
-      n = _num_examples(batch)
-      return weights, step_num + 1, loss_sum + loss * n, num_examples + n
+      optimizer_state, weights = client_optimizer.next(
+          optimizer_state, weights, tuple(grads))
+      return (weights, optimizer_state, step_num + 1, metrics,
+              num_examples + n)
 
-    final, _, loss_sum, num_examples = dataset.reduce(
-        (start, tf.constant(0), tf.constant(0.0), tf.constant(0.0)), step)
-    return collections.OrderedDict(
-        update=tuple(s - f for s, f in zip(start, final)),
-        weight=num_examples,
-        loss=loss_sum / tf.maximum(num_examples, 1.0))
+    specs = tuple(tf.TensorSpec(w.shape, w.dtype) for w in start)
+    final, _, _, metrics, num_examples = dataset.reduce(
+        (start, client_optimizer.initialize(specs), tf.constant(0),
+         model.initialize_metrics_state(), tf.constant(0.0)), step)
+    return client_result(tuple(s - f for s, f in zip(start, final)),
+                         num_examples, metrics)
 
   return client_one_epoch
 
 
 def build_baffle(
-    model: tff.learning.models.FunctionalModel,
+    model_fn: fm.ModelArg,
+    client_optimizer_fn: Optional[fm.OptimizerArg] = None,
+    server_optimizer_fn: Optional[fm.OptimizerArg] = None,
     *,
+    client_weighting: tff.learning.ClientWeighting = (
+        tff.learning.ClientWeighting.NUM_EXAMPLES),
+    model_aggregator: Optional[AggregationFactory] = None,
+    metrics_aggregator: Optional[fm.MetricsAggregator] = None,
     num_perturbations: int = 500,
     sigma: float = 1e-4,
     estimator: str = 'forward',
     mode: str = 'fedsgd',
-    server_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    model_aggregator: Optional[AggregationFactory] = None,
     clip_value: Optional[float] = 0.3,
     ema_decay: Optional[float] = None,
-    client_learning_rate: float = 0.1,
     parallel_perturbations: int = 1,
     seed: int = 0,
 ) -> tff.learning.templates.LearningProcess:
   """Builds BAFFLE as a `tff.learning.templates.LearningProcess`.
 
-  `next(state, data)` has type
-  `(BaffleState@SERVER, {Sequence[batch]}@CLIENTS) -> <state@SERVER,
+  Takes what `tff.learning.algorithms.build_weighted_fed_avg` takes, plus
+  BAFFLE's own settings. `next(state, client_data)` has type
+  `(state@SERVER, {Sequence[batch]}@CLIENTS) -> <state@SERVER,
   metrics@SERVER>`. One round:
 
   1. `round_seed = (seed, round_num)@SERVER`; broadcast
      `<model_weights, round_seed>@SERVER -> @CLIENTS`.
   2. Clients run `build_client_work(...)`; `{update}@CLIENTS` is the only
-     uploaded payload besides the aggregation weight and the loss metric:
+     uploaded payload besides the aggregation weight and the metrics:
      K float32 scores (`'fedsgd'`) or a model delta (`'one_epoch'`).
   3. `model_aggregator` reduces `{update}@CLIENTS -> update@SERVER`
-     (weighted by examples if the factory is weighted).
+     (weighted by `client_weighting` if the factory is weighted).
   4. The server rebuilds g from the seed (`'fedsgd'`) or takes the mean delta
      (`'one_epoch'`), clips g (fedsgd only; one_epoch clips on clients), and
-     applies `server_optimizer`; EMA of the weights if `ema_decay` is set.
+     applies the server optimizer (skipped, as in TFF, if g is not finite);
+     EMA of the weights if `ema_decay` is set.
 
   Why not `compose_learning_process`: there the finalizer cannot see what the
   distributor broadcast, so the server would need a second round counter kept
   in lock step with the distributor's to regenerate the directions. A single
-  state with one round counter keeps the shared seed in one place.
+  state with one round counter (in the finalizer's state) keeps the shared
+  seed in one place.
 
   Args:
-    model: The model; its trainable weights are perturbed.
+    model_fn: A `tff.learning.models.FunctionalModel` or a no-argument
+      function returning one; its trainable weights are perturbed.
+    client_optimizer_fn: The local optimizer of `'one_epoch'` (unused by
+      `'fedsgd'`, whose clients take no step); default SGD, rate 0.1.
+    server_optimizer_fn: Defaults to Adam(1e-2) for `'fedsgd'` (the official
+      code's MNIST setting) and SGD(1.0) for `'one_epoch'` (FedAvg).
+    client_weighting: `tff.learning.ClientWeighting` for weighted
+      aggregators.
+    model_aggregator: A `tff.aggregators` factory; defaults to
+      `tff.aggregators.MeanFactory()` (weighted mean).
+    metrics_aggregator: Aggregates the model's metrics; default
+      `tff.learning.metrics.sum_then_finalize`.
     num_perturbations: K, the number of directions (and uploaded scalars).
     sigma: Perturbation scale of the finite differences.
     estimator: `'forward'`, `'central'` or `'jvp'` (forward-mode AD).
     mode: `'fedsgd'` (upload K scores) or `'one_epoch'` (upload deltas).
-    server_optimizer: Defaults to Adam(1e-2) for `'fedsgd'` (the official
-      code's MNIST setting) and SGD(1.0) for `'one_epoch'` (FedAvg).
-    model_aggregator: A `tff.aggregators` factory; defaults to
-      `tff.aggregators.MeanFactory()` (example-weighted mean).
     clip_value: Elementwise clamp of the gradient estimate, or None.
     ema_decay: If set, `get_model_weights` returns an EMA of the weights.
-    client_learning_rate: Local step size of `'one_epoch'`.
     parallel_perturbations: Loop iterations over k allowed to overlap.
     seed: Base seed of the directions.
 
   Returns:
-    A `LearningProcess`; `get_model_weights` gives the weights to evaluate.
+    A `LearningProcess` with a `LearningAlgorithmState` (the server
+    optimizer's state, the EMA and the round counter are the finalizer's)
+    and TFF's metrics layout plus `gradient_estimate/norm` (of the clipped
+    estimate the server applies); `get_model_weights` gives the weights to
+    evaluate; `get_hparams(state)['finalizer']` are the server optimizer's
+    hyperparameters.
 
   Raises:
-    ValueError: For bad hyperparameters, naming the argument.
+    ValueError, TypeError: For bad arguments, naming them.
   """
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
-                   ema_decay, client_learning_rate, parallel_perturbations)
-  if server_optimizer is None:
-    server_optimizer = (tff.learning.optimizers.build_adam(1e-2)
-                        if mode == 'fedsgd'
-                        else tff.learning.optimizers.build_sgdm(1.0))
+                   ema_decay, parallel_perturbations)
+  model = fm.resolve_model(model_fn, 'build_baffle')
+  fm.check_client_weighting(client_weighting)
+  client_optimizer = fm.resolve_optimizer(
+      client_optimizer_fn, 'client_optimizer_fn',
+      lambda: tff.learning.optimizers.build_sgdm(0.1))
+  server_optimizer = fm.resolve_optimizer(
+      server_optimizer_fn, 'server_optimizer_fn',
+      lambda: (tff.learning.optimizers.build_adam(1e-2) if mode == 'fedsgd'
+               else tff.learning.optimizers.build_sgdm(1.0)))
   if model_aggregator is None:
     model_aggregator = tff.aggregators.MeanFactory()
 
   client_work = build_client_work(model, num_perturbations, sigma, estimator,
-                                  mode, client_learning_rate, clip_value,
-                                  parallel_perturbations)
-  weights_type = _model_weights_type(model)
-  trainable_type = weights_type.trainable
-  shapes = [t.shape for t in trainable_type]
+                                  mode, client_optimizer, clip_value,
+                                  parallel_perturbations, client_weighting)
+  weights_type = fm.weights_type(model)
+  shapes = [t.shape for t in weights_type.trainable]
   update_type = client_work.type_signature.result['update']
   weighted = isinstance(model_aggregator,
                         tff.aggregators.WeightedAggregationFactory)
@@ -423,108 +434,128 @@ def build_baffle(
     aggregator = model_aggregator.create(update_type)
 
   @tff.tensorflow.computation
-  def initial_server_state():
-    trainable = tuple(tf.constant(w) for w in model.initial_weights[0])
-    return collections.OrderedDict(
-        model_weights=tff.learning.models.ModelWeights(
-            trainable=trainable,
-            non_trainable=tuple(
-                tf.constant(w) for w in model.initial_weights[1])),
-        round_num=tf.constant(0, tf.int64),
-        optimizer=server_optimizer.initialize(
-            tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype),
-                                  trainable)),
-        ema_weights=trainable if ema_decay is not None else ())
-
-  server_type = initial_server_state.type_signature.result
+  def initial_values():
+    weights = fm.initial_model_weights(model)
+    return weights, collections.OrderedDict(
+        optimizer=server_optimizer.initialize(tuple(
+            tf.TensorSpec(t.shape, t.dtype) for t in weights.trainable)),
+        ema_weights=weights.trainable if ema_decay is not None else (),
+        round_num=tf.constant(0, tf.int64))
 
   @tff.federated_computation
   def initialize_fn():
-    s = tff.federated_eval(initial_server_state, tff.SERVER)
-    return tff.federated_zip(BaffleState(
-        global_model_weights=s.model_weights, round_num=s.round_num,
-        aggregator=aggregator.initialize(), optimizer=s.optimizer,
-        ema_weights=s.ema_weights))
+    values = tff.federated_eval(initial_values, tff.SERVER)
+    empty = tff.federated_value((), tff.SERVER)
+    return tff.federated_zip(_STATE(
+        global_model_weights=values[0], distributor=empty, client_work=empty,
+        aggregator=aggregator.initialize(), finalizer=values[1]))
+
+  state_type = initialize_fn.type_signature.result
 
   @tff.tensorflow.computation(tff.TensorType(np.int64))
   def make_round_seed(round_num):
     return round_seed(seed, round_num)
 
-  @tff.tensorflow.computation(server_type, update_type,
+  @tff.tensorflow.computation(weights_type,
+                              state_type.member.finalizer, update_type,
                               tff.TensorType(np.int64, [2]))
-  def server_update(server, update, this_round_seed):
-    weights = server['model_weights']
+  def server_update(weights, finalizer, update, this_round_seed):
     if mode == 'fedsgd':
       grads = rebuild_gradient(shapes, this_round_seed, update)
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
     else:
       grads = list(update)
-    optimizer_state, trainable = server_optimizer.next(
-        server['optimizer'], tuple(weights.trainable), tuple(grads))
+    grads = tuple(grads)
+    _, non_finite = fm.zero_if_non_finite(grads)
+    optimizer_state, trainable = tf.cond(
+        non_finite > 0,
+        lambda: (finalizer['optimizer'], tuple(weights.trainable)),
+        lambda: server_optimizer.next(finalizer['optimizer'],
+                                      tuple(weights.trainable), grads))
     if ema_decay is not None:
       ema = tuple(ema_decay * e + (1.0 - ema_decay) * w
-                  for e, w in zip(server['ema_weights'], trainable))
+                  for e, w in zip(finalizer['ema_weights'], trainable))
     else:
       ema = ()
-    new_server = collections.OrderedDict(
-        model_weights=tff.learning.models.ModelWeights(
-            trainable=tuple(trainable), non_trainable=weights.non_trainable),
-        round_num=server['round_num'] + 1,
-        optimizer=optimizer_state,
-        ema_weights=ema)
-    metrics = collections.OrderedDict(
-        gradient_norm=tf.linalg.global_norm(grads))
-    return new_server, metrics
+    new_finalizer = collections.OrderedDict(
+        optimizer=optimizer_state, ema_weights=ema,
+        round_num=finalizer['round_num'] + 1)
+    new_weights = tff.learning.models.ModelWeights(
+        trainable=tuple(trainable), non_trainable=weights.non_trainable)
+    return new_weights, new_finalizer, non_finite, tf.linalg.global_norm(
+        grads)
 
-  state_type = initialize_fn.type_signature.result
-  data_type = tff.FederatedType(client_work.type_signature.parameter[2],
-                                tff.CLIENTS)
+  data_type = tff.FederatedType(fm.data_type(model), tff.CLIENTS)
 
   @tff.federated_computation(state_type, data_type)
-  def next_fn(state, data):
-    this_round_seed = tff.federated_map(make_round_seed, state.round_num)
+  def next_fn(state, client_data):
+    this_round_seed = tff.federated_map(make_round_seed,
+                                        state.finalizer['round_num'])
     client_weights = tff.federated_broadcast(state.global_model_weights)
     client_seed = tff.federated_broadcast(this_round_seed)
     outputs = tff.federated_map(client_work,
-                                (client_weights, client_seed, data))
+                                (client_weights, client_seed, client_data))
     if weighted:
-      agg = aggregator.next(state.aggregator, outputs.update, outputs.weight)
+      agg = aggregator.next(state.aggregator, outputs['update'],
+                            outputs['weight'])
     else:
-      agg = aggregator.next(state.aggregator, outputs.update)
-    server = tff.federated_zip(collections.OrderedDict(
-        model_weights=state.global_model_weights, round_num=state.round_num,
-        optimizer=state.optimizer, ema_weights=state.ema_weights))
-    new_server, server_metrics = tff.federated_map(
-        server_update, (server, agg.result, this_round_seed))
-    new_state = tff.federated_zip(BaffleState(
-        global_model_weights=new_server.model_weights,
-        round_num=new_server.round_num, aggregator=agg.state,
-        optimizer=new_server.optimizer, ema_weights=new_server.ema_weights))
+      agg = aggregator.next(state.aggregator, outputs['update'])
+    train = fm.aggregate_metrics(metrics_aggregator, model,
+                                 outputs['metrics'])
+    updated = tff.federated_map(server_update, (
+        state.global_model_weights, state.finalizer, agg.result,
+        this_round_seed))
+    empty = tff.federated_value((), tff.SERVER)
+    new_state = tff.federated_zip(_STATE(
+        global_model_weights=updated[0], distributor=empty, client_work=empty,
+        aggregator=agg.state, finalizer=updated[1]))
     metrics = tff.federated_zip(collections.OrderedDict(
-        client_work=tff.federated_zip(collections.OrderedDict(
-            train=tff.federated_zip(collections.OrderedDict(
-                loss=tff.federated_mean(outputs.loss, outputs.weight),
-                num_examples=tff.federated_sum(outputs.weight))))),
+        distributor=empty,
+        client_work=tff.federated_zip(collections.OrderedDict(train=train)),
         aggregator=agg.measurements,
-        finalizer=server_metrics))
+        finalizer=tff.federated_zip(collections.OrderedDict(
+            update_non_finite=updated[2])),
+        gradient_estimate=tff.federated_zip(collections.OrderedDict(
+            norm=updated[3]))))
     return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
-  @tff.tensorflow.computation(state_type.member)
+  state_member = state_type.member
+
+  @tff.tensorflow.computation(state_member)
   def get_model_weights(state):
     if ema_decay is None:
       return state.global_model_weights
     return tff.learning.models.ModelWeights(
-        trainable=state.ema_weights,
+        trainable=state.finalizer['ema_weights'],
         non_trainable=state.global_model_weights.non_trainable)
 
-  @tff.tensorflow.computation(state_type.member,
-                              state_type.member.global_model_weights)
+  @tff.tensorflow.computation(state_member, state_member.global_model_weights)
   def set_model_weights(state, model_weights):
-    ema = model_weights.trainable if ema_decay is not None else ()
-    return BaffleState(global_model_weights=model_weights,
-                       round_num=state.round_num, aggregator=state.aggregator,
-                       optimizer=state.optimizer, ema_weights=ema)
+    finalizer = collections.OrderedDict(state.finalizer)
+    if ema_decay is not None:
+      finalizer['ema_weights'] = model_weights.trainable
+    return _STATE(global_model_weights=model_weights,
+                  distributor=state.distributor,
+                  client_work=state.client_work, aggregator=state.aggregator,
+                  finalizer=finalizer)
+
+  @tff.tensorflow.computation(state_member)
+  def get_hparams(state):
+    return collections.OrderedDict(
+        client_work=collections.OrderedDict(),
+        finalizer=server_optimizer.get_hparams(state.finalizer['optimizer']))
+
+  @tff.tensorflow.computation(state_member, get_hparams.type_signature.result)
+  def set_hparams(state, hparams):
+    finalizer = collections.OrderedDict(state.finalizer)
+    finalizer['optimizer'] = server_optimizer.set_hparams(
+        finalizer['optimizer'], hparams['finalizer'])
+    return _STATE(global_model_weights=state.global_model_weights,
+                  distributor=state.distributor,
+                  client_work=state.client_work, aggregator=state.aggregator,
+                  finalizer=finalizer)
 
   return tff.learning.templates.LearningProcess(
-      initialize_fn, next_fn, get_model_weights, set_model_weights)
+      initialize_fn, next_fn, get_model_weights, set_model_weights,
+      get_hparams_fn=get_hparams, set_hparams_fn=set_hparams)

@@ -1,21 +1,22 @@
 """FedAvg that learns its own server learning rate with Federated AD.
 
-The server keeps `log_lr` in its state. Round t starts from the last model
-`base` and the pending update `delta` (the clients' averaged update from the
-previous round) and forms the model the clients train from:
+The server keeps `log_lr` and the pending update `delta` (the clients'
+averaged update of the last round) next to the model. The model of round t
+is a function of the rate,
 
-    w_t = base - exp(log_lr) * delta                    (server)
+    w_t(log_lr) = m_t - (exp(log_lr) - lr_t) * delta      (server)
 
-The hypergradient of the post-update loss L(w_t) = mean_i L_i(w_t) w.r.t.
-`log_lr` measures whether the server steps were too long or too short;
-a hyper-optimizer then moves `log_lr` (hypergradient descent, Baydin et al.
-2018, in the federated form of Rush, Charles & Garrett, "Federated Automatic
-Differentiation", 2024).
+where `m_t` is the stored model (`state.global_model_weights`, computed with
+the current rate `lr_t`, so w_t(log lr_t) = m_t exactly). The hypergradient
+of the post-update loss L(w_t) = mean_i L_i(w_t) w.r.t. `log_lr` measures
+whether the server steps were too long or too short; a hyper-optimizer then
+moves `log_lr` (hypergradient descent, Baydin et al. 2018, in the federated
+form of Rush, Charles & Garrett, "Federated Automatic Differentiation", 2024).
 
 Which steps count is `tangent_decay` (g). The server carries T = dw/dlog_lr
 from round to round:
 
-    dw_t/dlog_lr = g * T_{t-1} - exp(log_lr) * delta     (server, free)
+    dw_t/dlog_lr = g * T_{t-1} - lr_t * delta              (server, free)
 
 g = 0 is the greedy one-step hypergradient: only the last step moves with
 the rate. It is biased towards short steps (Wu et al. 2018, "Understanding
@@ -27,8 +28,8 @@ differentiating local training would cost a model-sized tangent upload and
 forward-over-reverse passes on every client, while T costs no communication
 (the broadcast carries a tangent of w_t either way).
 
-The round is one tff_fad program (`round_program`), differentiated w.r.t.
-`(base, log_lr)` with the carried tangent as base's direction:
+The round is one tff_fad program (`build_round_program`), differentiated
+w.r.t. `(model, log_lr)` with the carried tangent as the model's direction:
 
   * mode='forward': the broadcast carries <w_t, dw_t/dlog_lr> in one message;
     each client returns <loss, d loss> (two scalars) with its model update,
@@ -39,12 +40,19 @@ The round is one tff_fad program (`round_program`), differentiated w.r.t.
     round trip; the server contracts it with dw_t/dlog_lr.
   `communication_cost(process.next, n)` reports both, from the computation.
 
-Local training starts from `stop_gradient(w_t)`, so training never has to be
-differentiated. Client data are datasets, so the post-update loss brings
-per-batch derivative rules (`with_derivatives`).
+Local training is TFF's FedAvg client update (`functional_models`) from
+`stop_gradient(w_t)`, so training never has to be differentiated. Client data
+are datasets, so the post-update loss brings per-batch derivative rules
+(`with_derivatives`).
 
-The model-update aggregation is any `tff.aggregators` factory, applied
-outside the differentiated program because nothing differentiates through it.
+The processes are TFF-shaped: the state is a
+`tff.learning.templates.LearningAlgorithmState` (the rate, the pending update
+and the carried tangent are the finalizer's state), the metrics follow TFF's
+`distributor / client_work / aggregator / finalizer` layout plus a
+`hyperparameters` group with the learned quantities, and
+`get_hparams`/`set_hparams` read and set the learned rate as
+`hparams['finalizer']['learning_rate']`, where TFF's FedAvg keeps its fixed
+one.
 """
 
 import collections
@@ -55,18 +63,17 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fad import core as fad
+from tff_fad.learning import functional_models as fm
 
 AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
                            tff.aggregators.WeightedAggregationFactory]
 MODES = ('forward', 'reverse')
+_STATE = tff.learning.templates.LearningAlgorithmState
 
 
-def _check_args(mode, initial_server_learning_rate, tangent_decay):
+def _check_args(mode, tangent_decay):
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
-  if not initial_server_learning_rate > 0:
-    raise ValueError('initial_server_learning_rate must be > 0, got '
-                     f'{initial_server_learning_rate!r}.')
   if not 0.0 <= tangent_decay < 1.0:
     raise ValueError('tangent_decay must be in [0, 1) (0: greedy one-step '
                      f'hypergradient), got {tangent_decay!r}.')
@@ -84,11 +91,45 @@ def default_hyper_optimizer() -> tff.learning.optimizers.Optimizer:
   return tff.learning.optimizers.build_adam(learning_rate=0.1, beta_1=0.0)
 
 
+def _default_client_optimizer():
+  return tff.learning.optimizers.build_sgdm(learning_rate=0.1)
+
+
+def _default_server_optimizer():
+  return tff.learning.optimizers.build_sgdm(learning_rate=1.0)
+
+
+def initial_server_learning_rate(
+    server_optimizer: tff.learning.optimizers.Optimizer) -> float:
+  """The learning rate of plain server SGD, the rate these processes learn.
+
+  Raises:
+    ValueError: If `server_optimizer` has hyperparameters other than a
+      positive `learning_rate` (and a zero `momentum`): the learned update is
+      `w - lr * delta`, plain SGD's.
+  """
+  hparams = server_optimizer.get_hparams(
+      server_optimizer.initialize(tf.TensorSpec([], tf.float32)))
+  extra = {k: v for k, v in hparams.items() if k != 'learning_rate'}
+  if 'learning_rate' not in hparams or any(
+      not (k == 'momentum' and float(v) == 0.0) for k, v in extra.items()):
+    raise ValueError(
+        'server_optimizer_fn: the learned rate is that of plain server SGD '
+        '(tff.learning.optimizers.build_sgdm(learning_rate) without '
+        'momentum), whose update is w - lr * delta; got an optimizer with '
+        f'hyperparameters {dict(hparams)}.')
+  rate = float(hparams['learning_rate'])
+  if not rate > 0:
+    raise ValueError('server_optimizer_fn: the initial server learning rate '
+                     f'must be > 0 (it is learned in log space), got {rate}.')
+  return rate
+
+
 def _batch_loss_sum(model, weights, batch):
   """Summed (not mean) loss of a batch and its example count (float32)."""
-  logits = model.predict_on_batch(weights, batch['x'], training=False)
-  n = tf.cast(tf.shape(batch['y'])[0], tf.float32)
-  return model.loss(logits, batch['y']) * n, n
+  loss, _, n = fm.batch_loss(model, weights, batch, training=False)
+  n = tf.cast(n, tf.float32)
+  return loss * n, n
 
 
 def build_post_update_loss(model: tff.learning.models.FunctionalModel):
@@ -140,340 +181,412 @@ def build_post_update_loss(model: tff.learning.models.FunctionalModel):
   return fad.with_derivatives(loss_sum, jvp=jvp_rule, vjp=vjp_rule)
 
 
-def build_client_update(model: tff.learning.models.FunctionalModel,
-                        client_optimizer: tff.learning.optimizers.Optimizer):
-  """`(model_weights, dataset) -> OrderedDict(update, weight, loss_sum)`.
+def _pair_type(model) -> tff.Type:
+  """`(trainable, non_trainable)`, the weights a FunctionalModel takes."""
+  spec = fm.weights_spec(model)
+  return tff.types.tensorflow_to_type((spec.trainable, spec.non_trainable))
 
-  One pass of `client_optimizer` over the dataset (repeat/batch it for more
-  epochs). `update` is `initial - final` trainable weights.
+
+def _current_model(model_weights, log_lr, pending, stored_log_lr):
+  """w(log_lr) = m - (exp(log_lr) - exp(stored_log_lr)) * pending.
+
+  `m` was computed with the rate exp(stored_log_lr); at that rate (the
+  state's) w is exactly m.
   """
-
-  def client_update(weights, dataset):
-    trainable, non_trainable = weights
-    specs = tf.nest.map_structure(
-        lambda t: tf.TensorSpec(t.shape, t.dtype), trainable)
-    optimizer_state = client_optimizer.initialize(specs)
-
-    def step(carry, batch):
-      local, opt_state, loss_total, count = carry
-      with tf.GradientTape() as tape:
-        tape.watch(local)
-        loss, n = _batch_loss_sum(model, (local, non_trainable), batch)
-        mean_loss = loss / tf.maximum(n, 1.0)
-      grads = tape.gradient(mean_loss, local)
-      opt_state, local = client_optimizer.next(opt_state, local, grads)
-      return local, opt_state, loss_total + loss, count + n
-
-    local, _, loss_total, count = dataset.reduce(
-        (trainable, optimizer_state, 0.0, 0.0), step)
-    update = tf.nest.map_structure(tf.subtract, trainable, local)
-    return collections.OrderedDict(update=update, weight=count,
-                                   loss_sum=loss_total)
-
-  return client_update
+  shift = tf.exp(log_lr) - tf.exp(stored_log_lr)
+  trainable = tf.nest.map_structure(lambda m, p: m - shift * p,
+                                    model_weights[0], pending)
+  return (trainable, model_weights[1])
 
 
-def _type_of(values) -> tff.Type:
-  """The TFF type of a structure of numpy arrays (e.g. initial weights)."""
-  return tff.types.tensorflow_to_type(tf.nest.map_structure(
-      lambda a: tf.TensorSpec(np.shape(a), tf.as_dtype(np.asarray(a).dtype)),
-      values))
+def _post_update_loss_and_training(model, client_optimizer, client_weighting,
+                                   at_clients, data):
+  """The clients' loss at the broadcast model, and their local training."""
+  post_update_loss = build_post_update_loss(model)
+  local_training = fm.build_local_training(model, client_optimizer,
+                                           client_weighting)
+  loss_and_count = fad.federated_sum(
+      fad.federated_map(post_update_loss, (at_clients, data)))
+  loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
+                             loss_and_count)
+  client_outputs = fad.federated_map(
+      local_training, (fad.stop_gradient(at_clients), data))
+  return loss, client_outputs
 
 
-def _current_model(base, log_lr, pending):
-  """w_t = base - exp(log_lr) * pending (trainable weights only)."""
-  lr = tf.exp(log_lr)
-  trainable = tf.nest.map_structure(lambda b, p: b - lr * p, base[0],
-                                    pending)
-  return (trainable, base[1])
-
-
-def build_round_program(model, client_optimizer):
+def build_round_program(model, client_optimizer,
+                        client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES):
   """The differentiable part of one round, as a tff_fad program.
 
-  `(base@S, log_lr@S, pending@S, data{Seq}@C) -> (post_update_loss@S,
-  aux=(w_t@S, {client outputs}@CLIENTS))`.
+  `(model@S, log_lr@S, pending@S, stored_log_lr@S, data{Seq}@C) ->
+  (post_update_loss@S, aux=(w_t@S, {client outputs}@CLIENTS))`: the loss at
+  `w_t = model - (exp(log_lr) - exp(stored_log_lr)) * pending` (the state
+  holds `model` computed at the rate exp(stored_log_lr), and the program is
+  called with log_lr = stored_log_lr). `model` and `w_t` are
+  `(trainable, non_trainable)` pairs; the client outputs are
+  `functional_models.build_local_training`'s.
   """
-  weights_type = _type_of(model.initial_weights)
-  trainable_type = weights_type[0]
-  post_update_loss = build_post_update_loss(model)
-  client_update = build_client_update(model, client_optimizer)
-  data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+  pair_type = _pair_type(model)
 
   @fad.federated_computation(
-      tff.FederatedType(weights_type, tff.SERVER),
+      tff.FederatedType(pair_type, tff.SERVER),
       tff.FederatedType(np.float32, tff.SERVER),
-      tff.FederatedType(trainable_type, tff.SERVER),
-      tff.FederatedType(data_type, tff.CLIENTS))
-  def round_program(base, log_lr, pending, data):
-    weights = fad.federated_apply(_current_model, (base, log_lr, pending))
-    at_clients = fad.federated_broadcast(weights)
-    loss_and_count = fad.federated_sum(
-        fad.federated_map(post_update_loss, (at_clients, data)))
-    loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
-                               loss_and_count)
-    client_outputs = fad.federated_map(
-        client_update, (fad.stop_gradient(at_clients), data))
+      tff.FederatedType(pair_type[0], tff.SERVER),
+      tff.FederatedType(np.float32, tff.SERVER),
+      tff.FederatedType(fm.data_type(model), tff.CLIENTS))
+  def round_program(model_weights, log_lr, pending, stored_log_lr, data):
+    weights = fad.federated_apply(
+        _current_model, (model_weights, log_lr, pending, stored_log_lr))
+    loss, client_outputs = _post_update_loss_and_training(
+        model, client_optimizer, client_weighting,
+        fad.federated_broadcast(weights), data)
     return loss, (weights, client_outputs)
 
   return round_program
 
 
-def _train_metrics(client_outputs):
-  """Example-weighted training loss of the round (federated context)."""
-  totals_type = collections.OrderedDict(loss_sum=np.float32,
-                                        num_examples=np.float32)
-
-  @tff.tensorflow.computation(totals_type)
-  def finalize(totals):
-    return collections.OrderedDict(
-        loss=totals['loss_sum'] / tf.maximum(totals['num_examples'], 1.0),
-        num_examples=totals['num_examples'])
-
-  totals = tff.federated_sum(tff.federated_zip(collections.OrderedDict(
-      loss_sum=client_outputs['loss_sum'],
-      num_examples=client_outputs['weight'])))
-  return tff.federated_map(finalize, totals)
+def _zeros_like_trainable(model, leading=()):
+  return tuple(tf.zeros(list(leading) + list(np.shape(w)), tf.float32)
+               for w in model.initial_weights[0])
 
 
-def _decayed_base_tangent(state, tangent_decay, num_directions=None):
-  """The tangent of `base` (the last round's model) fed to this round.
+def _hyper_step(hyper_optimizer, hyper_state, values, hypergradients):
+  """One hyper-optimizer step; a non-finite hypergradient counts as 0.
 
-  `tangent_decay * state['base_tangent']` for the trainable weights, zeros
-  for the non-trainable ones (with a leading `num_directions` axis if set).
+  A diverged round must not poison the learned values.
   """
-  leading = [] if num_directions is None else [num_directions]
-  return (tf.nest.map_structure(lambda t: tangent_decay * t,
-                                state['base_tangent']),
-          tf.nest.map_structure(
-              lambda t: tf.zeros(leading + t.shape.as_list(), t.dtype),
-              state['base'][1]))
+  hypergradients = tf.nest.map_structure(
+      lambda g: tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)),
+      hypergradients)
+  return hyper_optimizer.next(hyper_state, values, hypergradients)
 
 
-def _model_weights_accessors(state_member, initial_weights):
+def _as_pair(model_weights):
+  return (tuple(model_weights.trainable), tuple(model_weights.non_trainable))
+
+
+def _model_accessors(state_member, model):
   """`get_model_weights` / `set_model_weights` of a learning process.
 
-  The state holds `base`, `log_lr` and `pending` (the current model is
-  `base - exp(log_lr) * pending`); setting weights clears `pending` and the
-  tangents (`pending_tangent`, `base_tangent`): the new model has no history.
-  The rest of the state is kept.
+  Setting weights clears the pending update and the carried tangents (the
+  new model has no history); the rest of the state is kept.
   """
 
   @tff.tensorflow.computation(state_member)
   def get_model_weights(state):
-    trainable, non_trainable = _current_model(
-        state['base'], state['log_lr'], state['pending'])
-    return tff.learning.models.ModelWeights(trainable=trainable,
-                                            non_trainable=non_trainable)
+    return state.global_model_weights
 
-  @tff.tensorflow.computation(
-      state_member,
-      _type_of(tff.learning.models.ModelWeights(*initial_weights)))
+  @tff.tensorflow.computation(state_member, fm.weights_type(model))
   def set_model_weights(state, model_weights):
-    new_state = collections.OrderedDict(state)
-    new_state['base'] = (tuple(model_weights.trainable),
-                         tuple(model_weights.non_trainable))
-    for key in ('pending', 'pending_tangent', 'base_tangent'):
-      if key in new_state:
-        new_state[key] = tf.nest.map_structure(tf.zeros_like, state[key])
-    return new_state
+    finalizer = collections.OrderedDict(state.finalizer)
+    for key in ('pending', 'pending_tangent', 'model_tangent'):
+      if key in finalizer:
+        finalizer[key] = tf.nest.map_structure(tf.zeros_like, finalizer[key])
+    return _STATE(
+        global_model_weights=model_weights, distributor=state.distributor,
+        client_work=state.client_work, aggregator=state.aggregator,
+        finalizer=finalizer)
 
   return get_model_weights, set_model_weights
 
 
+def _hparams_accessors(state_member, learned):
+  """`get_hparams` / `set_hparams`: the learned values under 'finalizer'.
+
+  `learned` maps an hparam name to its finalizer state key and the
+  (to state, from state) conversions. Setting the learning rate moves the
+  stored model along the pending update, so the model stays
+  `w(lr) = m - (lr - lr_old) * pending`, as if the new rate had been used.
+  """
+
+  @tff.tensorflow.computation(state_member)
+  def get_hparams(state):
+    return collections.OrderedDict(
+        client_work=collections.OrderedDict(),
+        finalizer=collections.OrderedDict(
+            (name, from_state(state.finalizer[key]))
+            for name, (key, _, from_state) in learned.items()))
+
+  hparams_type = get_hparams.type_signature.result
+
+  @tff.tensorflow.computation(state_member, hparams_type)
+  def set_hparams(state, hparams):
+    finalizer = collections.OrderedDict(state.finalizer)
+    for name, (key, to_state, _) in learned.items():
+      finalizer[key] = to_state(hparams['finalizer'][name])
+    lr = tf.exp(finalizer['log_lr'])
+    old_lr = tf.exp(state.finalizer['log_lr'])
+    trainable = tuple(m - (lr - old_lr) * p for m, p in zip(
+        state.global_model_weights.trainable, finalizer['pending']))
+    return _STATE(
+        global_model_weights=tff.learning.models.ModelWeights(
+            trainable=trainable,
+            non_trainable=state.global_model_weights.non_trainable),
+        distributor=state.distributor, client_work=state.client_work,
+        aggregator=state.aggregator, finalizer=finalizer)
+
+  return get_hparams, set_hparams
+
+
+def _log_of_positive(name):
+  def to_state(value):
+    with tf.control_dependencies([tf.debugging.assert_positive(
+        value, message=f'{name} must be > 0 (it is learned in log space)')]):
+      return tf.math.log(tf.cast(value, tf.float32))
+  return to_state
+
+
+_LEARNING_RATE_HPARAM = {
+    'learning_rate': ('log_lr', _log_of_positive('learning_rate'), tf.exp)}
+
+
+def _learning_algorithm_state(model_weights, aggregator, finalizer):
+  """The federated `LearningAlgorithmState` (stateless distributor, client work)."""
+  empty = tff.federated_value((), tff.SERVER)
+  return tff.federated_zip(_STATE(
+      global_model_weights=model_weights, distributor=empty,
+      client_work=empty, aggregator=aggregator, finalizer=finalizer))
+
+
+def _round_metrics(train, aggregator, update_non_finite, hyperparameters):
+  """TFF's metrics layout plus the `hyperparameters` group."""
+  return tff.federated_zip(collections.OrderedDict(
+      distributor=tff.federated_value((), tff.SERVER),
+      client_work=tff.federated_zip(collections.OrderedDict(train=train)),
+      aggregator=aggregator,
+      finalizer=tff.federated_zip(collections.OrderedDict(
+          update_non_finite=update_non_finite)),
+      hyperparameters=tff.federated_zip(hyperparameters)))
+
+
+def _resolve_common(builder, model_fn, client_optimizer_fn, server_optimizer_fn,
+                    hyper_optimizer_fn, tangent_decay, mode='forward'):
+  model = fm.resolve_model(model_fn, builder)
+  client_optimizer = fm.resolve_optimizer(
+      client_optimizer_fn, 'client_optimizer_fn', _default_client_optimizer)
+  server_optimizer = fm.resolve_optimizer(
+      server_optimizer_fn, 'server_optimizer_fn', _default_server_optimizer)
+  hyper_optimizer = fm.resolve_optimizer(
+      hyper_optimizer_fn, 'hyper_optimizer_fn', default_hyper_optimizer)
+  _check_args(mode, tangent_decay)
+  return (model, client_optimizer, hyper_optimizer,
+          initial_server_learning_rate(server_optimizer))
+
+
 def build_hypergradient_fed_avg(
-    model: tff.learning.models.FunctionalModel,
+    model_fn: fm.ModelArg,
+    client_optimizer_fn: Optional[fm.OptimizerArg] = None,
+    server_optimizer_fn: Optional[fm.OptimizerArg] = None,
     *,
-    client_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    initial_server_learning_rate: float = 1.0,
-    hyper_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    mode: str = 'forward',
+    hyper_optimizer_fn: Optional[fm.OptimizerArg] = None,
+    client_weighting: tff.learning.ClientWeighting = (
+        tff.learning.ClientWeighting.NUM_EXAMPLES),
     model_aggregator: Optional[AggregationFactory] = None,
+    metrics_aggregator: Optional[fm.MetricsAggregator] = None,
+    mode: str = 'forward',
     tangent_decay: float = 0.9,
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg whose server learning rate is learned by Federated AD.
 
-  `next` has type `(state@SERVER, {Sequence[batch]}@CLIENTS) ->
-  <state@SERVER, metrics@SERVER>`; one round is one broadcast of the model
-  (with its tangent in forward mode) and one upload of model updates (with
-  the loss and its derivative); see the module docstring for the modes.
+  Takes what `tff.learning.algorithms.build_weighted_fed_avg` takes. `next`
+  has type `(state@SERVER, {Sequence[batch]}@CLIENTS) -> <state@SERVER,
+  metrics@SERVER>`; one round is one broadcast of the model (with its
+  tangent in forward mode) and one upload of model updates (with the loss
+  and its derivative); see the module docstring for the modes. With a
+  hyper-optimizer of learning rate 0 it is TFF's FedAvg with server SGD.
 
   Args:
-    model: A `tff.learning.models.FunctionalModel`.
-    client_optimizer: Local optimizer (default SGD, learning rate 0.1).
-    initial_server_learning_rate: Starting server learning rate (> 0).
-    hyper_optimizer: Optimizer of `log(server learning rate)`; default
+    model_fn: A `tff.learning.models.FunctionalModel` or a no-argument
+      function returning one (Keras models: through
+      `tff.learning.models.functional_model_from_keras`).
+    client_optimizer_fn: A `tff.learning.optimizers.Optimizer` for local
+      training (or a function returning one); default SGD, rate 0.1.
+    server_optimizer_fn: Plain server SGD,
+      `tff.learning.optimizers.build_sgdm(learning_rate)`: its rate is the
+      starting point of the learned one. Default rate 1.0.
+    hyper_optimizer_fn: Optimizer of `log(server learning rate)`; default
       `default_hyper_optimizer()`.
-    mode: 'forward' or 'reverse' accumulation of the hypergradient.
+    client_weighting: `tff.learning.ClientWeighting` of the update average
+      (used by weighted `model_aggregator`s).
     model_aggregator: A `tff.aggregators` factory for the model updates;
-      weighted factories get the client example counts. Default: weighted
-      mean.
+      weighted factories get the client weights. Default: weighted mean.
+    metrics_aggregator: Aggregates the model's training metrics, as in TFF;
+      default `tff.learning.metrics.sum_then_finalize`.
+    mode: 'forward' or 'reverse' accumulation of the hypergradient.
     tangent_decay: In [0, 1): how much of dw/dlog_lr carries over to the
       next round (module docstring). 0 is the greedy one-step
       hypergradient; the default 0.9 looks back about 10 rounds.
 
   Returns:
-    A `tff.learning.templates.LearningProcess`. Its metrics hold
+    A `tff.learning.templates.LearningProcess` whose state is a
+    `LearningAlgorithmState` and whose metrics are TFF's (`client_work/train`
+    holds the model's metrics) plus `hyperparameters`:
     `server_learning_rate` (used this round), `hypergradient`
-    (d loss / d log lr), `post_update_loss` (clients' loss at the round's
-    model, before local training) and `train` loss.
+    (d loss / d log lr) and `post_update_loss` (the clients' loss at the
+    round's model, before local training). `get_hparams(state)['finalizer']
+    ['learning_rate']` is the learned rate; `set_hparams` sets it.
+
+  Raises:
+    TypeError: For a model, optimizer, weighting or aggregator of the wrong
+      kind, naming the argument.
+    ValueError: For bad values, naming the argument.
   """
-  _check_args(mode, initial_server_learning_rate, tangent_decay)
-  client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
-      learning_rate=0.1)
-  hyper_optimizer = hyper_optimizer or default_hyper_optimizer()
+  model, client_optimizer, hyper_optimizer, lr0 = _resolve_common(
+      'build_hypergradient_fed_avg', model_fn, client_optimizer_fn,
+      server_optimizer_fn, hyper_optimizer_fn, tangent_decay, mode)
+  fm.check_client_weighting(client_weighting)
   model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
-
-  round_program = build_round_program(model, client_optimizer)
-  # d loss/d log_lr = dL/dw . (decay * d base/d log_lr - lr * pending): the
-  # derivative w.r.t. `base` carries the earlier rounds' steps.
-  if mode == 'forward':
-    differentiated = fad.jvp(round_program, wrt=('base', 'log_lr'),
-                             has_aux=True)
-  else:
-    differentiated = fad.value_and_grad(
-        round_program, wrt=('base', 'log_lr'), mode=mode, has_aux=True)
-
-  weights_type = _type_of(model.initial_weights)
-  trainable_type = weights_type[0]
-  weight_count_type = tff.TensorType(np.float32)
-  if isinstance(model_aggregator, tff.aggregators.WeightedAggregationFactory):
-    aggregation = model_aggregator.create(trainable_type, weight_count_type)
-  else:
-    aggregation = model_aggregator.create(trainable_type)
   weighted = isinstance(model_aggregator,
                         tff.aggregators.WeightedAggregationFactory)
-  scalar_spec = tf.TensorSpec([], tf.float32)
-  initial_weights = model.initial_weights
-  log_lr0 = float(np.log(initial_server_learning_rate))
+  if not weighted and not isinstance(
+      model_aggregator, tff.aggregators.UnweightedAggregationFactory):
+    raise TypeError('model_aggregator must be a tff.aggregators factory, got '
+                    f'{type(model_aggregator).__name__}.')
+
+  round_program = build_round_program(model, client_optimizer,
+                                      client_weighting)
+  # d loss/d log_lr = dL/dw . (decay * dm/d log_lr - lr * pending): the
+  # derivative w.r.t. the stored model carries the earlier rounds' steps.
+  wrt = ('model_weights', 'log_lr')
+  if mode == 'forward':
+    differentiated = fad.jvp(round_program, wrt=wrt, has_aux=True)
+  else:
+    differentiated = fad.value_and_grad(round_program, wrt=wrt, mode=mode,
+                                        has_aux=True)
+
+  trainable_type = _pair_type(model)[0]
+  if weighted:
+    aggregation = model_aggregator.create(trainable_type,
+                                          tff.TensorType(np.float32))
+  else:
+    aggregation = model_aggregator.create(trainable_type)
+  log_lr0 = float(np.log(lr0))
 
   @tff.tensorflow.computation
-  def initial_server_values():
-    zeros = tf.nest.map_structure(
-        lambda t: tf.zeros(tf.shape(t), tf.float32), initial_weights[0])
-    return collections.OrderedDict(
-        base=tf.nest.map_structure(tf.constant, initial_weights),
+  def initial_values():
+    zeros = _zeros_like_trainable(model)
+    return fm.initial_model_weights(model), collections.OrderedDict(
         log_lr=tf.constant(log_lr0, tf.float32),
         pending=zeros,
-        base_tangent=zeros,
-        hyper_optimizer=hyper_optimizer.initialize(scalar_spec))
+        # d(stored model)/d log_lr: the earlier rounds' steps.
+        model_tangent=zeros,
+        hyper_optimizer=hyper_optimizer.initialize(
+            tf.TensorSpec([], tf.float32)))
 
   @tff.federated_computation
   def initialize():
-    values = tff.federated_eval(initial_server_values, tff.SERVER)
-    return tff.federated_zip(collections.OrderedDict(
-        base=values['base'], log_lr=values['log_lr'],
-        pending=values['pending'], base_tangent=values['base_tangent'],
-        hyper_optimizer=values['hyper_optimizer'],
-        aggregator=aggregation.initialize()))
+    values = tff.federated_eval(initial_values, tff.SERVER)
+    return _learning_algorithm_state(values[0], aggregation.initialize(),
+                                     values[1])
 
   state_type = initialize.type_signature.result
-  data_type = tff.FederatedType(
-      tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
-      tff.CLIENTS)
-
   state_member = state_type.member
 
   @tff.tensorflow.computation(state_member)
-  def base_tangent_in(state):
-    return _decayed_base_tangent(state, tangent_decay)
+  def round_inputs(state):
+    pair = _as_pair(state.global_model_weights)
+    tangent = (tuple(tangent_decay * t
+                     for t in state.finalizer['model_tangent']),
+               tuple(tf.zeros_like(t) for t in pair[1]))
+    return pair, tangent
 
   @tff.tensorflow.computation
-  def hypergradient_of(gradients, base_tangent):
-    (d_base, _), d_log_lr = gradients
+  def hypergradient_of(gradients, model_tangent):
+    (d_model, _), d_log_lr = gradients
     return d_log_lr + sum(
-        tf.reduce_sum(g * t) for g, t in zip(tf.nest.flatten(d_base),
-                                             tf.nest.flatten(base_tangent[0])))
+        tf.reduce_sum(g * t) for g, t in zip(tf.nest.flatten(d_model),
+                                             tf.nest.flatten(model_tangent[0])))
 
   @tff.tensorflow.computation
-  def server_update(hyper_state, log_lr, hypergradient, base_tangent,
-                    pending):
-    # A non-finite hypergradient (diverged round) must not poison the rate.
-    hypergradient = tf.where(tf.math.is_finite(hypergradient), hypergradient,
-                             tf.zeros_like(hypergradient))
-    new_hyper_state, new_log_lr = hyper_optimizer.next(hyper_state, log_lr,
-                                                       hypergradient)
-    # d w_t / d log_lr, the next round's d base / d log_lr.
-    lr = tf.exp(log_lr)
-    model_tangent = tf.nest.map_structure(lambda t, p: t - lr * p,
-                                          base_tangent[0], pending)
-    return new_hyper_state, new_log_lr, model_tangent
+  def server_update(finalizer, weights, new_pending, hypergradient):
+    new_pending, non_finite = fm.zero_if_non_finite(new_pending)
+    hyper_state, new_log_lr = _hyper_step(
+        hyper_optimizer, finalizer['hyper_optimizer'], finalizer['log_lr'],
+        hypergradient)
+    lr = tf.exp(finalizer['log_lr'])
+    new_lr = tf.exp(new_log_lr)
+    new_model = tff.learning.models.ModelWeights(
+        trainable=tuple(w - new_lr * p for w, p in zip(weights[0],
+                                                       new_pending)),
+        non_trainable=weights[1])
+    new_finalizer = collections.OrderedDict(
+        log_lr=new_log_lr, pending=new_pending,
+        # d w_t / d log_lr, the next round's d(stored model) / d log_lr.
+        model_tangent=tuple(tangent_decay * t - lr * p for t, p in zip(
+            finalizer['model_tangent'], finalizer['pending'])),
+        hyper_optimizer=hyper_state)
+    return new_model, new_finalizer, non_finite, lr
 
-  @tff.tensorflow.computation(np.float32)
-  def learning_rate(log_lr):
-    return tf.exp(log_lr)
-
-  @tff.federated_computation(state_type, data_type)
-  def next_fn(state, data):
-    base_tangent = tff.federated_map(base_tangent_in, state)
+  @tff.federated_computation(
+      state_type, tff.FederatedType(fm.data_type(model), tff.CLIENTS))
+  def next_fn(state, client_data):
+    inputs = tff.federated_map(round_inputs, state)
+    log_lr, pending = state.finalizer['log_lr'], state.finalizer['pending']
     if mode == 'forward':
       loss, hypergradient, (weights, client_outputs) = differentiated(
-          state['base'], state['log_lr'], state['pending'], data,
-          base_tangent, tff.federated_value(np.float32(1.0), tff.SERVER))
+          inputs[0], log_lr, pending, log_lr, client_data, inputs[1],
+          tff.federated_value(np.float32(1.0), tff.SERVER))
     else:
       (loss, (weights, client_outputs)), gradients = differentiated(
-          state['base'], state['log_lr'], state['pending'], data)
+          inputs[0], log_lr, pending, log_lr, client_data)
       hypergradient = tff.federated_map(hypergradient_of, (
-          tff.federated_zip(gradients), base_tangent))
+          tff.federated_zip(gradients), inputs[1]))
     if weighted:
-      aggregate = aggregation.next(state['aggregator'],
-                                   client_outputs['update'],
+      aggregate = aggregation.next(state.aggregator, client_outputs['update'],
                                    client_outputs['weight'])
     else:
-      aggregate = aggregation.next(state['aggregator'],
-                                   client_outputs['update'])
-    hyper = tff.federated_map(server_update, (
-        state['hyper_optimizer'], state['log_lr'], hypergradient,
-        base_tangent, state['pending']))
-    new_state = tff.federated_zip(collections.OrderedDict(
-        base=weights, log_lr=hyper[1], pending=aggregate.result,
-        base_tangent=hyper[2], hyper_optimizer=hyper[0],
-        aggregator=aggregate.state))
-    metrics = tff.federated_zip(collections.OrderedDict(
-        server_learning_rate=tff.federated_map(learning_rate, state['log_lr']),
-        hypergradient=hypergradient,
-        post_update_loss=loss,
-        train=_train_metrics(client_outputs),
-        aggregator=aggregate.measurements))
+      aggregate = aggregation.next(state.aggregator, client_outputs['update'])
+    train = fm.aggregate_metrics(metrics_aggregator, model,
+                                 client_outputs['metrics'])
+    updated = tff.federated_map(server_update, (
+        state.finalizer, weights, aggregate.result, hypergradient))
+    new_state = _learning_algorithm_state(updated[0], aggregate.state,
+                                          updated[1])
+    metrics = _round_metrics(
+        train, aggregate.measurements, updated[2], collections.OrderedDict(
+            server_learning_rate=updated[3], hypergradient=hypergradient,
+            post_update_loss=loss))
     return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
-  get_model_weights, set_model_weights = _model_weights_accessors(
-      state_member, initial_weights)
+  get_model_weights, set_model_weights = _model_accessors(state_member, model)
+  get_hparams, set_hparams = _hparams_accessors(state_member,
+                                                _LEARNING_RATE_HPARAM)
   return tff.learning.templates.LearningProcess(
-      initialize, next_fn, get_model_weights, set_model_weights)
+      initialize, next_fn, get_model_weights, set_model_weights,
+      get_hparams_fn=get_hparams, set_hparams_fn=set_hparams)
 
 
 def build_learned_weighting_round_program(model, client_optimizer):
   """A round whose update is a weighted mean with learnable client weights.
 
-  Client i's aggregation weight is `n_i ** exponent` (n_i its example count):
-  exponent 0 is the uniform mean, 1 the example-weighted mean FedAvg uses.
-  `(base@S, log_lr@S, pending@S, exponent@S, data{Seq}@C) ->
-  ((post_update_loss@S, new_pending@S), aux=(w_t@S, {client outputs}@C))`.
+  Client i's aggregation weight is `n_i ** exponent` (n_i its example count;
+  0 for a client whose update was not finite): exponent 0 is the uniform
+  mean, 1 the example-weighted mean FedAvg uses.
+  `(model@S, log_lr@S, pending@S, stored_log_lr@S, exponent@S,
+  data{Seq}@C) -> ((post_update_loss@S, new_pending@S),
+  aux=(w_t@S, {client outputs}@C))`, `w_t` as in `build_round_program`.
   """
-  weights_type = _type_of(model.initial_weights)
-  post_update_loss = build_post_update_loss(model)
-  client_update = build_client_update(model, client_optimizer)
-  data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+  pair_type = _pair_type(model)
 
   def aggregation_weight(count, exponent):
-    return tf.exp(exponent * tf.math.log(tf.maximum(count, 1.0)))
+    return tf.where(count > 0.0,
+                    tf.exp(exponent * tf.math.log(tf.maximum(count, 1.0))),
+                    0.0)
 
   @fad.federated_computation(
-      tff.FederatedType(weights_type, tff.SERVER),
+      tff.FederatedType(pair_type, tff.SERVER),
       tff.FederatedType(np.float32, tff.SERVER),
-      tff.FederatedType(weights_type[0], tff.SERVER),
+      tff.FederatedType(pair_type[0], tff.SERVER),
       tff.FederatedType(np.float32, tff.SERVER),
-      tff.FederatedType(data_type, tff.CLIENTS))
-  def round_program(base, log_lr, pending, exponent, data):
-    weights = fad.federated_apply(_current_model, (base, log_lr, pending))
-    at_clients = fad.federated_broadcast(weights)
-    loss_and_count = fad.federated_sum(
-        fad.federated_map(post_update_loss, (at_clients, data)))
-    loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
-                               loss_and_count)
-    client_outputs = fad.federated_map(
-        client_update, (fad.stop_gradient(at_clients), data))
+      tff.FederatedType(np.float32, tff.SERVER),
+      tff.FederatedType(fm.data_type(model), tff.CLIENTS))
+  def round_program(model_weights, log_lr, pending, stored_log_lr, exponent,
+                    data):
+    weights = fad.federated_apply(
+        _current_model, (model_weights, log_lr, pending, stored_log_lr))
+    loss, client_outputs = _post_update_loss_and_training(
+        model, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES,
+        fad.federated_broadcast(weights), data)
     mixing = fad.federated_map(
         aggregation_weight,
         (client_outputs['weight'], fad.federated_broadcast(exponent)))
@@ -484,12 +597,13 @@ def build_learned_weighting_round_program(model, client_optimizer):
 
 
 def build_learned_weighting_fed_avg(
-    model: tff.learning.models.FunctionalModel,
+    model_fn: fm.ModelArg,
+    client_optimizer_fn: Optional[fm.OptimizerArg] = None,
+    server_optimizer_fn: Optional[fm.OptimizerArg] = None,
     *,
-    client_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
-    initial_server_learning_rate: float = 1.0,
+    hyper_optimizer_fn: Optional[fm.OptimizerArg] = None,
     initial_weight_exponent: float = 0.0,
-    hyper_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
+    metrics_aggregator: Optional[fm.MetricsAggregator] = None,
     tangent_decay: float = 0.9,
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg that learns its server learning rate and its client weighting.
@@ -508,115 +622,146 @@ def build_learned_weighting_fed_avg(
 
   Per client this costs 3 model-sized messages each way (value plus two
   tangent directions) and stays one round trip. The aggregation must be
-  differentiable in the weights, so it is tff_fad's weighted mean rather than
-  an arbitrary `tff.aggregators` factory.
+  differentiable in the weights, so it is tff_fad's weighted mean: there is
+  no `model_aggregator` or `client_weighting` argument (the weighting is
+  what is learned).
 
   Args:
-    model: A `tff.learning.models.FunctionalModel`.
-    client_optimizer: Local optimizer (default SGD, learning rate 0.1).
-    initial_server_learning_rate: Starting server learning rate (> 0).
-    initial_weight_exponent: Starting exponent (0: uniform weights).
-    hyper_optimizer: Optimizer of `(log lr, exponent)`; default
+    model_fn: As in `build_hypergradient_fed_avg`.
+    client_optimizer_fn: As in `build_hypergradient_fed_avg`.
+    server_optimizer_fn: As in `build_hypergradient_fed_avg`.
+    hyper_optimizer_fn: Optimizer of `(log lr, exponent)`; default
       `default_hyper_optimizer()`.
+    initial_weight_exponent: Starting exponent (0: uniform weights).
+    metrics_aggregator: As in `build_hypergradient_fed_avg`.
     tangent_decay: In [0, 1): how much of dw/d(log_lr, exponent) carries
       over to the next round, as in `build_hypergradient_fed_avg`.
 
   Returns:
-    A `tff.learning.templates.LearningProcess`; metrics add
-    `weight_exponent` and `hypergradient` becomes a pair.
+    A `tff.learning.templates.LearningProcess` shaped as
+    `build_hypergradient_fed_avg`'s; `hyperparameters` adds
+    `weight_exponent` and `hypergradient_weight_exponent`, and the hparams'
+    `finalizer` adds `weight_exponent` (a new exponent weighs the next
+    round's updates; the pending one keeps its weights).
   """
-  _check_args('forward', initial_server_learning_rate, tangent_decay)
-  client_optimizer = client_optimizer or tff.learning.optimizers.build_sgdm(
-      learning_rate=0.1)
-  hyper_optimizer = hyper_optimizer or default_hyper_optimizer()
+  model, client_optimizer, hyper_optimizer, lr0 = _resolve_common(
+      'build_learned_weighting_fed_avg', model_fn, client_optimizer_fn,
+      server_optimizer_fn, hyper_optimizer_fn, tangent_decay)
+  if not np.isfinite(initial_weight_exponent):
+    raise ValueError('initial_weight_exponent must be finite, got '
+                     f'{initial_weight_exponent!r}.')
   round_program = build_learned_weighting_round_program(model,
                                                         client_optimizer)
   directions = 2  # d/d log_lr and d/d exponent.
   differentiated = fad.jvp(round_program,
-                           wrt=('base', 'log_lr', 'pending', 'exponent'),
+                           wrt=('model_weights', 'log_lr', 'exponent'),
                            num_directions=directions, has_aux=True)
-
-  initial_weights = model.initial_weights
-  log_lr0 = float(np.log(initial_server_learning_rate))
-  hyper_spec = (tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32))
+  log_lr0 = float(np.log(lr0))
+  scalar = tf.TensorSpec([], tf.float32)
 
   @tff.tensorflow.computation
-  def initial_state():
-    zeros = tf.nest.map_structure(
-        lambda t: tf.zeros(tf.shape(t), tf.float32), initial_weights[0])
-    return collections.OrderedDict(
-        base=tf.nest.map_structure(tf.constant, initial_weights),
+  def initial_values():
+    zeros = _zeros_like_trainable(model)
+    return fm.initial_model_weights(model), collections.OrderedDict(
         log_lr=tf.constant(log_lr0, tf.float32),
+        weight_exponent=tf.constant(initial_weight_exponent, tf.float32),
         pending=zeros,
         # d pending / d exponent; pending never depends on the current rate.
         pending_tangent=zeros,
-        # d base / d (log_lr, exponent): the earlier rounds' part.
-        base_tangent=tf.nest.map_structure(
-            lambda z: tf.stack([z, z]), zeros),
-        exponent=tf.constant(initial_weight_exponent, tf.float32),
-        hyper_optimizer=hyper_optimizer.initialize(hyper_spec))
+        # d(stored model) / d (log_lr, exponent): the earlier rounds' part.
+        model_tangent=_zeros_like_trainable(model, [directions]),
+        hyper_optimizer=hyper_optimizer.initialize((scalar, scalar)))
 
   @tff.federated_computation
   def initialize():
-    return tff.federated_eval(initial_state, tff.SERVER)
+    values = tff.federated_eval(initial_values, tff.SERVER)
+    return _learning_algorithm_state(
+        values[0], tff.federated_value((), tff.SERVER), values[1])
 
   state_type = initialize.type_signature.result
   state_member = state_type.member
-  data_type = tff.FederatedType(
-      tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec)),
-      tff.CLIENTS)
 
   @tff.tensorflow.computation(state_member)
-  def input_tangents(state):
-    # Direction 0 moves log_lr, direction 1 moves the exponent.
-    base_tangent = _decayed_base_tangent(state, tangent_decay, directions)
-    pending_tangent = tf.nest.map_structure(
-        lambda t: tf.stack([tf.zeros_like(t), t]), state['pending_tangent'])
-    return (base_tangent, tf.constant([1.0, 0.0]), pending_tangent,
-            tf.constant([0.0, 1.0]))
+  def round_inputs(state):
+    finalizer = state.finalizer
+    pair = _as_pair(state.global_model_weights)
+    lr = tf.exp(finalizer['log_lr'])
+    # Direction 0 moves log_lr, direction 1 the exponent. The stored model
+    # m_t = w_{t-1} - lr_t * pending_t moves with the exponent through the
+    # pending update: dm_t/de = decay * dw_{t-1}/de - lr_t * dpending_t/de.
+    model_tangent = (
+        tuple(tangent_decay * t - lr * tf.stack([tf.zeros_like(dp), dp])
+              for t, dp in zip(finalizer['model_tangent'],
+                               finalizer['pending_tangent'])),
+        tuple(tf.zeros([directions] + t.shape.as_list(), t.dtype)
+              for t in pair[1]))
+    return pair, model_tangent, tf.constant([1.0, 0.0]), tf.constant(
+        [0.0, 1.0])
 
   @tff.tensorflow.computation
-  def server_update(state, new_pending, pending_tangent, hypergradient,
-                    base, base_tangent):
-    hypergradient = tf.where(tf.math.is_finite(hypergradient), hypergradient,
-                             tf.zeros_like(hypergradient))
-    hyper_state, (log_lr, exponent) = hyper_optimizer.next(
-        state['hyper_optimizer'], (state['log_lr'], state['exponent']),
+  def server_update(finalizer, weights, new_pending, pending_tangent,
+                    hypergradient):
+    (new_pending, pending_tangent), non_finite = fm.zero_if_non_finite(
+        (new_pending, pending_tangent))
+    hyper_state, (log_lr, exponent) = _hyper_step(
+        hyper_optimizer, finalizer['hyper_optimizer'],
+        (finalizer['log_lr'], finalizer['weight_exponent']),
         (hypergradient[0], hypergradient[1]))
-    # d w_t / d (log_lr, exponent), the next round's d base.
-    lr = tf.exp(state['log_lr'])
-    model_tangent = tf.nest.map_structure(
-        lambda t, p, dp: t - lr * tf.stack([p, dp]), base_tangent[0],
-        state['pending'], state['pending_tangent'])
-    new_state = collections.OrderedDict(
-        base=base, log_lr=log_lr, pending=new_pending,
-        pending_tangent=tf.nest.map_structure(lambda t: t[1],
-                                              pending_tangent),
-        base_tangent=model_tangent,
-        exponent=exponent, hyper_optimizer=hyper_state)
-    metrics = collections.OrderedDict(
-        server_learning_rate=tf.exp(state['log_lr']),
-        weight_exponent=state['exponent'],
-        hypergradient_log_lr=hypergradient[0],
-        hypergradient_exponent=hypergradient[1])
-    return new_state, metrics
+    lr = tf.exp(finalizer['log_lr'])
+    new_lr = tf.exp(log_lr)
+    new_model = tff.learning.models.ModelWeights(
+        trainable=tuple(w - new_lr * p for w, p in zip(weights[0],
+                                                       new_pending)),
+        non_trainable=weights[1])
+    new_finalizer = collections.OrderedDict(
+        log_lr=log_lr, weight_exponent=exponent, pending=new_pending,
+        pending_tangent=tuple(t[1] for t in pending_tangent),
+        # d w_t / d (log_lr, exponent), the next round's d(stored model).
+        model_tangent=tuple(
+            tangent_decay * t - lr * tf.stack([p, dp]) for t, p, dp in zip(
+                finalizer['model_tangent'], finalizer['pending'],
+                finalizer['pending_tangent'])),
+        hyper_optimizer=hyper_state)
+    hyperparameters = collections.OrderedDict(
+        server_learning_rate=lr,
+        weight_exponent=finalizer['weight_exponent'],
+        hypergradient=hypergradient[0],
+        hypergradient_weight_exponent=hypergradient[1])
+    return new_model, new_finalizer, non_finite, hyperparameters
 
-  @tff.federated_computation(state_type, data_type)
-  def next_fn(state, data):
-    tangents = tff.federated_map(input_tangents, state)
+  @tff.federated_computation(
+      state_type, tff.FederatedType(fm.data_type(model), tff.CLIENTS))
+  def next_fn(state, client_data):
+    inputs = tff.federated_map(round_inputs, state)
+    finalizer = state.finalizer
     (loss, new_pending), (d_loss, d_pending), (weights, client_outputs) = (
-        differentiated(state['base'],
-                       state['log_lr'], state['pending'], state['exponent'],
-                       data, tangents[0], tangents[1], tangents[2],
-                       tangents[3]))
+        differentiated(inputs[0], finalizer['log_lr'], finalizer['pending'],
+                       finalizer['log_lr'], finalizer['weight_exponent'],
+                       client_data, inputs[1],
+                       inputs[2], inputs[3]))
+    train = fm.aggregate_metrics(metrics_aggregator, model,
+                                 client_outputs['metrics'])
     updated = tff.federated_map(server_update, (
-        state, new_pending, d_pending, d_loss, weights, tangents[0]))
-    metrics = tff.federated_zip(collections.OrderedDict(
-        hyper=updated[1], post_update_loss=loss,
-        train=_train_metrics(client_outputs)))
-    return tff.learning.templates.LearningProcessOutput(updated[0], metrics)
+        finalizer, weights, new_pending, d_pending, d_loss))
+    new_state = _learning_algorithm_state(
+        updated[0], tff.federated_value((), tff.SERVER), updated[1])
+    hyperparameters = updated[3]
+    metrics = _round_metrics(
+        train, tff.federated_value((), tff.SERVER), updated[2],
+        collections.OrderedDict(
+            server_learning_rate=hyperparameters['server_learning_rate'],
+            weight_exponent=hyperparameters['weight_exponent'],
+            hypergradient=hyperparameters['hypergradient'],
+            hypergradient_weight_exponent=(
+                hyperparameters['hypergradient_weight_exponent']),
+            post_update_loss=loss))
+    return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
-  get_model_weights, set_model_weights = _model_weights_accessors(
-      state_member, initial_weights)
+  get_model_weights, set_model_weights = _model_accessors(state_member, model)
+  learned = dict(_LEARNING_RATE_HPARAM)
+  learned['weight_exponent'] = ('weight_exponent',
+                                lambda v: tf.cast(v, tf.float32), tf.identity)
+  get_hparams, set_hparams = _hparams_accessors(state_member, learned)
   return tff.learning.templates.LearningProcess(
-      initialize, next_fn, get_model_weights, set_model_weights)
+      initialize, next_fn, get_model_weights, set_model_weights,
+      get_hparams_fn=get_hparams, set_hparams_fn=set_hparams)
