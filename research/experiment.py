@@ -9,6 +9,7 @@ The helper functions take values, not flags.
 import collections
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from research import tasks
 from tff_fad import data as fad_data
 from tff_fad import runtime
 from tff_fad import workers
@@ -45,22 +47,46 @@ DP_NOISE = flags.DEFINE_float('dp_noise_multiplier', 0.1,
 DP_CLIP = flags.DEFINE_float('dp_clip', 1.0,
                              'L2 clip of each upload (aggregator=dp).')
 
-# Data, model, bookkeeping.
-DATASET = flags.DEFINE_enum(
-    'dataset', 'digits', ['digits', 'emnist'],
-    "'digits': the embedded offline MNIST digits; 'emnist': federated EMNIST "
-    '(needs network once, or a filled --emnist_cache_dir).')
-EMNIST_CACHE_DIR = flags.DEFINE_string(
-    'emnist_cache_dir', None, 'Cache directory of EMNIST (default ~/.tff).')
+# Task: data, model, client specs, evaluation.
+TASK = flags.DEFINE_enum(
+    'task', 'digits', ['digits', *tasks.TASK_NAMES],
+    "'digits': the embedded offline MNIST digits split into --num_clients "
+    "clients, with --model. The others are tff.simulation.baselines tasks "
+    "with the task's own Keras model (--task_model) converted to a "
+    'functional model; they download their data once (--task_cache_dir), or '
+    "use TFF's offline synthetic data with --use_synthetic_data. Task "
+    'models: ' + '; '.join(
+        f'{name}: {", ".join(ids)} (default {default})'
+        for name, (default, ids) in tasks.MODEL_IDS.items()) + '.')
+TASK_MODEL = flags.DEFINE_string(
+    'task_model', None, "Model id of a tff.simulation.baselines --task "
+    "(default: the task's default; see --task).")
+ONLY_DIGITS = flags.DEFINE_bool(
+    'only_digits', True, '--task=emnist_character: the 10 digits, or all 62 '
+    'characters with --noonly_digits.')
+USE_SYNTHETIC_DATA = flags.DEFINE_bool(
+    'use_synthetic_data', False, "tff.simulation.baselines tasks: TFF's own "
+    'offline synthetic client data (for trying a command without network).')
+TASK_CACHE_DIR = flags.DEFINE_string(
+    'task_cache_dir', None, 'Cache directory of the tff.simulation.baselines '
+    "tasks' data (default ~/.tff).")
 MODEL = flags.DEFINE_enum(
     'model', 'linear', list(models.MODEL_NAMES),
-    "lenet (BAFFLE's, 26,730 params), wrn (WRN-10-2) or linear (softmax "
-    'regression, 7,850 params).')
+    "--task=digits: lenet (BAFFLE's, 26,730 params), wrn (WRN-10-2) or "
+    'linear (softmax regression, 7,850 params).')
+CLIENT_EPOCHS = flags.DEFINE_integer('client_epochs', 1,
+                                     "Local epochs over a client's data.")
+MAX_ELEMENTS = flags.DEFINE_integer(
+    'max_elements', 0, 'Examples a client uses per round at most (before '
+    'batching; 0: all).')
 EVAL_EVERY = flags.DEFINE_integer(
     'eval_every', 5, 'Rounds between test evaluations (the last round is '
     'always evaluated).')
-EVAL_EXAMPLES = flags.DEFINE_integer('eval_examples', 10000,
-                                     'Test examples used (EMNIST).')
+EVAL_CLIENTS = flags.DEFINE_integer(
+    'eval_clients', 0, 'Held-out test clients of each federated evaluation '
+    "(the first N of the task's test clients; 0: all).")
+EVAL_BATCH_SIZE = flags.DEFINE_integer('eval_batch_size', 64,
+                                       'Batch size of the evaluation.')
 SEED = flags.DEFINE_integer('seed', 0, 'Seed of the data split, client '
                             'sampling, initial weights and randomness.')
 OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
@@ -85,7 +111,7 @@ SAVE_EVERY = flags.DEFINE_integer(
 # computed (only how, where, or for how long).
 _RESUMABLE_CHANGES = frozenset({
     'rounds', 'workers', 'allow_remote_workers', 'save_every', 'eval_every',
-    'output_dir', 'emnist_cache_dir'})
+    'output_dir', 'task_cache_dir'})
 _STATE_PREFIX = 'program_state_'
 
 
@@ -109,7 +135,8 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
   runtime.exit_on_termination_signals()
   try:
     run()
-  except fad_data.EmnistUnavailableError as e:
+  except (fad_data.EmnistUnavailableError,
+          tasks.TaskDataUnavailableError) as e:
     # A user-facing condition with instructions, not a bug: no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -151,13 +178,58 @@ def validate_execution_flags() -> None:
       raise ValueError(f'--workers: {e}') from None
 
 
+def validate_task_flags() -> None:
+  """Checks the task and evaluation flags up front, naming the flag."""
+  for flag in (MAX_ELEMENTS, EVAL_CLIENTS):
+    if flag.value < 0:
+      raise ValueError(f'--{flag.name} must be >= 0, got {flag.value}.')
+  for flag in (CLIENT_EPOCHS, EVAL_BATCH_SIZE):
+    if flag.value <= 0:
+      raise ValueError(f'--{flag.name} must be > 0, got {flag.value}.')
+  def given(flag):  # Set on the command line (or by a test's flagsaver).
+    return flags.FLAGS[flag.name].present or (
+        flag.value != flags.FLAGS[flag.name].default)
+
+  if TASK.value == 'digits':
+    for flag in (TASK_MODEL, USE_SYNTHETIC_DATA, ONLY_DIGITS):
+      if given(flag):
+        raise ValueError(f'--{flag.name} applies to the '
+                         'tff.simulation.baselines tasks, not --task=digits.')
+    parse_alpha(DIRICHLET_ALPHA.value)
+  else:
+    if given(MODEL):
+      raise ValueError(f'--model applies to --task=digits; --task='
+                       f'{TASK.value} trains its own model (--task_model).')
+    if TASK.value != 'emnist_character' and given(ONLY_DIGITS):
+      raise ValueError('--only_digits applies to --task=emnist_character.')
+    default, model_ids = tasks.MODEL_IDS[TASK.value]
+    if TASK_MODEL.value is not None and TASK_MODEL.value not in model_ids:
+      raise ValueError(f'--task_model={TASK_MODEL.value!r} is not a model of '
+                       f'--task={TASK.value}: {", ".join(model_ids)} '
+                       f'(default {default}).')
+
+
 def set_flag_defaults(**defaults) -> None:
   """A binary's own defaults for the shared flags (shown by --help)."""
   for name, value in defaults.items():
     flags.FLAGS.set_default(name, value)
 
-ACCURACY_KEY = 'evaluation/test/accuracy'
-LOSS_KEY = 'evaluation/test/loss'
+CENTRAL_ACCURACY_KEY = 'evaluation/central/accuracy'
+_FEDERATED_PREFIX = 'evaluation/federated/'
+
+
+def accuracy_key(history: dict) -> Optional[str]:
+  """The test accuracy key of a run's metrics (round -> flat metrics).
+
+  The central evaluation's if the run has one, else the federated
+  evaluation's first accuracy metric; None if neither was evaluated.
+  """
+  keys = {k for row in history.values() for k in row}
+  if CENTRAL_ACCURACY_KEY in keys:
+    return CENTRAL_ACCURACY_KEY
+  federated = sorted(k for k in keys if k.startswith(_FEDERATED_PREFIX) and
+                     'accuracy' in k[len(_FEDERATED_PREFIX):])
+  return federated[0] if federated else None
 
 
 def parse_alpha(value: str) -> Optional[float]:
@@ -174,72 +246,196 @@ def parse_alpha(value: str) -> Optional[float]:
   return alpha
 
 
-def load_data(dataset: str, *, num_clients: int, dirichlet_alpha: str,
-              seed: int, pad_to_32x32: bool, emnist_cache_dir: str,
-              eval_examples: int):
-  """Returns (train ClientData with x/y elements, test arrays, image shape)."""
-  if dataset == 'digits':
-    fed = fad_data.load_federated_digits(
-        num_clients=num_clients, dirichlet_alpha=parse_alpha(dirichlet_alpha),
-        seed=seed, pad_to_32x32=pad_to_32x32)
-    return fed.train, fed.test, fed.image_shape
-  train, test = fad_data.load_emnist(emnist_cache_dir, only_digits=True)
+@dataclasses.dataclass(frozen=True)
+class TrainingTask:
+  """What a binary trains on, whichever --task it is.
 
-  def to_xy(element):
-    # EMNIST has 1.0 as background; MNIST-style models expect 0.0.
-    x = 1.0 - tf.expand_dims(element['pixels'], -1)
-    if pad_to_32x32:
-      x = tf.pad(x, [[2, 2], [2, 2], [0, 0]])
-    return collections.OrderedDict(x=x, y=tf.cast(element['label'], tf.int32))
+  Attributes:
+    description: E.g. "linear (7,850 params) on digits".
+    model: The `tff.learning.models.FunctionalModel` trained.
+    num_params: Its trainable parameter count.
+    train: Raw training clients.
+    preprocess_train: `(raw client dataset, shuffle seed) -> batches` per
+      the client spec (epochs, max elements, batch size).
+    test_clients: Raw held-out clients of the federated evaluation.
+    preprocess_eval: `raw client dataset -> batches`.
+    central_test: The test set as arrays for a centralized evaluation
+      (`--task=digits`), or None.
+    note: Anything the user should know about the model choice ('' if none).
+  """
 
-  train = train.preprocess(lambda ds: ds.map(to_xy))
-  test_ds = test.create_tf_dataset_from_all_clients().map(to_xy)
-  batch = next(iter(test_ds.take(eval_examples).batch(eval_examples)))
-  test_arrays = {k: v.numpy() for k, v in batch.items()}
-  return train, test_arrays, tuple(test_arrays['x'].shape[1:])
+  description: str
+  model: tff.learning.models.FunctionalModel
+  num_params: int
+  train: tff.simulation.datasets.ClientData
+  preprocess_train: Callable[[tf.data.Dataset, int], tf.data.Dataset]
+  test_clients: tff.simulation.datasets.ClientData
+  preprocess_eval: Callable[[tf.data.Dataset], tf.data.Dataset]
+  central_test: Optional[dict] = None
+  note: str = ''
 
 
-def client_selector(train: tff.simulation.datasets.ClientData, *,
-                    clients_per_round: int, batch_size: int, epochs: int,
-                    seed: int) -> Callable[[int], list]:
-  """Round -> the round's client datasets; reproducible from the seed."""
-  client_ids = list(train.client_ids)
+def load_task(*, pad_digits_to_32x32: bool) -> TrainingTask:
+  """The --task with its model and client specs, from the flags.
+
+  `pad_digits_to_32x32`: pad the embedded 28x28 digits to LeNet's 32x32.
+  """
+  epochs, batch_size = CLIENT_EPOCHS.value, BATCH_SIZE.value
+  max_elements = MAX_ELEMENTS.value or None
+  seed = SEED.value
+  if TASK.value != 'digits':
+    task = tasks.load_baseline_task(
+        TASK.value, epochs=epochs, batch_size=batch_size,
+        max_elements=max_elements, use_synthetic_data=USE_SYNTHETIC_DATA.value,
+        model_id=TASK_MODEL.value, only_digits=ONLY_DIGITS.value,
+        eval_batch_size=EVAL_BATCH_SIZE.value, cache_dir=TASK_CACHE_DIR.value)
+    source = ('TFF synthetic data' if USE_SYNTHETIC_DATA.value
+              else 'its data')
+    return TrainingTask(
+        description=(f'{task.model_id} ({task.num_params:,} params) on '
+                     f'{task.name} ({source})'),
+        model=task.model, num_params=task.num_params, train=task.train,
+        preprocess_train=task.preprocess_train, test_clients=task.test,
+        preprocess_eval=task.preprocess_eval, note=task.note)
+  fed = fad_data.load_federated_digits(
+      num_clients=NUM_CLIENTS.value,
+      dirichlet_alpha=parse_alpha(DIRICHLET_ALPHA.value), seed=seed,
+      pad_to_32x32=pad_digits_to_32x32)
+  net = models.get_net(MODEL.value, fed.image_shape)
+
+  def preprocess_train(dataset, shuffle_seed):
+    dataset = dataset.shuffle(1000, seed=shuffle_seed).repeat(epochs)
+    if max_elements:
+      dataset = dataset.take(max_elements)
+    return dataset.batch(batch_size)
+
+  return TrainingTask(
+      description=f'{MODEL.value} ({net.num_params:,} params) on digits',
+      model=models.to_functional_model(net, fed.image_shape, seed=seed),
+      num_params=net.num_params, train=fed.train,
+      preprocess_train=preprocess_train, test_clients=fed.test_clients,
+      preprocess_eval=lambda ds: ds.batch(EVAL_BATCH_SIZE.value),
+      central_test=fed.test)
+
+
+def client_selector(task: TrainingTask, *, clients_per_round: int, seed: int,
+                    batches_per_client: Optional[int] = None
+                    ) -> Callable[[int], list]:
+  """Round -> the round's client datasets; a function of (seed, round).
+
+  The one sampler of every binary and experiment script: clients are drawn
+  without replacement by `default_rng([seed, round])` and shuffled with a
+  seed of `(seed, round)`, so a resumed run sees the same data.
+  `batches_per_client` keeps only the first batches (BAFFLE's FedSGD and
+  TFF's FedSGD take one).
+  """
+  client_ids = list(task.train.client_ids)
   if clients_per_round > len(client_ids):
     raise ValueError(f'--clients_per_round={clients_per_round} exceeds the '
-                     f'{len(client_ids)} clients.')
+                     f'{len(client_ids)} training clients.')
 
   def select(round_num: int) -> list:
     rng = np.random.default_rng([seed, round_num])
     chosen = rng.choice(len(client_ids), clients_per_round, replace=False)
-    return [
-        train.create_tf_dataset_for_client(client_ids[i]).shuffle(
-            1000, seed=seed * 100_003 + round_num).repeat(epochs).batch(
-                batch_size)
-        for i in chosen
-    ]
+    datasets = []
+    for i in chosen:
+      dataset = task.preprocess_train(
+          task.train.create_tf_dataset_for_client(client_ids[i]),
+          seed * 100_003 + round_num)
+      if batches_per_client:
+        dataset = dataset.take(batches_per_client)
+      datasets.append(dataset)
+    return datasets
 
   return select
 
 
-def test_evaluator(net: models.FunctionalNet, test: dict):
-  """`trainable weights -> (accuracy, loss)` on the held-out test set."""
-  test_x = tf.constant(test['x'])
-  test_y = tf.constant(test['y'])
+def central_evaluator(model: tff.learning.models.FunctionalModel,
+                      test: dict) -> Callable[[Any], collections.OrderedDict]:
+  """`model weights -> OrderedDict(accuracy, loss)` on the test arrays."""
+  test_x, test_y = tf.constant(test['x']), tf.constant(test['y'])
 
   @tf.function
-  def evaluate(trainable):
-    logits = tf.concat([net.apply(trainable, test_x[i:i + 500])
-                        for i in range(0, int(test_x.shape[0]), 500)], 0)
+  def evaluate(weights):
+    logits = tf.concat([
+        model.predict_on_batch(weights, test_x[i:i + 500], training=False)
+        for i in range(0, int(test_x.shape[0]), 500)], 0)
     accuracy = tf.reduce_mean(tf.cast(tf.equal(
         tf.argmax(logits, -1, output_type=tf.int32), test_y), tf.float32))
-    return accuracy, models.sparse_softmax_loss(logits, test_y)
+    return accuracy, model.loss(logits, test_y)
 
-  def evaluate_weights(trainable) -> collections.OrderedDict:
-    accuracy, loss = evaluate([tf.constant(w) for w in trainable])
-    return collections.OrderedDict(test=collections.OrderedDict(
-        accuracy=float(accuracy), loss=float(loss)))
+  def evaluate_weights(weights) -> collections.OrderedDict:
+    accuracy, loss = evaluate((
+        tuple(tf.constant(w) for w in weights.trainable),
+        tuple(tf.constant(w) for w in weights.non_trainable)))
+    return collections.OrderedDict(accuracy=float(accuracy), loss=float(loss))
 
   return evaluate_weights
+
+
+def evaluator(task: TrainingTask, eval_clients: int):
+  """`model weights -> OrderedDict(federated=..., [central=...])`.
+
+  `federated`: TFF's `build_fed_eval` of the model on the held-out test
+  clients (the first `eval_clients` in sorted order, or all): the model's
+  finalized metrics. `central`: accuracy and loss on the test arrays, where
+  the task has them (labelled so: it is not what TFF research reports).
+  """
+  eval_process = tff.learning.algorithms.build_fed_eval(task.model)
+  initial_state = eval_process.initialize()
+  test_ids = sorted(task.test_clients.client_ids)[:eval_clients or None]
+  test_data = [task.preprocess_eval(
+      task.test_clients.create_tf_dataset_for_client(c)) for c in test_ids]
+  central = (central_evaluator(task.model, task.central_test)
+             if task.central_test is not None else None)
+
+  def evaluate(weights) -> collections.OrderedDict:
+    state = eval_process.set_model_weights(initial_state, weights)
+    metrics = eval_process.next(state, test_data).metrics
+    result = collections.OrderedDict(
+        federated=metrics['client_work']['eval']['current_round_metrics'])
+    if central is not None:
+      result['central'] = central(weights)
+    return result
+
+  return evaluate
+
+
+def final_evaluation(final: dict, history: dict, rounds: int):
+  """Records the last round's evaluation in `history`; the summary's part.
+
+  Args:
+    final: `evaluator(...)`'s result for the final model.
+    history: round -> flat metrics (`read_metrics`); the last round gets the
+      final evaluation (the loop evaluates it only every --eval_every).
+    rounds: The last round.
+
+  Returns:
+    `(accuracy key, OrderedDict)` of summary fields: `final_test_accuracy`
+    (central if the task has a central test set, else federated; which one is
+    `test_accuracy_from`), `final_central_test` and `final_federated_test`
+    (all finalized metrics; None where not evaluated) and
+    `accuracy_by_round`.
+  """
+  history.setdefault(rounds, {}).update({
+      '/'.join(('evaluation',) + path): float(value)
+      for path, value in flatten(final)})
+  key = accuracy_key(history)
+  rounds_evaluated = sorted(r for r in history if key in history[r])
+  return key, collections.OrderedDict(
+      final_test_accuracy=history[rounds].get(key),
+      test_accuracy_from=('central' if key == CENTRAL_ACCURACY_KEY
+                          else 'federated'),
+      final_central_test=_to_floats(final.get('central')),
+      final_federated_test=_to_floats(final['federated']),
+      accuracy_by_round={str(r): history[r][key] for r in rounds_evaluated})
+
+
+def _to_floats(metrics):
+  if metrics is None:
+    return None
+  return collections.OrderedDict(('/'.join(path), float(value))
+                                 for path, value in flatten(metrics))
 
 
 def flatten(value: Any, prefix: tuple = ()) -> Iterable[tuple]:

@@ -16,8 +16,10 @@ shuffled batches:
     of client SGD (--client_lr) over the client's whole shuffled data, server
     SGD with rate 1.0.
 
-Test accuracy is that of `process.get_model_weights(state)` on the held-out
-test set, evaluated every --eval_every rounds and at the last round. Upload
+All runs go through the binaries' loop (`experiment.train`), client sampler
+and evaluation. Test accuracy is that of `process.get_model_weights(state)`
+on the held-out test set (central), evaluated every --eval_every rounds and
+at the last round. Upload
 is `tff_fad.communication_cost(process.next, clients_per_round)
 .client_to_server_bytes_per_client`: every byte a client sends up in one
 round (the update, the aggregation weight and the metrics).
@@ -37,7 +39,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from absl.testing import flagsaver
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -45,7 +46,6 @@ import tff_fad
 from research import experiment
 from research.baffle import main as baffle_main
 from tff_fad.learning import baffle
-from tff_fad.learning import models
 
 _KS = flags.DEFINE_list('Ks', ['100', '500'], 'Numbers of perturbations.')
 _ESTIMATORS = flags.DEFINE_list('estimators', list(baffle.ESTIMATORS),
@@ -71,76 +71,48 @@ def _baseline_process(algorithm: str, model):
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
 
 
-def _data_and_model():
-  """(train, test, net, model) exactly as research/baffle/main.py builds them."""
-  seed = experiment.SEED.value
-  model_name = experiment.MODEL.value
-  train, test, image_shape = experiment.load_data(
-      experiment.DATASET.value, num_clients=experiment.NUM_CLIENTS.value,
-      dirichlet_alpha=experiment.DIRICHLET_ALPHA.value, seed=seed,
-      pad_to_32x32=model_name != 'linear',
-      emnist_cache_dir=experiment.EMNIST_CACHE_DIR.value,
-      eval_examples=experiment.EVAL_EXAMPLES.value)
-  net = models.get_net(model_name, image_shape)
-  return train, test, net, models.to_functional_model(net, image_shape,
-                                                      seed=seed)
+def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
+  """Trains a backprop baseline on BAFFLE's data and clients; a summary.
 
-
-def run_baseline(algorithm: str) -> dict[str, Any]:
-  """Trains a backprop baseline on BAFFLE's data and clients; a summary."""
+  Through the binaries' own loop (`experiment.train`, TFF's
+  `run_training_process`), sampler and evaluation, so only the algorithm
+  differs from the BAFFLE runs.
+  """
   start = time.time()
   seed = experiment.SEED.value
-  rounds = experiment.ROUNDS.value
-  eval_every = experiment.EVAL_EVERY.value
   tf.random.set_seed(seed)
-  train, test, net, model = _data_and_model()
-  process = _baseline_process(algorithm, model)
-  client_ids = list(train.client_ids)
+  task = experiment.load_task(
+      pad_digits_to_32x32=experiment.MODEL.value != 'linear')
+  process = _baseline_process(algorithm, task.model)
+  select = experiment.client_selector(
+      task, clients_per_round=experiment.CLIENTS_PER_ROUND.value, seed=seed,
+      batches_per_client=1 if algorithm == 'fedsgd' else None)
+  evaluate_weights = experiment.evaluator(task, experiment.EVAL_CLIENTS.value)
 
-  def select_clients(round_num: int) -> list[tf.data.Dataset]:
-    # As research/baffle/main.py does.
-    rng = np.random.default_rng([seed, round_num])
-    chosen = rng.choice(len(client_ids), experiment.CLIENTS_PER_ROUND.value,
-                        replace=False)
-    datasets = []
-    for i in chosen:
-      ds = train.create_tf_dataset_for_client(client_ids[i]).shuffle(
-          1000, seed=seed * 100_003 + round_num).batch(
-              experiment.BATCH_SIZE.value)
-      datasets.append(ds.take(1) if algorithm == 'fedsgd' else ds)
-    return datasets
+  def evaluate(state, unused_data):
+    return evaluate_weights(process.get_model_weights(state))
 
-  evaluate_weights = experiment.test_evaluator(net, test)
-
-  def accuracy(state) -> float:
-    return evaluate_weights(
-        process.get_model_weights(state).trainable)['test']['accuracy']
-
-  state = process.initialize()
-  accuracy_by_round = {'0': accuracy(state)}
-  for round_num in range(1, rounds + 1):
-    state = process.next(state, select_clients(round_num)).state
-    if round_num % eval_every == 0 or round_num == rounds:
-      accuracy_by_round[str(round_num)] = accuracy(state)
+  rounds = experiment.ROUNDS.value
+  os.makedirs(output_dir, exist_ok=True)
+  state, _ = experiment.train(
+      process, select, output_dir=output_dir, rounds=rounds,
+      evaluate=evaluate, eval_every=experiment.EVAL_EVERY.value,
+      progress=experiment.ProgressReleaseManager(rounds, [
+          ('train_loss', 'client_work/train/loss', '.4f'),
+          ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f')]),
+      flag_values=dict(experiment.flag_values(baffle_main.__name__),
+                       baseline=algorithm))
+  _, test_summary = experiment.final_evaluation(
+      evaluate(state, None), experiment.read_metrics(output_dir), rounds)
   print(f'{algorithm}: final test accuracy '
-        f'{accuracy_by_round[str(rounds)]:.4f}', flush=True)
+        f'{test_summary["final_test_accuracy"]:.4f}', flush=True)
   return collections.OrderedDict(
-      final_test_accuracy=accuracy_by_round[str(rounds)],
-      accuracy_by_round=accuracy_by_round,
+      final_test_accuracy=test_summary['final_test_accuracy'],
+      accuracy_by_round=test_summary['accuracy_by_round'],
       upload_bytes=tff_fad.communication_cost(
           process.next, experiment.CLIENTS_PER_ROUND.value
       ).client_to_server_bytes_per_client,
       wall_time_seconds=round(time.time() - start, 1))
-
-
-def baffle_upload_bytes(num_perturbations: int, estimator: str) -> int:
-  """Client->server bytes per client of BAFFLE's `next` (as configured)."""
-  _, _, _, model = _data_and_model()
-  process = baffle.build_baffle(model, num_perturbations=num_perturbations,
-                                estimator=estimator)
-  return tff_fad.communication_cost(
-      process.next, experiment.CLIENTS_PER_ROUND.value
-  ).client_to_server_bytes_per_client
 
 
 def make_table(rows: Sequence[dict], report_rounds: Sequence[int]) -> str:
@@ -185,15 +157,14 @@ def main(argv):
         with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd',
                                  output_dir=run_dir):
           summary = baffle_main.run()
-          upload = baffle_upload_bytes(k, estimator)
         rows.append(collections.OrderedDict(
             method='BAFFLE', K=k, estimator=estimator,
             final_test_accuracy=summary['final_test_accuracy'],
             accuracy_by_round=summary['accuracy_by_round'],
-            upload_bytes=upload,
+            upload_bytes=summary['upload_bytes_per_client_per_round'],
             wall_time_seconds=summary['wall_time_seconds']))
     for algorithm in _BASELINES.value:
-      summary = run_baseline(algorithm)
+      summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))
       rows.append(collections.OrderedDict(
           method={'fedsgd': 'FedSGD (backprop)',
                   'fedavg': 'FedAvg (backprop, 1 epoch)'}[algorithm],
@@ -205,7 +176,7 @@ def main(argv):
                               for r in row['accuracy_by_round']} - {0})
     table = make_table(rows, report_rounds)
     caption = (
-        f'{experiment.MODEL.value} on {experiment.DATASET.value}, '
+        f'{experiment.MODEL.value} on {experiment.TASK.value}, '
         f'{experiment.ROUNDS.value} rounds x '
         f'{experiment.CLIENTS_PER_ROUND.value} of '
         f'{experiment.NUM_CLIENTS.value} clients, batch '

@@ -56,11 +56,8 @@ _CLIENT_LR = experiment.CLIENT_LR
 _AGGREGATOR = experiment.AGGREGATOR
 _DP_NOISE = experiment.DP_NOISE
 _DP_CLIP = experiment.DP_CLIP
-_DATASET = experiment.DATASET
-_EMNIST_CACHE_DIR = experiment.EMNIST_CACHE_DIR
 _MODEL = experiment.MODEL
 _EVAL_EVERY = experiment.EVAL_EVERY
-_EVAL_EXAMPLES = experiment.EVAL_EXAMPLES
 _SEED = experiment.SEED
 _OUTPUT_DIR = experiment.OUTPUT_DIR
 
@@ -77,26 +74,26 @@ def validate_flags() -> None:
   if not _OUTPUT_DIR.value:
     raise ValueError('--output_dir is required.')
   for flag in (_K, _SIGMA, _ROUNDS, _CLIENTS_PER_ROUND, _NUM_CLIENTS,
-               _BATCH_SIZE, _LR, _CLIENT_LR, _EVAL_EVERY, _EVAL_EXAMPLES,
-               _PARALLEL, _DP_CLIP):
+               _BATCH_SIZE, _LR, _CLIENT_LR, _EVAL_EVERY, _PARALLEL,
+               _DP_CLIP):
     _positive(flag)
   for flag in (_CLIP, _DP_NOISE):
     _positive(flag, allow_zero=True)
   if not 0.0 <= _EMA.value < 1.0:
     raise ValueError(f'--ema must be in [0, 1), got {_EMA.value}.')
-  if _DATASET.value == 'digits' and (
+  if experiment.TASK.value == 'digits' and (
       _CLIENTS_PER_ROUND.value > _NUM_CLIENTS.value):
     raise ValueError(f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must '
                      f'be <= --num_clients ({_NUM_CLIENTS.value}).')
-  experiment.parse_alpha(_DIRICHLET_ALPHA.value)
+  experiment.validate_task_flags()
   experiment.validate_execution_flags()
 
 
-def _plot(history: dict[int, dict[str, float]], path: str, title: str) -> None:
-  rounds = sorted(r for r in history if experiment.ACCURACY_KEY in history[r])
+def _plot(history: dict[int, dict[str, float]], key: str, path: str,
+          title: str) -> None:
+  rounds = sorted(r for r in history if key in history[r])
   experiment.plot_series(path, title, [dict(
-      rounds=rounds,
-      values=[history[r][experiment.ACCURACY_KEY] for r in rounds],
+      rounds=rounds, values=[history[r][key] for r in rounds],
       ylabel='test accuracy', ylim=(0, 1), hlines=[(0.1, 'chance')])])
 
 
@@ -110,14 +107,8 @@ def run() -> dict[str, Any]:
 
   # LeNet is defined on 32x32 inputs (BAFFLE); WRN's stride-2 stages also
   # divide 32 evenly. The linear model needs no padding.
-  train, test, image_shape = experiment.load_data(
-      _DATASET.value, num_clients=_NUM_CLIENTS.value,
-      dirichlet_alpha=_DIRICHLET_ALPHA.value, seed=_SEED.value,
-      pad_to_32x32=_MODEL.value != 'linear',
-      emnist_cache_dir=_EMNIST_CACHE_DIR.value,
-      eval_examples=_EVAL_EXAMPLES.value)
-  net = models.get_net(_MODEL.value, image_shape)
-  model = models.to_functional_model(net, image_shape, seed=_SEED.value)
+  task = experiment.load_task(pad_digits_to_32x32=_MODEL.value != 'linear')
+  model = task.model
 
   if _AGGREGATOR.value == 'dp':
     aggregator = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
@@ -128,46 +119,35 @@ def run() -> dict[str, Any]:
   server_optimizer = (tff.learning.optimizers.build_adam(_LR.value)
                       if _MODE.value == 'fedsgd'
                       else tff.learning.optimizers.build_sgdm(_LR.value))
-  hparams = dict(
+  process = baffle.build_baffle(
+      model, tff.learning.optimizers.build_sgdm(_CLIENT_LR.value),
+      server_optimizer, model_aggregator=aggregator,
       num_perturbations=_K.value, sigma=_SIGMA.value,
       estimator=_ESTIMATOR.value, mode=_MODE.value,
-      clip_value=_CLIP.value or None,
-      client_learning_rate=_CLIENT_LR.value,
-      parallel_perturbations=_PARALLEL.value)
-  process = baffle.build_baffle(
-      model, server_optimizer=server_optimizer, model_aggregator=aggregator,
-      ema_decay=_EMA.value or None, seed=_SEED.value, **hparams)
+      clip_value=_CLIP.value or None, ema_decay=_EMA.value or None,
+      parallel_perturbations=_PARALLEL.value, seed=_SEED.value)
   # Every byte a client sends in a round: its scores (or update), the
   # aggregation weight and the metrics' sums.
   upload = tff_fad.communication_cost(
       process.next, _CLIENTS_PER_ROUND.value).client_to_server_bytes_per_client
 
-  client_ids = list(train.client_ids)
-
-  def select_clients(round_num: int) -> list[tf.data.Dataset]:
-    rng = np.random.default_rng([_SEED.value, round_num])
-    chosen = rng.choice(len(client_ids), _CLIENTS_PER_ROUND.value,
-                        replace=False)
-    datasets = []
-    for i in chosen:
-      ds = train.create_tf_dataset_for_client(client_ids[i]).shuffle(
-          1000, seed=_SEED.value * 100_003 + round_num).batch(
-              _BATCH_SIZE.value)
-      # fedsgd uses one minibatch per client and round.
-      datasets.append(ds.take(1) if _MODE.value == 'fedsgd' else ds)
-    return datasets
-
-  evaluate_weights = experiment.test_evaluator(net, test)
+  # fedsgd uses one minibatch per client and round.
+  select_clients = experiment.client_selector(
+      task, clients_per_round=_CLIENTS_PER_ROUND.value, seed=_SEED.value,
+      batches_per_client=1 if _MODE.value == 'fedsgd' else None)
+  evaluate_weights = experiment.evaluator(task, experiment.EVAL_CLIENTS.value)
 
   def evaluate(state, unused_data) -> collections.OrderedDict:
-    return evaluate_weights(process.get_model_weights(state).trainable)
+    return evaluate_weights(process.get_model_weights(state))
 
   progress = experiment.ProgressReleaseManager(_ROUNDS.value, [
       ('train_loss', 'client_work/train/loss', '.4f'),
-      ('test_acc', experiment.ACCURACY_KEY, '.4f'),
+      ('estimate_norm', 'gradient_estimate/norm', '.3f'),
+      ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f'),
+      ('fed_test_acc', 'evaluation/federated/accuracy', '.4f'),
   ])
-  print(f'BAFFLE: {_MODEL.value} ({net.num_params:,} params) on '
-        f'{_DATASET.value}, K={_K.value}, estimator={_ESTIMATOR.value}, '
+  print(f'BAFFLE: {task.description}, K={_K.value}, '
+        f'estimator={_ESTIMATOR.value}, '
         f'mode={_MODE.value}, {_ROUNDS.value} rounds x '
         f'{_CLIENTS_PER_ROUND.value} clients; upload {upload} bytes per '
         'client per round', flush=True)
@@ -175,33 +155,27 @@ def run() -> dict[str, Any]:
       process, select_clients, output_dir=output_dir, rounds=_ROUNDS.value,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
       flag_values=experiment.flag_values(__name__))
-  final = evaluate(state, None)['test']
   history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
-  if _ROUNDS.value % _EVAL_EVERY.value:  # The loop did not evaluate it.
-    history.setdefault(_ROUNDS.value, {}).update(
-        {experiment.ACCURACY_KEY: final['accuracy'], experiment.LOSS_KEY: final['loss']})
-
+  accuracy_key, test_summary = experiment.final_evaluation(
+      evaluate(state, None), history, _ROUNDS.value)
   plot_path = os.path.join(output_dir, 'accuracy.png')
-  _plot(history, plot_path,
-        f'BAFFLE {_ESTIMATOR.value}, K={_K.value}, {_MODEL.value}')
+  _plot(history, accuracy_key, plot_path,
+        f'BAFFLE {_ESTIMATOR.value}, K={_K.value}, {task.description}')
   summary = collections.OrderedDict(
-      final_test_accuracy=final['accuracy'],
-      final_test_loss=final['loss'],
+      task=task.description,
+      **test_summary,
       rounds=_ROUNDS.value,
       upload_bytes_per_client_per_round=upload,
       upload_scalars_per_client_per_round=(
-          _K.value if _MODE.value == 'fedsgd' else net.num_params),
-      num_params=net.num_params,
-      test_examples=int(test['y'].shape[0]),
-      accuracy_by_round={str(r): h[experiment.ACCURACY_KEY] for r, h in
-                         sorted(history.items())
-                         if experiment.ACCURACY_KEY in h},
+          _K.value if _MODE.value == 'fedsgd' else task.num_params),
+      num_params=task.num_params,
       resumed_from_round=resumed_from,
       wall_time_seconds=round(time.time() - start, 1),
       flags=experiment.flag_values(__name__))
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
-  print(f"Final test accuracy: {final['accuracy']:.4f} (after "
+  print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
+        f"{test_summary['final_test_accuracy']:.4f} (after "
         f'{_ROUNDS.value} rounds, {summary["wall_time_seconds"]} s)')
   print(f'Outputs written to {os.path.abspath(output_dir)}: metrics.csv, '
         'tensorboard/, accuracy.png, summary.json')

@@ -53,7 +53,6 @@ _WEIGHTING = flags.DEFINE_enum(
 _WEIGHT_EXPONENT = flags.DEFINE_float(
     'initial_weight_exponent', 0.0,
     "Starting exponent of --weighting=learned (0: uniform, 1: by examples).")
-_CLIENT_EPOCHS = flags.DEFINE_integer('client_epochs', 1, 'Local epochs.')
 
 experiment.set_flag_defaults(
     rounds=40, clients_per_round=10, num_clients=50, dirichlet_alpha='0.5',
@@ -67,15 +66,13 @@ _CLIENT_LR = experiment.CLIENT_LR
 _AGGREGATOR = experiment.AGGREGATOR
 _DP_NOISE = experiment.DP_NOISE
 _DP_CLIP = experiment.DP_CLIP
-_DATASET = experiment.DATASET
-_EMNIST_CACHE_DIR = experiment.EMNIST_CACHE_DIR
 _MODEL = experiment.MODEL
+_CLIENT_EPOCHS = experiment.CLIENT_EPOCHS
 _EVAL_EVERY = experiment.EVAL_EVERY
-_EVAL_EXAMPLES = experiment.EVAL_EXAMPLES
 _SEED = experiment.SEED
 _OUTPUT_DIR = experiment.OUTPUT_DIR
 
-_LR_KEY = 'server_learning_rate'
+_LR_KEY = 'hyperparameters/server_learning_rate'
 
 
 def validate_flags() -> None:
@@ -94,7 +91,7 @@ def validate_flags() -> None:
                        f'{flag.value!r}.')
   if _OUTPUT_DIR.value is None:
     raise ValueError('--output_dir is required.')
-  experiment.parse_alpha(_DIRICHLET_ALPHA.value)
+  experiment.validate_task_flags()
   experiment.validate_execution_flags()
   if experiment.WORKERS.value and _MODE.value == 'reverse' and (
       _ALGORITHM.value == 'hypergradient'):
@@ -110,32 +107,35 @@ def _aggregator():
         noise_multiplier=_DP_NOISE.value,
         clients_per_round=float(_CLIENTS_PER_ROUND.value),
         clip=_DP_CLIP.value)
-  if _WEIGHTING.value == 'uniform':
-    return tff.aggregators.UnweightedMeanFactory()
   return tff.aggregators.MeanFactory()
+
+
+def _client_weighting():
+  if _WEIGHTING.value == 'uniform':
+    return tff.learning.ClientWeighting.UNIFORM
+  return tff.learning.ClientWeighting.NUM_EXAMPLES
 
 
 def build_process(model):
   client_optimizer = tff.learning.optimizers.build_sgdm(_CLIENT_LR.value)
+  server_optimizer = tff.learning.optimizers.build_sgdm(_SERVER_LR.value)
   if _ALGORITHM.value == 'fedavg':
     return tff.learning.algorithms.build_weighted_fed_avg(
-        model, client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=tff.learning.optimizers.build_sgdm(
-            _SERVER_LR.value),
-        model_aggregator=_aggregator())
+        model, client_optimizer, server_optimizer,
+        client_weighting=_client_weighting(), model_aggregator=_aggregator())
   hyper_optimizer = tff.learning.optimizers.build_adam(
       _HYPER_LR.value, beta_1=_HYPER_BETA_1.value)
   if _WEIGHTING.value == 'learned':
     return hypergradient_fed_avg.build_learned_weighting_fed_avg(
-        model, client_optimizer=client_optimizer,
-        initial_server_learning_rate=_SERVER_LR.value,
+        model, client_optimizer, server_optimizer,
+        hyper_optimizer_fn=hyper_optimizer,
         initial_weight_exponent=_WEIGHT_EXPONENT.value,
-        hyper_optimizer=hyper_optimizer, tangent_decay=_TANGENT_DECAY.value)
+        tangent_decay=_TANGENT_DECAY.value)
   return hypergradient_fed_avg.build_hypergradient_fed_avg(
-      model, client_optimizer=client_optimizer,
-      initial_server_learning_rate=_SERVER_LR.value,
-      hyper_optimizer=hyper_optimizer, mode=_MODE.value,
-      model_aggregator=_aggregator(), tangent_decay=_TANGENT_DECAY.value)
+      model, client_optimizer, server_optimizer,
+      hyper_optimizer_fn=hyper_optimizer, client_weighting=_client_weighting(),
+      model_aggregator=_aggregator(), mode=_MODE.value,
+      tangent_decay=_TANGENT_DECAY.value)
 
 
 def run() -> dict[str, Any]:
@@ -155,65 +155,47 @@ def run() -> dict[str, Any]:
   os.makedirs(output_dir, exist_ok=True)
   tf.random.set_seed(_SEED.value)
 
-  pad = _MODEL.value != 'linear'
-  train, test, image_shape = experiment.load_data(
-      _DATASET.value, num_clients=_NUM_CLIENTS.value,
-      dirichlet_alpha=_DIRICHLET_ALPHA.value, seed=_SEED.value,
-      pad_to_32x32=pad, emnist_cache_dir=_EMNIST_CACHE_DIR.value,
-      eval_examples=_EVAL_EXAMPLES.value)
-  net = models.get_net(_MODEL.value, image_shape)
-  model = models.to_functional_model(net, image_shape, seed=_SEED.value)
-  process = build_process(model)
+  task = experiment.load_task(pad_digits_to_32x32=_MODEL.value != 'linear')
+  process = build_process(task.model)
   cost = tff_fad.communication_cost(process.next, _CLIENTS_PER_ROUND.value)
-
   select = experiment.client_selector(
-      train, clients_per_round=_CLIENTS_PER_ROUND.value,
-      batch_size=_BATCH_SIZE.value, epochs=_CLIENT_EPOCHS.value,
-      seed=_SEED.value)
-  evaluate_weights = experiment.test_evaluator(net, test)
+      task, clients_per_round=_CLIENTS_PER_ROUND.value, seed=_SEED.value)
+  evaluate_weights = experiment.evaluator(task, experiment.EVAL_CLIENTS.value)
 
   def evaluate(state, unused_data):
-    return evaluate_weights(process.get_model_weights(state).trainable)
+    return evaluate_weights(process.get_model_weights(state))
 
   progress = experiment.ProgressReleaseManager(_ROUNDS.value, [
       ('lr', _LR_KEY, '.4f'),
-      ('lr', 'hyper/' + _LR_KEY, '.4f'),
-      ('exponent', 'hyper/weight_exponent', '.3f'),
-      ('hypergrad', 'hypergradient', '+.4f'),
-      ('train_loss', 'train/loss', '.4f'),
+      ('exponent', 'hyperparameters/weight_exponent', '.3f'),
+      ('hypergrad', 'hyperparameters/hypergradient', '+.4f'),
       ('train_loss', 'client_work/train/loss', '.4f'),
-      ('test_acc', experiment.ACCURACY_KEY, '.4f'),
+      ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f'),
+      ('fed_test_acc', 'evaluation/federated/accuracy', '.4f'),
   ])
   name = ('FedAvg (fixed server lr)' if _ALGORITHM.value == 'fedavg'
           else f'Hypergradient FedAvg ({_MODE.value} mode, tangent decay '
           f'{_TANGENT_DECAY.value:g})')
-  print(f'{name}: {_MODEL.value} ({net.num_params:,} params) on '
-        f'{_DATASET.value}, {_ROUNDS.value} rounds x '
+  print(f'{name}: {task.description}, {_ROUNDS.value} rounds x '
         f'{_CLIENTS_PER_ROUND.value} clients, initial server lr '
         f'{_SERVER_LR.value}', flush=True)
+  if task.note:
+    print(f'Note: {task.note}', flush=True)
   print(f'Communication per round: {cost}', flush=True)
   state, resumed_from = experiment.train(
       process, select, output_dir=output_dir, rounds=_ROUNDS.value,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
       flag_values=experiment.flag_values(__name__))
-  final = evaluate(state, None)['test']
   history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
-  history.setdefault(_ROUNDS.value, {}).update(
-      {experiment.ACCURACY_KEY: final['accuracy'],
-       experiment.LOSS_KEY: final['loss']})
+  accuracy_key, test_summary = experiment.final_evaluation(
+      evaluate(state, None), history, _ROUNDS.value)
 
-  if _ALGORITHM.value == 'fedavg':
-    final_lr = _SERVER_LR.value
-  else:
-    final_lr = float(tf.exp(state['log_lr']))
-  for flat in history.values():  # One key for the rate in both variants.
-    if 'hyper/' + _LR_KEY in flat:
-      flat[_LR_KEY] = flat['hyper/' + _LR_KEY]
-  acc_rounds = sorted(r for r in history if experiment.ACCURACY_KEY in history[r])
+  final_hparams = process.get_hparams(state)['finalizer']
+  final_lr = float(final_hparams['learning_rate'])
+  acc_rounds = sorted(r for r in history if accuracy_key in history[r])
   lr_rounds = sorted(r for r in history if _LR_KEY in history[r])
   panels = [dict(rounds=acc_rounds,
-                 values=[history[r][experiment.ACCURACY_KEY]
-                         for r in acc_rounds],
+                 values=[history[r][accuracy_key] for r in acc_rounds],
                  ylabel='test accuracy', ylim=(0, 1),
                  hlines=[(0.1, 'chance')])]
   if lr_rounds:
@@ -225,15 +207,15 @@ def run() -> dict[str, Any]:
 
   summary = collections.OrderedDict(
       algorithm=_ALGORITHM.value,
-      final_test_accuracy=final['accuracy'],
-      final_test_loss=final['loss'],
+      task=task.description,
+      **test_summary,
       initial_server_learning_rate=_SERVER_LR.value,
       final_server_learning_rate=final_lr,
       weighting=_WEIGHTING.value,
-      final_weight_exponent=(float(state['exponent'])
+      final_weight_exponent=(float(final_hparams['weight_exponent'])
                              if _WEIGHTING.value == 'learned' else None),
       rounds=_ROUNDS.value,
-      num_params=net.num_params,
+      num_params=task.num_params,
       communication_per_round=collections.OrderedDict(
           clients=cost.num_clients,
           server_to_client_bytes_per_client=(
@@ -241,8 +223,6 @@ def run() -> dict[str, Any]:
           client_to_server_bytes_per_client=(
               cost.client_to_server_bytes_per_client),
           round_trips=cost.round_trips),
-      accuracy_by_round={str(r): history[r][experiment.ACCURACY_KEY]
-                         for r in acc_rounds},
       server_learning_rate_by_round={str(r): history[r][_LR_KEY]
                                      for r in lr_rounds},
       resumed_from_round=resumed_from,
@@ -250,7 +230,8 @@ def run() -> dict[str, Any]:
       flags=experiment.flag_values(__name__))
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
-  print(f"Final test accuracy: {final['accuracy']:.4f}; server learning rate "
+  print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
+        f"{test_summary['final_test_accuracy']:.4f}; server learning rate "
         f'{_SERVER_LR.value:g} -> {final_lr:.4f} after {_ROUNDS.value} rounds '
         f'({summary["wall_time_seconds"]} s)')
   print(f'Outputs written to {os.path.abspath(output_dir)}: metrics.csv, '

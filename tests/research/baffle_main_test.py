@@ -34,7 +34,7 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
                            **_TINY):
     baffle_main.main(['main'])
   printed = capfd.readouterr().out
-  assert 'Final test accuracy:' in printed and out in printed
+  assert 'Final test accuracy (central):' in printed and out in printed
   assert 'round    2/2' in printed and 'test_acc' in printed
 
   with open(os.path.join(out, 'summary.json')) as f:
@@ -42,16 +42,20 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
   assert 0.0 <= summary['final_test_accuracy'] <= 1.0
   assert summary['rounds'] == 2
   # From communication_cost: K float32 scores times their aggregation weight
-  # and the weight (the weighted mean), the loss times the weight and the
-  # weight (its weighted mean), and the example count (a sum).
-  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 1 + 2 + 1)
+  # and the weight (the weighted mean), and the model's three metric sums
+  # (loss, correct predictions, examples).
+  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 1 + 3)
+  assert summary['test_accuracy_from'] == 'central'
+  assert 0.0 <= summary['final_federated_test']['accuracy'] <= 1.0
   assert summary['flags']['K'] == 4 and summary['flags']['output_dir'] == out
   assert set(summary['accuracy_by_round']) == {'0', '1', '2'}
 
   with open(os.path.join(out, 'metrics.csv')) as f:
     rows = list(csv.DictReader(f))
   assert [r['round'] for r in rows] == ['0', '1', '2']
-  assert 'client_work/train/loss' in rows[1] and 'evaluation/test/accuracy' in rows[2]
+  assert 'client_work/train/loss' in rows[1]
+  assert 'evaluation/central/accuracy' in rows[2]
+  assert 'evaluation/federated/accuracy' in rows[2]
   with open(os.path.join(out, 'accuracy.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert any(name.startswith('events.out.tfevents')
@@ -95,14 +99,17 @@ def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
   assert not os.listdir(tmp_path)  # Failed before writing anything.
 
 
-def test_emnist_offline_exits_with_message_not_traceback(tmp_path, capsys,
-                                                         monkeypatch):
-  def offline(cache_dir=None, only_digits=True):
-    raise tff_fad.data.EmnistUnavailableError('no network; copy the file')
+def test_task_data_offline_exits_with_message_not_traceback(tmp_path, capsys,
+                                                             monkeypatch):
+  def offline(name, **unused_kwargs):
+    raise experiment.tasks.TaskDataUnavailableError(
+        f'{name}: no network; copy the file')
 
-  monkeypatch.setattr(experiment.fad_data, 'load_emnist', offline)
-  with flagsaver.flagsaver(output_dir=str(tmp_path / 'e'), dataset='emnist'):
+  monkeypatch.setattr(experiment.tasks, 'load_baseline_task', offline)
+  with flagsaver.flagsaver(output_dir=str(tmp_path / 'e'),
+                           task='emnist_character'):
     with pytest.raises(SystemExit) as info:
       baffle_main.main(['main'])
   assert info.value.code == 2
-  assert 'no network; copy the file' in capsys.readouterr().err
+  assert 'emnist_character: no network; copy the file' in (
+      capsys.readouterr().err)

@@ -1,12 +1,16 @@
-"""Tests of the binaries' shared plumbing: worker flags and failures."""
+"""Tests of the binaries' shared plumbing: tasks, evaluation, workers."""
 
 import os
 
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
 import pytest
+import tensorflow_federated as tff
 
 from research import experiment
+from research import tasks
+from research.baffle import main as baffle_main
 from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import local_workers
 
@@ -64,3 +68,68 @@ def test_worker_failure_exits_naming_it_and_how_to_resume(tmp_path, capsys):
   assert message.startswith('error: TFF worker 127.0.0.1:9: stopped responding')
   assert (f'The state of round 4 is saved in {tmp_path}: run the same command '
           'again') in message
+
+
+def test_federated_evaluation_is_tffs_build_fed_eval_on_the_same_weights():
+  with flagsaver.flagsaver(task='digits', num_clients=6, model='linear'):
+    task = experiment.load_task(pad_digits_to_32x32=False)
+  rng = np.random.default_rng(0)
+  weights = tff.learning.models.ModelWeights(
+      trainable=[rng.normal(size=np.shape(w)).astype(np.float32) * 0.1
+                 for w in task.model.initial_weights[0]],
+      non_trainable=[])
+  some = experiment.evaluator(task, eval_clients=3)(weights)
+
+  by_hand = tff.learning.algorithms.build_fed_eval(task.model)
+  state = by_hand.set_model_weights(by_hand.initialize(), weights)
+  test_ids = sorted(task.test_clients.client_ids)[:3]
+  expected = by_hand.next(state, [
+      task.test_clients.create_tf_dataset_for_client(c).batch(64)
+      for c in test_ids]).metrics['client_work']['eval'][
+          'current_round_metrics']
+  assert some['federated'] == pytest.approx(expected, rel=1e-6)
+  assert some['federated']['num_examples'] < 1000  # Three of ten clients.
+
+  # On every test client, the example-weighted federated accuracy is the
+  # central accuracy on the same 1,000 images.
+  everyone = experiment.evaluator(task, eval_clients=0)(weights)
+  assert everyone['federated']['num_examples'] == 1000
+  assert everyone['federated']['accuracy'] == pytest.approx(
+      everyone['central']['accuracy'], abs=1e-6)
+  assert everyone['federated']['loss'] == pytest.approx(
+      everyone['central']['loss'], rel=1e-5)
+
+
+@pytest.mark.parametrize('binary', [hypergradient_main, baffle_main])
+@pytest.mark.parametrize('task_name', tasks.TASK_NAMES)
+def test_each_task_runs_through_each_binary_on_synthetic_data(
+    tmp_path, binary, task_name):
+  with flagsaver.flagsaver(
+      output_dir=str(tmp_path), task=task_name, use_synthetic_data=True,
+      rounds=1, clients_per_round=2, batch_size=2, max_elements=4,
+      eval_every=1, eval_clients=1, eval_batch_size=4, save_every=0, K=2):
+    summary = binary.run()
+  assert summary['test_accuracy_from'] == 'federated'
+  assert summary['final_central_test'] is None
+  assert task_name in summary['task'] and 'synthetic' in summary['task']
+  federated = summary['final_federated_test']
+  assert np.isfinite(federated['loss']), federated
+  assert 0.0 <= summary['final_test_accuracy'] <= 1.0
+  assert set(summary['accuracy_by_round']) == {'0', '1'}
+  metrics = experiment.read_metrics(str(tmp_path))[1]
+  assert np.isfinite(metrics['client_work/train/loss'])
+
+
+@pytest.mark.parametrize('values, message', [
+    (dict(task='cifar100_image', model='lenet'), '--model applies to'),
+    (dict(task='digits', use_synthetic_data=True),
+     '--use_synthetic_data applies to'),
+    (dict(task='cifar100_image', task_model='vgg'),
+     "--task_model='vgg' is not a model of --task=cifar100_image"),
+    (dict(max_elements=-1), '--max_elements must be >= 0'),
+    (dict(eval_clients=-2), '--eval_clients must be >= 0'),
+])
+def test_bad_task_flags_are_named(values, message):
+  with flagsaver.flagsaver(**values):
+    with pytest.raises(ValueError, match=message):
+      experiment.validate_task_flags()

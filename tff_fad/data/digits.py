@@ -46,6 +46,8 @@ class FederatedDigits:
       `OrderedDict(x=float32[H, W, 1], y=int32[])`.
     test: The held-out test set as numpy arrays,
       `OrderedDict(x=float32[N, H, W, 1], y=int32[N])`.
+    test_clients: The same test set dealt IID into held-out clients (for
+      federated evaluation), elements as in `train`.
     client_ids: The client ids of `train`, in order (`'client_0000'`, ...).
     num_classes: Number of label classes (10).
     image_shape: `(H, W, 1)` of one image after optional padding.
@@ -53,6 +55,7 @@ class FederatedDigits:
 
   train: tff.simulation.datasets.ClientData
   test: 'collections.OrderedDict[str, np.ndarray]'
+  test_clients: tff.simulation.datasets.ClientData
   client_ids: tuple[str, ...]
   num_classes: int
   image_shape: tuple[int, int, int]
@@ -212,6 +215,7 @@ def load_federated_digits(
     test_seed: int = 0,
     pad_to_32x32: bool = False,
     min_examples_per_client: int = 1,
+    num_test_clients: int = 10,
 ) -> FederatedDigits:
   """Loads an embedded digits dataset split into federated clients.
 
@@ -227,6 +231,8 @@ def load_federated_digits(
       valid for the `'mnist'` source.
     min_examples_per_client: Smallest allowed client (Dirichlet splits are
       redrawn until it holds).
+    num_test_clients: Held-out clients the test set is dealt into (IID, by
+      `test_seed`), for federated evaluation.
 
   Returns:
     A `FederatedDigits`.
@@ -236,6 +242,8 @@ def load_federated_digits(
   """
   if num_clients < 1:
     raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
+  if num_test_clients < 1:
+    raise ValueError(f'num_test_clients must be >= 1, got {num_test_clients}.')
   x, y = load_raw_digits(source)
   if pad_to_32x32:
     x = pad_to_32(x)
@@ -257,9 +265,18 @@ def load_federated_digits(
       for cid, p in zip(client_ids, parts)
   })
   test = collections.OrderedDict(x=x[test_idx], y=y[test_idx])
+  if num_test_clients > len(test_idx):
+    raise ValueError(f'Too many test clients ({num_test_clients}) for '
+                     f'{len(test_idx)} test examples.')
+  test_clients = tff.simulation.datasets.TestClientData({
+      f'test_{i:04d}': collections.OrderedDict(x=test['x'][p], y=test['y'][p])
+      for i, p in enumerate(iid_partition(len(test_idx), num_test_clients,
+                                          test_seed))
+  })
   return FederatedDigits(
       train=train,
       test=test,
+      test_clients=test_clients,
       client_ids=client_ids,
       num_classes=10,
       image_shape=tuple(x.shape[1:]),
