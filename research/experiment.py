@@ -106,7 +106,7 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
     # TFF's training loop logs several INFO lines per round; the progress
     # lines say the same in one.
     logging.set_verbosity(logging.WARNING)
-  runtime.exit_on_termination_signals()
+  runtime.set_up_entry_point()
   try:
     run()
   except fad_data.EmnistUnavailableError as e:

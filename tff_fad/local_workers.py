@@ -133,17 +133,6 @@ def worker_binary_path() -> str:
   return path
 
 
-# Execs argv[1:] after asking Linux to SIGKILL it when its parent dies, so a
-# killed training run cannot leave its workers behind. (Popen's preexec_fn
-# would do the same but can deadlock in a process with threads, as
-# TensorFlow's is.)
-_EXEC_DYING_WITH_PARENT = (
-    'import ctypes, os, signal, sys\n'
-    'try:\n'
-    '  ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n'
-    'except (OSError, AttributeError):\n'
-    '  pass\n'
-    'os.execv(sys.argv[1], sys.argv[1:])\n')
 # Starts argv[2:] in a new session, logging to argv[1], prints its pid and
 # exits: the worker is nobody's child here, so no clean-up at exit stops it.
 _START_DETACHED = (
@@ -205,9 +194,9 @@ class LocalWorkers:
           self.pids.append(int(launched.stdout))
         else:
           with open(log_path, 'ab') as log:
-            child = subprocess.Popen(
-                [sys.executable, '-c', _EXEC_DYING_WITH_PARENT] + argv,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            child = runtime.popen_dying_with_parent(
+                argv, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT)
           self._children.append(child)
           self.pids.append(child.pid)
       self._wait_until_ready(ready_timeout_seconds)
