@@ -1,12 +1,14 @@
 """Tests of the binaries' shared plumbing: worker flags and failures."""
 
-import os
+import asyncio
 
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
 import pytest
 
 from research import experiment
+from research import run_dir
 from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import local_workers
 
@@ -48,9 +50,10 @@ def test_reverse_mode_hypergradient_is_refused_on_workers(tmp_path):
 
 def test_worker_failure_exits_naming_it_and_how_to_resume(tmp_path, capsys):
   # The saved state a run leaves after round 4.
-  saved = tmp_path / 'program_state' / 'program_state_4'
-  os.makedirs(saved)
-  (saved / 'saved_model.pb').write_bytes(b'')
+  loop = asyncio.new_event_loop()  # asyncio.run would unset TFF's loop.
+  loop.run_until_complete(run_dir.ProgramStateManager(str(tmp_path)).save(
+      {'w': np.zeros([2], np.float32)}, 4))
+  loop.close()
 
   def run():
     raise local_workers.WorkerUnavailableError(

@@ -8,7 +8,6 @@ same model, the same metrics.csv (every round exactly once) and the same
 summary as the uninterrupted one, up to float32 rounding.
 """
 
-import asyncio
 import csv
 import json
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import experiment
+from research import run_dir
 from research.baffle import main as baffle_main
 from research.hypergradient_fedavg import main as hypergradient_main
 
@@ -102,7 +101,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(name, tmp_path):
   reference = _run_in_process(module, reference_dir, extra)
 
   _run_and_kill(module, resumed_dir, extra, str(tmp_path / 'killed.log'))
-  assert experiment.latest_saved_round(resumed_dir) == 4
+  assert run_dir.latest_saved_round(resumed_dir) == 4
   assert not os.path.exists(os.path.join(resumed_dir, 'summary.json'))
   # Round 5's row may or may not have reached the file before the kill.
   killed_rounds = [int(r['round']) for r in _metrics(resumed_dir)]
@@ -151,26 +150,3 @@ def test_resuming_with_other_flags_is_refused_by_name(tmp_path):
   summary = _run_in_process(baffle_main, output_dir, dict(extra, rounds=3,
                                                           eval_every=3))
   assert summary['resumed_from_round'] == 2
-
-
-def _run_async(coroutine):
-  # A private loop: asyncio.run would unset the loop TFF's training loop uses.
-  loop = asyncio.new_event_loop()
-  try:
-    return loop.run_until_complete(coroutine)
-  finally:
-    loop.close()
-
-
-def test_incomplete_saved_state_is_skipped(tmp_path):
-  root = str(tmp_path / 'program_state')
-  manager = experiment.ResumableProgramStateManager(root, prefix='state_')
-  structure = {'w': np.zeros([3], np.float32), 'round': np.int64(0)}
-  _run_async(manager.save(
-      {'w': np.arange(3, dtype=np.float32), 'round': np.int64(4)}, 4))
-  # A crash while saving round 6 left its directory without saved_model.pb.
-  os.makedirs(os.path.join(root, 'state_6', 'variables'))
-  state, version = _run_async(manager.load_latest(structure))
-  assert version == 4
-  np.testing.assert_array_equal(state['w'], [0.0, 1.0, 2.0])
-  assert not os.path.exists(os.path.join(root, 'state_6'))
