@@ -9,6 +9,7 @@ The helper functions take values, not flags.
 import collections
 import contextlib
 import csv
+import math
 import os
 import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -133,12 +134,21 @@ def _resume_hint(how: str = '') -> str:
 
 
 def validate_execution_flags() -> None:
-  """Checks --workers, --allow_remote_workers and --save_every up front.
+  """Checks every float flag, --workers and --save_every up front.
 
   Raises:
-    ValueError: Naming the flag (a non-loopback worker without
-      --allow_remote_workers, a malformed address, a negative --save_every).
+    ValueError: Naming the flag (a float flag that is not finite, a
+      non-loopback worker without --allow_remote_workers, a malformed
+      address, a negative --save_every).
   """
+  for name in flags.FLAGS:
+    value = flags.FLAGS[name].value
+    # Range checks (`> 0`, `< 1`) let inf, or nan, through; and TFF
+    # computes in float32.
+    if isinstance(value, float) and not (
+        math.isfinite(value) and abs(value) <= np.finfo(np.float32).max):
+      raise ValueError(f'--{name} must be a finite number (in float32), got '
+                       f'{value}.')
   if SAVE_EVERY.value < 0:
     raise ValueError(f'--save_every must be >= 0, got {SAVE_EVERY.value}.')
   if WORKERS.value:

@@ -9,6 +9,7 @@ import pytest
 
 from research import experiment
 from research import run_dir
+from research.baffle import main as baffle_main
 from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import local_workers
 
@@ -32,6 +33,25 @@ def test_bad_execution_flags_are_named(values, message):
   with flagsaver.flagsaver(**values):
     with pytest.raises(ValueError, match=message):
       experiment.validate_execution_flags()
+
+
+@pytest.mark.parametrize('main, values, message', [
+    # --server_lr=inf trained to NaN and exited 0.
+    (hypergradient_main, dict(server_lr=float('inf')),
+     '--server_lr must be a finite number'),
+    (hypergradient_main, dict(hyper_lr=float('nan')),
+     '--hyper_lr must be a finite number'),
+    (hypergradient_main, dict(initial_weight_exponent=1e39),
+     '--initial_weight_exponent must be a finite number .in float32.'),
+    (baffle_main, dict(sigma=float('inf')), '--sigma must be a finite number'),
+])
+def test_non_finite_float_flags_are_refused_before_any_work(
+    main, values, message, tmp_path):
+  output_dir = tmp_path / 'run'
+  with flagsaver.flagsaver(output_dir=str(output_dir), **values):
+    with pytest.raises(ValueError, match=message):
+      main.run()
+  assert not output_dir.exists()
 
 
 def test_remote_workers_need_the_opt_in_flag():
