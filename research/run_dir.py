@@ -11,8 +11,10 @@ The rules (README, "Resuming after a crash"):
   that would not resume refuses a directory holding another run's results,
   unless `--overwrite`, which deletes them first.
 * Each save gets a manifest (size and SHA-256 of its files), written last;
-  a save whose files do not match it is skipped, naming it and the save used
-  instead, and kept aside (`damaged_program_state_N`) for inspection.
+  a save whose files do not match it (or that has none) is skipped, naming
+  it and the save used instead, and kept aside (`damaged_program_state_N`)
+  for inspection. A save cut short by a crash (marked while being written)
+  is removed: TFF writes that round again.
 * `write_summary` writes strict JSON: a diverged run says so.
 """
 
@@ -51,6 +53,9 @@ RESUMABLE_CHANGES = frozenset({
     'output_dir', 'emnist_cache_dir', 'overwrite'})
 # A save cut short inside TFF's `write_saved_model` leaves its temporary dir.
 _TEMP_SAVE = re.compile(re.escape(STATE_PREFIX) + r'\d+_temp\d+$')
+
+# The problem of a save whose writing was cut short: it never was a save.
+_CUT_SHORT = 'it was cut short (no manifest yet)'
 
 _locked_dirs = set()
 
@@ -98,7 +103,8 @@ def lock(output_dir: str) -> Iterator[None]:
             f'ended without releasing it ({left}).', file=sys.stderr,
             flush=True)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f'pid {os.getpid()}: {shlex.join(sys.argv)}\n'.encode(), 0)
+    os.pwrite(fd, f'pid {os.getpid()}: {shlex.join(sys.orig_argv)}\n'.encode(),
+              0)
     _locked_dirs.add(key)
     try:
       yield
@@ -125,6 +131,12 @@ def _sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def _saving_marker(save_dir: str) -> str:
+  """The file that exists while the save in `save_dir` is being written."""
+  return os.path.join(os.path.dirname(save_dir),
+                      '.saving_' + os.path.basename(save_dir))
+
+
 def _write_manifest(save_dir: str) -> None:
   files = {}
   for parent, _, names in os.walk(save_dir):
@@ -144,7 +156,9 @@ def save_problem(save_dir: str) -> Optional[str]:
     with open(os.path.join(save_dir, _MANIFEST)) as f:
       files = json.load(f)
   except FileNotFoundError:
-    return 'it was cut short (no manifest)'
+    if os.path.exists(_saving_marker(save_dir)):
+      return _CUT_SHORT
+    return 'it has no manifest (not saved by this version of tff_fad)'
   except (OSError, ValueError) as e:
     return f'its manifest is unreadable ({e})'
   for name, (size, digest) in sorted(files.items()):
@@ -191,9 +205,15 @@ class ProgramStateManager(tff.program.FileProgramStateManager):
     self._output_dir = output_dir
 
   async def save(self, program_state, version: int) -> None:
+    save_dir = os.path.join(_state_dir(self._output_dir),
+                            f'{STATE_PREFIX}{version}')
+    # Tells a save cut short by a crash (removed on restart) from one that
+    # was never verified (kept, refused).
+    with open(_saving_marker(save_dir), 'w'):
+      pass
     await super().save(program_state, version)
-    _write_manifest(os.path.join(_state_dir(self._output_dir),
-                                 f'{STATE_PREFIX}{version}'))
+    _write_manifest(save_dir)
+    os.remove(_saving_marker(save_dir))
 
   async def load_latest(self, structure):
     version = latest_saved_round(self._output_dir)
@@ -367,13 +387,28 @@ def _resumable_round(output_dir: str, values: dict, save_every: int,
     raise RunDirError(
         f'{where} with these flags, which --save_every=0 would neither resume '
         f'nor keep. Pass --save_every > 0 to resume it. {fix}')
-  saves = _saves(output_dir)
-  if not saves:
-    raise RunDirError(f'{where} ({", ".join(results)}) but no saved state to '
-                      f'resume from. {fix}')
-  unusable = []
-  for round_num, path in saves:
+  saves = []
+  for round_num, path in _saves(output_dir):
     problem = save_problem(path)
+    if problem == _CUT_SHORT:
+      shutil.rmtree(path)
+    else:
+      saves.append((round_num, path, problem))
+  state_dir = _state_dir(output_dir)
+  for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+    if _TEMP_SAVE.match(name):
+      shutil.rmtree(os.path.join(state_dir, name))
+    elif name.startswith('.saving_'):
+      os.remove(os.path.join(state_dir, name))
+  if not saves:
+    # This run (same flags), stopped before its first complete save: its
+    # rows are recomputed, nothing of another run is touched.
+    print(f'No complete save in {output_dir} to resume from: starting over.',
+          flush=True)
+    _clear(output_dir)
+    return None
+  unusable = []
+  for round_num, path, problem in saves:
     if problem is None:
       break
     unusable.append((round_num, path, problem))
@@ -400,9 +435,6 @@ def _resumable_round(output_dir: str, values: dict, save_every: int,
     os.rename(path, aside)
     print(f'Skipping the save of round {skipped} ({path}: {problem}; kept as '
           f'{aside}); using the save of round {round_num}.', flush=True)
-  for name in os.listdir(_state_dir(output_dir)):
-    if _TEMP_SAVE.match(name):
-      shutil.rmtree(os.path.join(_state_dir(output_dir), name))
   print(f'Resuming from the state saved after round {round_num} in '
         f'{_state_dir(output_dir)}', flush=True)
   return round_num

@@ -7,8 +7,12 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+from absl.testing import flagsaver
 import pytest
 
+from research import run_dir
+from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import runtime
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -88,12 +92,25 @@ def test_a_signal_stops_the_binary_its_worker_and_says_how_to_resume(
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='uses /proc')
-def test_sigkill_of_the_binary_takes_its_worker_and_frees_its_pipes(tmp_path):
-  # `python -m ... | tee log`: tee returns once nobody holds the pipe open.
-  child = _start(tmp_path / 'run')
+def test_a_second_run_fails_at_once_and_a_sigkill_frees_pipes_and_lock(
+    tmp_path, capsys):
+  output_dir = tmp_path / 'run'
+  child = _start(output_dir)
   started, leaked, hung = [], [], False
   try:
     started = _workers_at_round_3(child)
+    # Two runs on one directory: the second wrote round 0 into the first's
+    # metrics.csv and died on the first's program_state_0.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS(['termination_test'])
+    with flagsaver.flagsaver(output_dir=str(output_dir), rounds=1000,
+                             save_every=1, eval_every=1000, num_clients=4,
+                             clients_per_round=2, batch_size=32):
+      with pytest.raises(run_dir.RunDirError,
+                         match=rf'in use by another run \(pid {child.pid}: '
+                         r'\S+ -m research.hypergradient_fedavg.main '):
+        hypergradient_main.run()
+    # `python -m ... | tee log`: tee returns once nobody holds the pipe open.
     child.kill()  # The Python process only: no clean-up code runs.
     try:
       child.communicate(timeout=60)
@@ -110,3 +127,7 @@ def test_sigkill_of_the_binary_takes_its_worker_and_frees_its_pipes(tmp_path):
   assert started, 'no TFF worker by round 3: test is vacuous'
   assert not hung, f'the pipes stayed open after SIGKILL: workers {leaked}'
   assert not leaked, f'TFF worker {leaked} outlived the killed binary'
+  with run_dir.lock(str(output_dir)):
+    pass
+  assert f'from a run that ended without releasing it (pid {child.pid}: ' in (
+      capsys.readouterr().err)
