@@ -234,7 +234,7 @@ def _time_model(model_name: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tff_fad.runtime.exit_on_termination_signals()  # Clean-up runs on kill.
+  tff_fad.runtime.set_up_entry_point()  # No signal leaks TFF's worker.
   if _MEMORY_VARIANT.value:
     _memory_child()
     return

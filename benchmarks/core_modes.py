@@ -151,7 +151,7 @@ def measure(num_clients, examples, repeats):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tff_fad.runtime.exit_on_termination_signals()  # Clean-up runs on kill.
+  tff_fad.runtime.set_up_entry_point()  # No signal leaks TFF's worker.
   num_params = sum(int(np.prod(t.shape)) for t in PARAMS.values())
   rows = []
   for clients in _CLIENTS.value:

@@ -131,7 +131,7 @@ def measure(fed, model, contexts, name: str, clients_per_round: int,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tff_fad.runtime.exit_on_termination_signals()  # Clean-up runs on kill.
+  tff_fad.runtime.set_up_entry_point()  # No signal leaks TFF's worker.
   fed = fad_data.load_federated_digits(num_clients=_NUM_CLIENTS.value,
                                        dirichlet_alpha=None, seed=0)
   net = models.get_net('linear', fed.image_shape)

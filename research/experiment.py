@@ -10,7 +10,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
-import json
+import math
 import os
 import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from research import run_dir
 from research import tasks
 from tff_fad import data as fad_data
 from tff_fad import runtime
@@ -106,13 +107,11 @@ SAVE_EVERY = flags.DEFINE_integer(
     'save_every', 5, 'Rounds between saves of the training state to '
     '<output_dir>/program_state; run the same command again to resume from '
     'the last save. 0: never save, never resume.')
-
-# Flags that may change when a run is resumed: they do not change what is
-# computed (only how, where, or for how long).
-_RESUMABLE_CHANGES = frozenset({
-    'rounds', 'workers', 'allow_remote_workers', 'save_every', 'eval_every',
-    'output_dir', 'task_cache_dir'})
-_STATE_PREFIX = 'program_state_'
+OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Delete the results of an earlier run in '
+    '--output_dir first and start over (leave it out of a command you rerun '
+    'to resume). Without it, a run refuses a directory holding results it '
+    'would not resume.')
 
 
 def flag_values(binary_module_name: str) -> dict:
@@ -132,11 +131,11 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
     # TFF's training loop logs several INFO lines per round; the progress
     # lines say the same in one.
     logging.set_verbosity(logging.WARNING)
-  runtime.exit_on_termination_signals()
+  runtime.set_up_entry_point()
   try:
     run()
-  except (fad_data.EmnistUnavailableError,
-          tasks.TaskDataUnavailableError) as e:
+  except (fad_data.EmnistUnavailableError, tasks.TaskDataUnavailableError,
+          run_dir.RunDirError) as e:
     # A user-facing condition with instructions, not a bug: no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -154,7 +153,7 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
 def _resume_hint(how: str = '') -> str:
   saved = None
   if OUTPUT_DIR.value and SAVE_EVERY.value > 0:
-    saved = latest_saved_round(OUTPUT_DIR.value)
+    saved = run_dir.latest_saved_round(OUTPUT_DIR.value)
   if saved is None:
     return ''
   return (f' The state of round {saved} is saved in {OUTPUT_DIR.value}: '
@@ -162,12 +161,21 @@ def _resume_hint(how: str = '') -> str:
 
 
 def validate_execution_flags() -> None:
-  """Checks --workers, --allow_remote_workers and --save_every up front.
+  """Checks every float flag, --workers and --save_every up front.
 
   Raises:
-    ValueError: Naming the flag (a non-loopback worker without
-      --allow_remote_workers, a malformed address, a negative --save_every).
+    ValueError: Naming the flag (a float flag that is not finite, a
+      non-loopback worker without --allow_remote_workers, a malformed
+      address, a negative --save_every).
   """
+  for name in flags.FLAGS:
+    value = flags.FLAGS[name].value
+    # Range checks (`> 0`, `< 1`) let inf, or nan, through; and TFF
+    # computes in float32.
+    if isinstance(value, float) and not (
+        math.isfinite(value) and abs(value) <= np.finfo(np.float32).max):
+      raise ValueError(f'--{name} must be a finite number (in float32), got '
+                       f'{value}.')
   if SAVE_EVERY.value < 0:
     raise ValueError(f'--save_every must be >= 0, got {SAVE_EVERY.value}.')
   if WORKERS.value:
@@ -466,80 +474,6 @@ class ProgressReleaseManager(tff.program.ReleaseManager):
     print('  '.join(parts), flush=True)
 
 
-class ResumableProgramStateManager(tff.program.FileProgramStateManager):
-  """TFF's file program-state manager that survives a crash while saving.
-
-  A process killed while writing round N's state leaves a directory without
-  its `saved_model.pb` (TF writes that file last, atomically). Loading the
-  latest state skips and removes such a directory and falls back to the
-  previous save.
-  """
-
-  def __init__(self, root_dir: str, prefix: str = _STATE_PREFIX, **kwargs):
-    super().__init__(root_dir, prefix=prefix, **kwargs)
-    self._state_root, self._state_prefix = root_dir, prefix
-
-  async def load_latest(self, structure):
-    for version in sorted(await self.get_versions() or [], reverse=True):
-      path = os.path.join(self._state_root, f'{self._state_prefix}{version}')
-      if _is_complete_save(path):
-        return await self.load(version, structure), version
-      logging.warning('Removing incomplete program state %s', path)
-      tf.io.gfile.rmtree(path)
-    return None, 0
-
-
-def _is_complete_save(path: str) -> bool:
-  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
-
-
-def _state_dir(output_dir: str) -> str:
-  return os.path.join(output_dir, 'program_state')
-
-
-def latest_saved_round(output_dir: str) -> Optional[int]:
-  """The last round whose state is completely saved in `output_dir`."""
-  root = _state_dir(output_dir)
-  if not tf.io.gfile.isdir(root):
-    return None
-  rounds = []
-  for entry in tf.io.gfile.listdir(root):
-    entry = entry.rstrip('/')
-    suffix = entry[len(_STATE_PREFIX):]
-    if entry.startswith(_STATE_PREFIX) and suffix.isdigit() and (
-        _is_complete_save(os.path.join(root, entry))):
-      rounds.append(int(suffix))
-  return max(rounds) if rounds else None
-
-
-def check_resumable(output_dir: str, values: dict) -> Optional[int]:
-  """Records the run's flags; returns the round a restart resumes from.
-
-  Raises:
-    ValueError: If `output_dir` holds the saved state of a run with other
-      flags (other than those in `_RESUMABLE_CHANGES`), naming them.
-  """
-  path = os.path.join(output_dir, 'run_flags.json')
-  values = json.loads(json.dumps(values))  # Tuples -> lists, as saved.
-  saved_round = latest_saved_round(output_dir)
-  if saved_round is not None and tf.io.gfile.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    changed = sorted(k for k in set(saved) | set(values)
-                     if k not in _RESUMABLE_CHANGES
-                     and saved.get(k) != values.get(k))
-    if changed:
-      raise ValueError(
-          f'--output_dir={output_dir} holds the saved state (round '
-          f'{saved_round}) of a run with different flags: ' + ', '.join(
-              f'--{k}={saved.get(k)!r} (now {values.get(k)!r})'
-              for k in changed) + '. Use another --output_dir, or delete '
-          'this one to start over.')
-  with open(path, 'w') as f:
-    json.dump(values, f, indent=2, sort_keys=True)
-  return saved_round
-
-
 def read_metrics(output_dir: str) -> dict:
   """round -> {'a/b/c': float} from `metrics.csv` (all rounds, any run)."""
   history = {}
@@ -571,32 +505,27 @@ def train(process, select_clients, *, output_dir: str, rounds: int,
   """`tff.simulation.run_training_process`, resumable, on --workers.
 
   Saves the state every --save_every rounds (and round 0) in
-  `<output_dir>/program_state`; if a saved state exists (and the flags that
-  shape the run match), training resumes after it. Metrics go to
-  `metrics.csv` (TFF's CSV manager drops rows after the resumed round before
-  writing, so nothing is duplicated), TensorBoard and `progress`.
+  `<output_dir>/program_state`; if a verified save exists (and the flags that
+  shape the run match), training resumes after it (`run_dir.prepare` says
+  what else an existing directory allows). Metrics go to `metrics.csv`
+  (TFF's CSV manager drops rows after the resumed round before writing, so
+  nothing is duplicated), TensorBoard and `progress`.
 
-  The caller has checked the flags (`validate_execution_flags`).
+  The caller has checked the flags (`validate_execution_flags`) and holds
+  `run_dir.lock(output_dir)`.
 
   Returns:
     `(final state, resumed-from round or None)`.
   """
   save_every = SAVE_EVERY.value
-  resumed_from = None
+  resumed_from = run_dir.prepare(output_dir, flag_values,
+                                 save_every=save_every,
+                                 overwrite=OVERWRITE.value, rounds=rounds)
   kwargs = {}
   if save_every:
-    resumed_from = check_resumable(output_dir, flag_values)
-    if resumed_from is not None and resumed_from > rounds:
-      raise ValueError(
-          f'--output_dir={output_dir} holds a state saved after round '
-          f'{resumed_from}, past --rounds={rounds}. Pass --rounds >= '
-          f'{resumed_from}, or another --output_dir.')
-    if resumed_from is not None:
-      print(f'Resuming from the state saved after round {resumed_from} in '
-            f'{_state_dir(output_dir)}', flush=True)
     kwargs = dict(
-        program_state_manager=ResumableProgramStateManager(
-            _state_dir(output_dir), prefix=_STATE_PREFIX, keep_total=3),
+        program_state_manager=run_dir.ProgramStateManager(output_dir,
+                                                          keep_total=3),
         rounds_per_saving_program_state=save_every)
   if WORKERS.value:
     print(f'Rounds run on {len(WORKERS.value)} TFF worker(s): '

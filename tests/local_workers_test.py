@@ -145,6 +145,28 @@ def test_cli_runs_a_command_on_local_workers_and_stops_them(network, tmp_path):
   assert not leftover.strip()
 
 
+@pytest.mark.parametrize('shared', [False, True])
+def test_cli_claims_a_private_network_only_where_it_holds(shared, tmp_path):
+  # An inherited variable once made `run` skip the namespace and still claim
+  # it. The command prints the interfaces the workers share with it.
+  if not shared and not _private_network_available():
+    pytest.skip('unprivileged user+network namespaces are not available')
+  inherited = {'TFF_FAD_WORKERS_PRIVATE_NETWORK': '1',
+               'TFF_FAD_WORKERS_UNSHARED_PID': '1'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'tff_fad.local_workers', 'run', '-n', '1',
+       '--log_dir', str(tmp_path)] + (['--shared_network'] if shared else []) +
+      ['--', sys.executable, '-c',
+       'import socket; print([n for _, n in socket.if_nameindex()])'],
+      cwd=_REPO, capture_output=True, text=True, timeout=600, check=False,
+      env=dict(os.environ, **inherited))
+  assert result.returncode == 0, result.stderr
+  interfaces = eval(result.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
+  claimed = 'in a private network namespace' in result.stderr
+  assert claimed == (interfaces == ['lo']), (interfaces, result.stderr)
+  assert claimed == (not shared or interfaces == ['lo'])
+
+
 def test_cli_start_requires_acknowledging_the_shared_network():
   result = _run_cli('start', '-n', '1')
   assert result.returncode == 2

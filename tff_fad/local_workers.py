@@ -133,17 +133,6 @@ def worker_binary_path() -> str:
   return path
 
 
-# Execs argv[1:] after asking Linux to SIGKILL it when its parent dies, so a
-# killed training run cannot leave its workers behind. (Popen's preexec_fn
-# would do the same but can deadlock in a process with threads, as
-# TensorFlow's is.)
-_EXEC_DYING_WITH_PARENT = (
-    'import ctypes, os, signal, sys\n'
-    'try:\n'
-    '  ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n'
-    'except (OSError, AttributeError):\n'
-    '  pass\n'
-    'os.execv(sys.argv[1], sys.argv[1:])\n')
 # Starts argv[2:] in a new session, logging to argv[1], prints its pid and
 # exits: the worker is nobody's child here, so no clean-up at exit stops it.
 _START_DETACHED = (
@@ -205,9 +194,9 @@ class LocalWorkers:
           self.pids.append(int(launched.stdout))
         else:
           with open(log_path, 'ab') as log:
-            child = subprocess.Popen(
-                [sys.executable, '-c', _EXEC_DYING_WITH_PARENT] + argv,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            child = runtime.popen_dying_with_parent(
+                argv, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT)
           self._children.append(child)
           self.pids.append(child.pid)
       self._wait_until_ready(ready_timeout_seconds)
@@ -278,7 +267,10 @@ def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
 # ---------------------------------------------------------------------------
 # Command line: python -m tff_fad.local_workers run -n 2 -- COMMAND ...
 
-_PRIVATE_NETWORK_ENV = 'TFF_FAD_WORKERS_PRIVATE_NETWORK'
+# Set to its pid by the process that re-executes itself under `unshare`
+# (which keeps the pid): the new process knows it was re-executed, so it does
+# not loop; an inherited value names another pid and means nothing.
+_REEXECUTED_ENV = 'TFF_FAD_WORKERS_UNSHARED_PID'
 _IFF_UP = 0x1
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -294,6 +286,15 @@ def _bring_up_loopback() -> None:
     fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack('16sH', b'lo', flags | _IFF_UP))
 
 
+def in_private_network() -> bool:
+  """Whether this process's network has no interface but loopback.
+
+  Then nothing outside can reach a worker, whatever it listens on. This is
+  what makes the workers private, checked rather than assumed.
+  """
+  return [name for _, name in socket.if_nameindex()] == ['lo']
+
+
 def _enter_private_network(argv: List[str]) -> None:
   """Re-executes this command in a new user + network namespace.
 
@@ -302,7 +303,7 @@ def _enter_private_network(argv: List[str]) -> None:
   """
   command = ['unshare', '--user', '--map-root-user', '--net', '--',
              sys.executable, '-m', 'tff_fad.local_workers'] + argv
-  env = dict(os.environ, **{_PRIVATE_NETWORK_ENV: '1'})
+  env = dict(os.environ, **{_REEXECUTED_ENV: str(os.getpid())})
   try:
     probe = subprocess.run(['unshare', '--user', '--map-root-user', '--net',
                             'true'], capture_output=True, text=True,
@@ -324,18 +325,16 @@ def _run(args) -> int:
     sys.exit('error: give the command to run after --, e.g. `python -m '
              'tff_fad.local_workers run -n 2 -- python -m research.baffle.main '
              '--output_dir out/b`.')
-  if os.environ.get(_PRIVATE_NETWORK_ENV):
-    _bring_up_loopback()
   with LocalWorkers(args.num_workers, log_dir=args.log_dir) as local:
     command = args.command + [f'--workers={",".join(local.addresses)}']
-    where = ('a private network namespace' if os.environ.get(
-        _PRIVATE_NETWORK_ENV) else "this machine's network (all interfaces)")
+    where = ('a private network namespace (only a loopback interface)'
+             if in_private_network() else
+             "this machine's network (all interfaces)")
     print(f'tff_fad.local_workers: {args.num_workers} worker(s) at '
           f'{",".join(local.addresses)} in {where}; logs in {local.log_dir}',
           file=sys.stderr, flush=True)
-    env = {k: v for k, v in os.environ.items() if k != _PRIVATE_NETWORK_ENV}
     try:
-      child = subprocess.Popen(command, env=env)
+      child = subprocess.Popen(command)
     except FileNotFoundError:
       sys.exit(f'error: cannot run {command[0]!r}: no such program.')
     try:
@@ -401,7 +400,14 @@ def main(argv: Optional[List[str]] = None) -> int:
   if args.action == 'run':
     if args.command and args.command[0] == '--':
       args.command = args.command[1:]
-    if not args.shared_network and not os.environ.get(_PRIVATE_NETWORK_ENV):
+    reexecuted = os.environ.pop(_REEXECUTED_ENV, None) == str(os.getpid())
+    if reexecuted:
+      _bring_up_loopback()  # A new network namespace starts with it down.
+    if not args.shared_network and not in_private_network():
+      if reexecuted:
+        sys.exit('error: the network namespace made by unshare has interfaces '
+                 f'other than loopback; not starting the workers. '
+                 f'{TRUST_WARNING}')
       _enter_private_network(argv)
     return _run(args)
   if args.action == 'start':

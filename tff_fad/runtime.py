@@ -6,16 +6,20 @@ interpreter exit, so the worker outlives Python, orphaned, and keeps the
 parent's stdout/stderr open: `python train.py | tee log` then never returns
 and CI jobs hang. Importing `tff_fad` registers `shutdown_local_workers` with
 `atexit`; entry points may also call it explicitly, and should call
-`exit_on_termination_signals()`: SIGTERM and SIGHUP otherwise end Python
-without running `atexit`.
+`set_up_entry_point()`: it makes SIGTERM, SIGHUP and SIGINT run that
+clean-up (they otherwise end Python without it, or with a traceback), and
+replaces TFF's default local context by one whose worker dies with Python
+even on SIGKILL, which no clean-up code survives.
 """
 
 import atexit
 import gc
 import os
 import signal
+import subprocess
+import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 _WORKER_SUFFIX = os.path.join('data', 'worker_binary')
 
@@ -125,8 +129,107 @@ def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
   return len(pids)
 
 
+# Execs argv[2:] after asking Linux to SIGKILL it when its parent dies, so a
+# killed process cannot leave it behind. Linux counts the thread that forked
+# as the parent, and forgets a request made after the parent died: hence the
+# parent pid (argv[1]) checked after it. (Popen's preexec_fn would do the
+# same but can deadlock in a process with threads, as TensorFlow's is.)
+_EXEC_DYING_WITH_PARENT = (
+    'import ctypes, os, signal, sys\n'
+    'try:\n'
+    '  ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n'
+    'except (OSError, AttributeError):\n'
+    '  pass\n'
+    'if os.getppid() != int(sys.argv[1]):\n'
+    '  sys.exit(1)\n'
+    'os.execv(sys.argv[2], sys.argv[2:])\n')
+
+
+def popen_dying_with_parent(argv: Sequence[str], **kwargs) -> subprocess.Popen:
+  """`subprocess.Popen(argv, **kwargs)`, killed by Linux if this process dies.
+
+  The pid is that of `argv[0]` (the shim execs it in place). The thread that
+  calls this must live as long as the child should.
+  """
+  return subprocess.Popen(
+      [sys.executable, '-c', _EXEC_DYING_WITH_PARENT, str(os.getpid())] +
+      list(argv), **kwargs)
+
+
+class _LocalWorker:
+  """TFF's local `ServiceManager`, with the worker started dying with us."""
+
+  def __init__(self):
+    self._process = None
+    self._stub = None
+
+  def stub(self):
+    import grpc  # pylint: disable=g-import-not-at-top
+    import portpicker  # pylint: disable=g-import-not-at-top
+    import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+    from tff_fad import local_workers  # pylint: disable=g-import-not-at-top
+    from tff_fad import workers  # pylint: disable=g-import-not-at-top
+
+    if self._stub is not None and self._stub.is_ready:
+      return self._stub
+    # Gone (e.g. stopped by shutdown_local_workers) or broken: start another.
+    if self._process is not None and self._process.poll() is None:
+      self._process.send_signal(signal.SIGINT)
+      self._process.wait()
+    port = portpicker.pick_unused_port()
+    # A session of its own: a terminal's Ctrl-C reaches Python only, which
+    # stops the worker after its clean-up instead of losing it mid-call.
+    self._process = popen_dying_with_parent(
+        [local_workers.worker_binary_path(), f'--port={port}',
+         '--max_concurrent_computation_calls=-1'], start_new_session=True)
+    self._stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(
+        f'localhost:{port}', workers._GRPC_OPTIONS))  # pylint: disable=protected-access
+    while not self._stub.is_ready:
+      if self._process.poll() is not None:
+        raise RuntimeError(f'TFF worker_binary exited with code '
+                           f'{self._process.returncode} while starting.')
+      time.sleep(0.05)
+    return self._stub
+
+
+def set_local_context() -> None:
+  """Sets TFF's default local context to one whose worker dies with Python.
+
+  The context is TFF's own (`create_sync_local_cpp_execution_context`), with
+  `worker_binary` started through `popen_dying_with_parent` from the
+  context's event-loop thread, which lives as long as the context.
+  """
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  worker = _LocalWorker()
+
+  def executor_stack(cardinalities):
+    cardinalities = dict(cardinalities)
+    # Server-only computations carry no CLIENTS cardinality; the C++
+    # service requires one.
+    cardinalities.setdefault(tff.CLIENTS, 0)
+    executor = tff.framework.RemoteExecutor(worker.stub())
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  tff.framework.set_default_context(tff.framework.SyncExecutionContext(
+      executor_fn=tff.framework.ResourceManagingExecutorFactory(
+          executor_stack),
+      compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+      transform_args=tff.tensorflow.transform_args,
+      transform_result=tff.tensorflow.transform_result))
+
+
+def set_up_entry_point() -> None:
+  """What every entry point (`main`) calls first: no signal leaks a worker.
+
+  `exit_on_termination_signals()` and `set_local_context()`.
+  """
+  exit_on_termination_signals()
+  set_local_context()
+
+
 class TerminatedBySignal(SystemExit):
-  """SIGTERM or SIGHUP, turned into an exit that runs clean-up code."""
+  """SIGTERM, SIGHUP or SIGINT, turned into an exit that runs clean-up code."""
 
   def __init__(self, signum: int):
     super().__init__(128 + signum)  # The shell's code for death by signal.
@@ -137,7 +240,7 @@ class TerminatedBySignal(SystemExit):
     return signal.Signals(self.signum).name
 
 
-_TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def _raise_terminated(signum, unused_frame):
@@ -149,19 +252,22 @@ def _raise_terminated(signum, unused_frame):
 
 
 def exit_on_termination_signals() -> None:
-  """Makes SIGTERM and SIGHUP raise `TerminatedBySignal` in the main thread.
+  """Makes SIGTERM, SIGHUP, SIGINT raise `TerminatedBySignal` (main thread).
 
-  By default they end Python at once, skipping `finally` blocks and `atexit`,
-  so `kill PID`, a closed terminal or a scheduler's stop leaks TFF's worker.
-  As an exception they unwind the stack and exit with code 128 + signal
-  number; later ones are ignored while clean-up runs (it is bounded by
-  `shutdown_local_workers`' timeout). Signals that already have a handler
-  other than the default are left alone. Call from the main thread (Python
-  sets handlers only there). SIGKILL cannot be caught: run under a process
-  group the caller can kill.
+  By default SIGTERM and SIGHUP end Python at once, skipping `finally` blocks
+  and `atexit`, so `kill PID`, a closed terminal or a scheduler's stop leaks
+  TFF's worker; SIGINT (Ctrl-C) raises KeyboardInterrupt, a traceback that
+  callers do not report as a stop. As `TerminatedBySignal` they unwind the
+  stack and exit with code 128 + signal number; later ones are ignored while
+  clean-up runs (it is bounded by `shutdown_local_workers`' timeout).
+  Signals that already have a handler other than Python's default are left
+  alone (e.g. SIGINT ignored in a background job). Call from the main thread
+  (Python sets handlers only there). SIGKILL cannot be caught:
+  `set_local_context` covers it.
   """
   for signum in _TERMINATION_SIGNALS:
-    if signal.getsignal(signum) is signal.SIG_DFL:
+    if signal.getsignal(signum) in (signal.SIG_DFL,
+                                    signal.default_int_handler):
       signal.signal(signum, _raise_terminated)
 
 

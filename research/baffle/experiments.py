@@ -136,7 +136,7 @@ def make_table(rows: Sequence[dict], report_rounds: Sequence[int]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tff_fad.runtime.exit_on_termination_signals()  # Clean-up runs on kill.
+  tff_fad.runtime.set_up_entry_point()  # No signal leaks TFF's worker.
   output_dir = experiment.OUTPUT_DIR.value
   if not output_dir:
     raise ValueError('--output_dir is required.')

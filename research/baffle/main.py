@@ -10,7 +10,6 @@ to `--output_dir`, and prints progress and the final accuracy.
 """
 
 import collections
-import json
 import os
 import time
 from typing import Any
@@ -23,6 +22,7 @@ import tensorflow_federated as tff
 
 import tff_fad
 from research import experiment
+from research import run_dir
 from tff_fad.learning import baffle
 from tff_fad.learning import models
 
@@ -100,9 +100,13 @@ def _plot(history: dict[int, dict[str, float]], key: str, path: str,
 def run() -> dict[str, Any]:
   """Trains and writes the outputs; returns the summary."""
   validate_flags()
+  with run_dir.lock(_OUTPUT_DIR.value):
+    return _run()
+
+
+def _run() -> dict[str, Any]:
   start = time.time()
   output_dir = _OUTPUT_DIR.value
-  os.makedirs(output_dir, exist_ok=True)
   tf.random.set_seed(_SEED.value)
 
   # LeNet is defined on 32x32 inputs (BAFFLE); WRN's stride-2 stages also
@@ -172,8 +176,7 @@ def run() -> dict[str, Any]:
       resumed_from_round=resumed_from,
       wall_time_seconds=round(time.time() - start, 1),
       flags=experiment.flag_values(__name__))
-  with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  summary = run_dir.write_summary(output_dir, summary, history)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
         f"{test_summary['final_test_accuracy']:.4f} (after "
         f'{_ROUNDS.value} rounds, {summary["wall_time_seconds"]} s)')

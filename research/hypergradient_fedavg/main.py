@@ -9,7 +9,6 @@ cost of one round) to --output_dir. `--algorithm=fedavg` runs TFF's own
 """
 
 import collections
-import json
 import os
 import time
 from typing import Any
@@ -21,6 +20,7 @@ import tensorflow_federated as tff
 
 import tff_fad
 from research import experiment
+from research import run_dir
 from tff_fad.learning import hypergradient_fed_avg
 from tff_fad.learning import models
 
@@ -150,9 +150,13 @@ def run() -> dict[str, Any]:
     raise ValueError('--weighting=learned needs --algorithm=hypergradient, '
                      '--aggregator=mean and --fad_mode=forward (its average '
                      'must be differentiable in the weights).')
+  with run_dir.lock(_OUTPUT_DIR.value):
+    return _run()
+
+
+def _run() -> dict[str, Any]:
   start = time.time()
   output_dir = _OUTPUT_DIR.value
-  os.makedirs(output_dir, exist_ok=True)
   tf.random.set_seed(_SEED.value)
 
   task = experiment.load_task(pad_digits_to_32x32=_MODEL.value != 'linear')
@@ -228,8 +232,7 @@ def run() -> dict[str, Any]:
       resumed_from_round=resumed_from,
       wall_time_seconds=round(time.time() - start, 1),
       flags=experiment.flag_values(__name__))
-  with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  summary = run_dir.write_summary(output_dir, summary, history)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
         f"{test_summary['final_test_accuracy']:.4f}; server learning rate "
         f'{_SERVER_LR.value:g} -> {final_lr:.4f} after {_ROUNDS.value} rounds '

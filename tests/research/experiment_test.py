@@ -1,6 +1,6 @@
 """Tests of the binaries' shared plumbing: tasks, evaluation, workers."""
 
-import os
+import asyncio
 
 from absl import flags
 from absl.testing import flagsaver
@@ -9,6 +9,7 @@ import pytest
 import tensorflow_federated as tff
 
 from research import experiment
+from research import run_dir
 from research import tasks
 from research.baffle import main as baffle_main
 from research.hypergradient_fedavg import main as hypergradient_main
@@ -36,6 +37,25 @@ def test_bad_execution_flags_are_named(values, message):
       experiment.validate_execution_flags()
 
 
+@pytest.mark.parametrize('main, values, message', [
+    # --server_lr=inf trained to NaN and exited 0.
+    (hypergradient_main, dict(server_lr=float('inf')),
+     '--server_lr must be a finite number'),
+    (hypergradient_main, dict(hyper_lr=float('nan')),
+     '--hyper_lr must be a finite number'),
+    (hypergradient_main, dict(initial_weight_exponent=1e39),
+     '--initial_weight_exponent must be a finite number .in float32.'),
+    (baffle_main, dict(sigma=float('inf')), '--sigma must be a finite number'),
+])
+def test_non_finite_float_flags_are_refused_before_any_work(
+    main, values, message, tmp_path):
+  output_dir = tmp_path / 'run'
+  with flagsaver.flagsaver(output_dir=str(output_dir), **values):
+    with pytest.raises(ValueError, match=message):
+      main.run()
+  assert not output_dir.exists()
+
+
 def test_remote_workers_need_the_opt_in_flag():
   with flagsaver.flagsaver(workers=['10.1.2.3:8000'],
                            allow_remote_workers=True):
@@ -52,9 +72,10 @@ def test_reverse_mode_hypergradient_is_refused_on_workers(tmp_path):
 
 def test_worker_failure_exits_naming_it_and_how_to_resume(tmp_path, capsys):
   # The saved state a run leaves after round 4.
-  saved = tmp_path / 'program_state' / 'program_state_4'
-  os.makedirs(saved)
-  (saved / 'saved_model.pb').write_bytes(b'')
+  loop = asyncio.new_event_loop()  # asyncio.run would unset TFF's loop.
+  loop.run_until_complete(run_dir.ProgramStateManager(str(tmp_path)).save(
+      {'w': np.zeros([2], np.float32)}, 4))
+  loop.close()
 
   def run():
     raise local_workers.WorkerUnavailableError(

@@ -1,21 +1,23 @@
 """A training binary killed mid-run resumes to the uninterrupted result.
 
-Each binary runs three times with the same flags and seed: uninterrupted
-(in this process), killed with SIGKILL after round 5 (a real separate
-process; the last saved state is round 4), and restarted (in this process)
-on the killed run's output directory. The restarted run must end with the
-same model, the same metrics.csv (every round exactly once) and the same
-summary as the uninterrupted one, up to float32 rounding.
+Each binary runs uninterrupted (in this process, once per module), and
+killed with SIGKILL after round 5 (a real separate process; the last saved
+state is round 4) then restarted (in this process) on the killed run's output
+directory. Hypergradient FedAvg is also killed at random moments, inside
+saves too, several times in a row. Every restarted run must end with the same
+model, the same metrics.csv (every round exactly once) and the same summary
+as the uninterrupted one, up to float32 rounding.
 """
 
-import asyncio
 import csv
 import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
 from absl.testing import flagsaver
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research import experiment
+from research import run_dir
 from research.baffle import main as baffle_main
 from research.hypergradient_fedavg import main as hypergradient_main
 
@@ -58,28 +60,42 @@ def _run_in_process(module, output_dir, extra):
     return module.run()
 
 
-def _run_and_kill(module, output_dir, extra, log_path):
+def _start(module, output_dir, extra, log):
   argv = [sys.executable, '-m', module.__name__, f'--output_dir={output_dir}']
   argv += [f'--{k}={v}' for k, v in {**_COMMON, **extra}.items()]
+  # A session of its own, so the clean-up can take whatever is left.
+  return subprocess.Popen(argv, cwd=_REPO, stdout=subprocess.PIPE,
+                          stderr=log, text=True, start_new_session=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+
+
+def _kill(child, log_path, printed=()):
+  """SIGKILLs the Python process only, as the OOM killer would."""
+  try:
+    if child.poll() is None:
+      child.kill()
+  finally:
+    try:
+      os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    child.wait(timeout=60)
+  assert child.returncode == -signal.SIGKILL, (
+      f'the run was not killed mid-way:\n{"".join(printed)}\n'
+      f'{open(log_path).read()[-3000:]}')
+
+
+def _run_and_kill(module, output_dir, extra, log_path):
   with open(log_path, 'w') as log:
-    # A session of its own, so the kill takes TFF's worker process too.
-    child = subprocess.Popen(argv, cwd=_REPO, stdout=subprocess.PIPE,
-                             stderr=log, text=True, start_new_session=True,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+    child = _start(module, output_dir, extra, log)
     printed = []
     try:
       for line in child.stdout:
         printed.append(line)
         if re.match(rf'round\s+{_KILL_AFTER_ROUND}/{_ROUNDS}\b', line):
-          os.killpg(child.pid, signal.SIGKILL)
           break
     finally:
-      if child.poll() is None:
-        os.killpg(child.pid, signal.SIGKILL)
-      child.wait(timeout=60)
-  assert child.returncode == -signal.SIGKILL, (
-      f'the run was not killed mid-way:\n{"".join(printed)}\n'
-      f'{open(log_path).read()[-3000:]}')
+      _kill(child, log_path, printed)
 
 
 def _metrics(output_dir):
@@ -94,25 +110,23 @@ def _final_model(output_dir):
   return [np.asarray(v) for v in tf.nest.flatten(tf.saved_model.load(path)())]
 
 
-@pytest.mark.parametrize('name', sorted(_BINARIES))
-def test_killed_run_resumes_to_the_uninterrupted_result(name, tmp_path):
-  module, extra = _BINARIES[name]
-  reference_dir = str(tmp_path / 'uninterrupted')
-  resumed_dir = str(tmp_path / 'killed_and_resumed')
-  reference = _run_in_process(module, reference_dir, extra)
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, parsed_flags):
+  """name -> (output directory, summary) of an uninterrupted run, made once."""
+  del parsed_flags  # Only needed first.
+  runs = {}
 
-  _run_and_kill(module, resumed_dir, extra, str(tmp_path / 'killed.log'))
-  assert experiment.latest_saved_round(resumed_dir) == 4
-  assert not os.path.exists(os.path.join(resumed_dir, 'summary.json'))
-  # Round 5's row may or may not have reached the file before the kill.
-  killed_rounds = [int(r['round']) for r in _metrics(resumed_dir)]
-  assert killed_rounds in (list(range(_KILL_AFTER_ROUND)),
-                           list(range(_KILL_AFTER_ROUND + 1)))
+  def get(name):
+    if name not in runs:
+      module, extra = _BINARIES[name]
+      output_dir = str(tmp_path_factory.mktemp(f'{name}_uninterrupted'))
+      runs[name] = output_dir, _run_in_process(module, output_dir, extra)
+    return runs[name]
 
-  resumed = _run_in_process(module, resumed_dir, extra)
-  assert resumed['resumed_from_round'] == 4
-  assert reference['resumed_from_round'] is None
+  return get
 
+
+def _assert_same_results(reference_dir, reference, resumed_dir, resumed):
   # Every round once, with the uninterrupted run's values: the state is saved
   # exactly and all randomness is a function of (seed, round). Not bit for
   # bit: TFF's runtime adds client values in the order they finish, so even
@@ -131,12 +145,77 @@ def test_killed_run_resumes_to_the_uninterrupted_result(name, tmp_path):
   for a, b in zip(_final_model(reference_dir), _final_model(resumed_dir),
                   strict=True):
     np.testing.assert_allclose(a, b, rtol=_RTOL, atol=1e-6)
+  with open(os.path.join(resumed_dir, 'summary.json')) as f:
+    on_disk = json.load(f)
   for key in ('final_test_accuracy', 'final_test_loss',
               'final_server_learning_rate'):
     assert resumed.get(key) == pytest.approx(reference.get(key), rel=_RTOL)
-  with open(os.path.join(resumed_dir, 'summary.json')) as f:
-    assert json.load(f)['accuracy_by_round'].keys() == (
-        reference['accuracy_by_round'].keys())
+    assert on_disk.get(key) == pytest.approx(reference.get(key), rel=_RTOL)
+  for key in ('accuracy_by_round', 'server_learning_rate_by_round'):
+    if key in reference:
+      assert on_disk[key] == pytest.approx(reference[key], rel=_RTOL)
+  assert on_disk['diverged'] is reference['diverged'] is False
+
+
+# Hypergradient FedAvg: see the test with random kills below.
+@pytest.mark.parametrize('name', ['baffle'])
+def test_killed_run_resumes_to_the_uninterrupted_result(name, uninterrupted,
+                                                        tmp_path):
+  module, extra = _BINARIES[name]
+  reference_dir, reference = uninterrupted(name)
+  resumed_dir = str(tmp_path / 'killed_and_resumed')
+
+  _run_and_kill(module, resumed_dir, extra, str(tmp_path / 'killed.log'))
+  assert run_dir.latest_saved_round(resumed_dir) == 4
+  assert not os.path.exists(os.path.join(resumed_dir, 'summary.json'))
+  # Round 5's row may or may not have reached the file before the kill.
+  killed_rounds = [int(r['round']) for r in _metrics(resumed_dir)]
+  assert killed_rounds in (list(range(_KILL_AFTER_ROUND)),
+                           list(range(_KILL_AFTER_ROUND + 1)))
+
+  resumed = _run_in_process(module, resumed_dir, extra)
+  assert resumed['resumed_from_round'] == 4
+  assert reference['resumed_from_round'] is None
+  _assert_same_results(reference_dir, reference, resumed_dir, resumed)
+
+
+def _state_entries(output_dir):
+  try:
+    return os.listdir(os.path.join(output_dir, 'program_state'))
+  except FileNotFoundError:
+    return []
+
+
+def test_run_killed_at_random_moments_ends_as_the_uninterrupted_one(
+    uninterrupted, tmp_path):
+  module, extra = _BINARIES['hypergradient_fedavg']
+  reference_dir, reference = uninterrupted('hypergradient_fedavg')
+  output_dir = str(tmp_path / 'killed_again_and_again')
+  extra = dict(extra, save_every=1)  # Saves all the time: more to cut short.
+  rng = random.Random(16)
+  for attempt in range(5):
+    log_path = str(tmp_path / f'killed_{attempt}.log')
+    with open(log_path, 'w') as log:
+      left_over = set(_state_entries(output_dir))
+      child = _start(module, output_dir, extra, log)
+      try:
+        if attempt % 2 == 0:
+          # Inside a save: TFF writes it to program_state_<N>_temp<K> first.
+          while child.poll() is None and not any(
+              '_temp' in e and e not in left_over
+              for e in _state_entries(output_dir)):
+            time.sleep(0.001)
+        else:
+          for line in child.stdout:
+            if line.startswith('round'):
+              break
+          time.sleep(rng.uniform(0.0, 0.3))
+      finally:
+        _kill(child, log_path)
+  assert not os.path.exists(os.path.join(output_dir, 'summary.json'))
+
+  resumed = _run_in_process(module, output_dir, extra)
+  _assert_same_results(reference_dir, reference, output_dir, resumed)
 
 
 def test_resuming_with_other_flags_is_refused_by_name(tmp_path):
@@ -151,26 +230,3 @@ def test_resuming_with_other_flags_is_refused_by_name(tmp_path):
   summary = _run_in_process(baffle_main, output_dir, dict(extra, rounds=3,
                                                           eval_every=3))
   assert summary['resumed_from_round'] == 2
-
-
-def _run_async(coroutine):
-  # A private loop: asyncio.run would unset the loop TFF's training loop uses.
-  loop = asyncio.new_event_loop()
-  try:
-    return loop.run_until_complete(coroutine)
-  finally:
-    loop.close()
-
-
-def test_incomplete_saved_state_is_skipped(tmp_path):
-  root = str(tmp_path / 'program_state')
-  manager = experiment.ResumableProgramStateManager(root, prefix='state_')
-  structure = {'w': np.zeros([3], np.float32), 'round': np.int64(0)}
-  _run_async(manager.save(
-      {'w': np.arange(3, dtype=np.float32), 'round': np.int64(4)}, 4))
-  # A crash while saving round 6 left its directory without saved_model.pb.
-  os.makedirs(os.path.join(root, 'state_6', 'variables'))
-  state, version = _run_async(manager.load_latest(structure))
-  assert version == 4
-  np.testing.assert_array_equal(state['w'], [0.0, 1.0, 2.0])
-  assert not os.path.exists(os.path.join(root, 'state_6'))
