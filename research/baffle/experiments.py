@@ -44,6 +44,7 @@ import tensorflow_federated as tff
 
 import tff_fad
 from research import experiment
+from research import run_dir
 from research.baffle import main as baffle_main
 from tff_fad.learning import baffle
 
@@ -94,16 +95,17 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
 
   rounds = experiment.ROUNDS.value
   os.makedirs(output_dir, exist_ok=True)
-  state, _ = experiment.train(
-      process, select, output_dir=output_dir, rounds=rounds,
-      evaluate=evaluate, eval_every=experiment.EVAL_EVERY.value,
-      progress=experiment.ProgressReleaseManager(rounds, [
-          ('train_loss', 'client_work/train/loss', '.4f'),
-          ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f')]),
-      flag_values=dict(experiment.flag_values(baffle_main.__name__),
-                       baseline=algorithm))
-  _, test_summary = experiment.final_evaluation(
-      evaluate(state, None), experiment.read_metrics(output_dir), rounds)
+  with run_dir.lock(output_dir):
+    state, _ = experiment.train(
+        process, select, output_dir=output_dir, rounds=rounds,
+        evaluate=evaluate, eval_every=experiment.EVAL_EVERY.value,
+        progress=experiment.ProgressReleaseManager(rounds, [
+            ('train_loss', 'client_work/train/loss', '.4f'),
+            ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f')]),
+        flag_values=dict(experiment.flag_values(baffle_main.__name__),
+                         baseline=algorithm))
+    _, test_summary = experiment.final_evaluation(
+        evaluate(state, None), experiment.read_metrics(output_dir), rounds)
   print(f'{algorithm}: final test accuracy '
         f'{test_summary["final_test_accuracy"]:.4f}', flush=True)
   return collections.OrderedDict(

@@ -164,7 +164,7 @@ def test_a_diverged_run_writes_strict_json(tmp_path):
     summary = json.load(f, parse_constant=reject)
   assert summary['diverged'] is True
   assert summary['diverged_at_round'] == 1
-  assert summary['final_test_loss'] is None
+  assert summary['final_central_test']['loss'] is None
 
 
 def _run_async(coroutine):
