@@ -250,6 +250,18 @@ def _zeros_like_trainable(model, leading=()):
                for w in model.initial_weights[0])
 
 
+def _next_model(round_weights, log_lr, pending):
+  """The stored model after a round: `w_t - exp(log_lr) * pending`.
+
+  `round_weights` is the `(trainable, non_trainable)` model the round's
+  clients trained from, `log_lr` the new rate, `pending` the new update.
+  """
+  lr = tf.exp(log_lr)
+  return tff.learning.models.ModelWeights(
+      trainable=tuple(w - lr * p for w, p in zip(round_weights[0], pending)),
+      non_trainable=round_weights[1])
+
+
 def _hyper_step(hyper_optimizer, hyper_state, values, hypergradients):
   """One hyper-optimizer step; a non-finite hypergradient counts as 0.
 
@@ -504,11 +516,7 @@ def build_hypergradient_fed_avg(
         hyper_optimizer, finalizer['hyper_optimizer'], finalizer['log_lr'],
         hypergradient)
     lr = tf.exp(finalizer['log_lr'])
-    new_lr = tf.exp(new_log_lr)
-    new_model = tff.learning.models.ModelWeights(
-        trainable=tuple(w - new_lr * p for w, p in zip(weights[0],
-                                                       new_pending)),
-        non_trainable=weights[1])
+    new_model = _next_model(weights, new_log_lr, new_pending)
     new_finalizer = collections.OrderedDict(
         log_lr=new_log_lr, pending=new_pending,
         # d w_t / d log_lr, the next round's d(stored model) / d log_lr.
@@ -708,11 +716,7 @@ def build_learned_weighting_fed_avg(
         (finalizer['log_lr'], finalizer['weight_exponent']),
         (hypergradient[0], hypergradient[1]))
     lr = tf.exp(finalizer['log_lr'])
-    new_lr = tf.exp(log_lr)
-    new_model = tff.learning.models.ModelWeights(
-        trainable=tuple(w - new_lr * p for w, p in zip(weights[0],
-                                                       new_pending)),
-        non_trainable=weights[1])
+    new_model = _next_model(weights, log_lr, new_pending)
     new_finalizer = collections.OrderedDict(
         log_lr=log_lr, weight_exponent=exponent, pending=new_pending,
         pending_tangent=tuple(t[1] for t in pending_tangent),
