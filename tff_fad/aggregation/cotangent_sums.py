@@ -83,7 +83,7 @@ class PrivateBroadcast(primitives.Broadcast):
 
   def jvp(self, inputs, active, num_directions):
     return primitives.Dual(
-        packed=tff.federated_broadcast(inputs[0].packed()))
+        packed=primitives.emit_broadcast(inputs[0].packed()))
 
   def why_not_differentiable(self, node: ir.Node, mode: str) -> str:
     if mode not in REVERSE_MODES:

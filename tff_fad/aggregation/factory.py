@@ -270,18 +270,20 @@ class FactoryAggregate(primitives.Primitive):
       tangent_measurements = primitives.local_call(
           lambda _: _zeros_of(zeros), [state])
     else:
-      tangent_state = tangent_out.state
-      tangent_measurements = tangent_out.measurements
-    new_state = tff.federated_zip(collections.OrderedDict(
-        value=value_out.state, tangent=tangent_state, cotangent=state[2]))
-    measurements = tff.federated_zip(collections.OrderedDict(
-        value=value_out.measurements, tangent=tangent_measurements))
-    return tff.federated_zip(collections.OrderedDict(
-        state=new_state, result=value_out.result, measurements=measurements))
+      tangent_state = tangent_out['state']
+      tangent_measurements = tangent_out['measurements']
+    new_state = primitives.emit_zip(collections.OrderedDict(
+        value=value_out['state'], tangent=tangent_state, cotangent=state[2]))
+    measurements = primitives.emit_zip(collections.OrderedDict(
+        value=value_out['measurements'], tangent=tangent_measurements))
+    return primitives.emit_zip(collections.OrderedDict(
+        state=new_state, result=value_out['result'],
+        measurements=measurements))
 
   def primal(self, inputs, point):
     x, state = inputs
-    return self._assemble(point, state, point.process.next(state[0], x), None)
+    return self._assemble(point, state,
+                          _next(point, point.process, state[0], x), None)
 
   def why_not_differentiable(self, node, mode):
     point = node.params['point']
@@ -301,8 +303,8 @@ class FactoryAggregate(primitives.Primitive):
           f'{point.name} was built for num_directions={point.num_directions}'
           f' but the jvp pushes {num_directions}; pass num_directions='
           f'{num_directions} to its AggregationPoint.')
-    value_out = point.process.next(state[0], x.primal())
-    tangent_out = point.tangent_process.next(state[1], x.tangent())
+    value_out = _next(point, point.process, state[0], x.primal())
+    tangent_out = _next(point, point.tangent_process, state[1], x.tangent())
     out = self._assemble(point, state, value_out, tangent_out)
 
     def tangent(o, dresult):
@@ -312,17 +314,29 @@ class FactoryAggregate(primitives.Primitive):
 
     return primitives.Dual(
         primal=out,
-        tangent=primitives.local_call(tangent, [out, tangent_out.result]))
+        tangent=primitives.local_call(tangent, [out, tangent_out['result']]))
 
   def transpose(self, cotangent, inputs, residuals, active, point):
     scale = point.transpose_scale
     ct = primitives.local_call(
         lambda c: tf.nest.map_structure(lambda t: t * scale, c['result']),
         [cotangent])
-    return [tff.federated_broadcast(ct), None]
+    return [primitives.emit_broadcast(ct), None]
 
 
 FACTORY_AGGREGATE = FactoryAggregate()
+
+
+def _next(point: AggregationPoint, process, state, value):
+  """`process.next(state, value)` as `<state, result, measurements>@SERVER`,
+  emitted or recorded (it has no derivative rule of its own)."""
+
+  def run(s, v):
+    out = process.next(s, v)
+    return tff.federated_zip(collections.OrderedDict(
+        state=out.state, result=out.result, measurements=out.measurements))
+
+  return primitives.emit_tff(f'{point.name}.next', run, [state, value])
 
 
 class _FactoryCotangentSum(cotangent_sums.CotangentAggregation):
@@ -358,7 +372,8 @@ class _FactoryCotangentSum(cotangent_sums.CotangentAggregation):
           f'was created for {expected}; pass cotangent_type= to the '
           'AggregationPoint.')
     (state,) = extra_values
-    result = point.cotangent_process.next(state[2], client_cotangents).result
+    result = _next(point, point.cotangent_process, state[2],
+                   client_cotangents)['result']
     if point.cotangent_scale == 1.0:
       return result
     inverse = 1.0 / point.cotangent_scale  # E.g. DP's 1 / clients_per_round.

@@ -263,7 +263,9 @@ def _secure_sum_leaves(value, quantizers: Sequence[Quantizer]):
       tuple((bound * max(1, fad_types.num_elements(part))).bit_length()
             for part in parts),
   )
-  sums = tff.federated_secure_sum_bitwidth(encoded, widths)
+  sums = primitives.emit_tff(
+      'federated_secure_sum_bitwidth',
+      lambda e: tff.federated_secure_sum_bitwidth(e, widths), [encoded])
   templates = [_dtypes(p) for p in parts]
 
   def decode(s):
@@ -365,7 +367,7 @@ class SecureSum(primitives.Primitive):
 
   def transpose(self, cotangent, inputs, residuals, active, plan):
     ct = primitives.local_call(lambda c: c['result'], [cotangent])
-    at_clients = tff.federated_broadcast(ct)
+    at_clients = primitives.emit_broadcast(ct)
 
     def client_cotangent(c, x):
       return tf.nest.map_structure(

@@ -7,6 +7,7 @@ order (a tiny "federated jaxpr"). Emitters in `transforms.py` walk it to build
 native `tff.Computation`s: the primal, its JVP, its VJP.
 """
 
+import collections
 import dataclasses
 import inspect
 import itertools
@@ -97,6 +98,10 @@ class Program:
     parameters: The symbolic parameter values.
     nodes: Primitive applications in program order.
     outputs: A `Value`, or a (nested) tuple/list/dict of `Value`s.
+    signature: The declared parameters `(name, type, structure)` when one is
+      a structure of federated values (a vjp's output cotangent): its
+      `structure` holds its leaf parameters (named `name.path`), which are
+      what `parameters` lists. None when every parameter is federated.
   """
 
   name: str
@@ -104,10 +109,17 @@ class Program:
   parameters: List[Value]
   nodes: List[Node]
   outputs: Any
+  signature: Optional[List[Tuple[str, Any, Any]]] = None
 
   @property
   def parameter_types(self) -> List[tff.FederatedType]:
     return [p.type_signature for p in self.parameters]
+
+  def declared_parameters(self) -> List[Tuple[str, Any]]:
+    """`(name, type)` of each parameter as the TFF signature declares it."""
+    if self.signature is None:
+      return list(zip(self.parameter_names, self.parameter_types))
+    return [(n, t) for n, t, _ in self.signature]
 
   def output_values(self) -> List[Value]:
     return tf.nest.flatten(self.outputs)
@@ -199,17 +211,57 @@ def trace(fn: Callable[..., Any], parameter_types: Sequence[Any]) -> Program:
         f'{len(parameter_types)} type(s) were given.'
     )
   types = [_as_federated_type(n, t) for n, t in zip(names, parameter_types)]
-  parameters = [Value(t, None, name=n) for n, t in zip(names, types)]
+  return trace_program(getattr(fn, '__name__', 'program'),
+                       list(zip(names, types)), lambda args: fn(*args))
+
+
+def _parameter_structure(name: str, type_spec: Any) -> Any:
+  """A `Value`, or a Python structure of them for a struct of federated types."""
+  if isinstance(type_spec, tff.FederatedType):
+    return Value(type_spec, None, name=name)
+  if isinstance(type_spec, tff.StructType):
+    elements = list(tff.structure.iter_elements(type_spec))
+    children = [
+        _parameter_structure(f'{name}.{n if n else i}', t)
+        for i, (n, t) in enumerate(elements)]
+    container = getattr(type_spec, 'python_container', None)
+    if container is None:
+      container = (collections.OrderedDict if all(n for n, _ in elements)
+                   else tuple)
+    if issubclass(container, dict):
+      return container(zip([n for n, _ in elements], children))
+    if hasattr(container, '_fields'):
+      return container(*children)
+    return container(children)
+  raise errors.FederatedADError(
+      f'Parameter {name!r} has type {type_spec}, which is neither federated '
+      'nor a structure of federated types.')
+
+
+def trace_program(name: str, parameters: Sequence[Tuple[str, Any]],
+                  body: Callable[[List[Any]], Any]) -> Program:
+  """Traces `body(parameter values)` into a new `Program`.
+
+  Transforms use it to build derivative programs, which are therefore
+  programs like any other (and can be differentiated again). A parameter
+  whose type is a structure of federated types reaches `body` as the same
+  Python structure of values.
+  """
+  structures = [_parameter_structure(n, t) for n, t in parameters]
+  leaves = tf.nest.flatten(structures)
+  structured = any(not isinstance(x, Value) for x in structures)
   program = Program(
-      name=getattr(fn, '__name__', 'program'),
-      parameter_names=names,
-      parameters=parameters,
+      name=name,
+      parameter_names=[v.name for v in leaves],
+      parameters=leaves,
       nodes=[],
       outputs=None,
+      signature=[(n, t, x) for (n, t), x in zip(parameters, structures)]
+      if structured else None,
   )
   _state.stack.append(program)
   try:
-    outputs = fn(*parameters)
+    outputs = body(structures)
   finally:
     _state.stack.pop()
   for leaf in tf.nest.flatten(outputs):
@@ -222,3 +274,12 @@ def trace(fn: Callable[..., Any], parameter_types: Sequence[Any]) -> Program:
     raise errors.FederatedADError(f'{program.name} returns no value.')
   program.outputs = outputs
   return program
+
+
+def inline(program: Program, args: Sequence[Value]) -> Any:
+  """Replays `program`'s nodes on `args` inside the program being traced."""
+  env = dict(zip(program.parameters, args))
+  for node in program.nodes:
+    env[node.output] = bind(node.primitive, [env[x] for x in node.inputs],
+                            node.output.type_signature, **node.params)
+  return tf.nest.map_structure(lambda v: env[v], program.outputs)

@@ -19,6 +19,10 @@ import tensorflow as tf
 from tff_fad.core import types as fad_types
 
 _ZERO = tf.UnconnectedGradients.ZERO
+# Batched directions up to this many are unrolled (differentiable again in
+# forward mode); more use one tf.map_fn loop body, whose graph stays small
+# but which only reverse mode can differentiate again.
+UNROLLED_DIRECTIONS = 32
 
 
 def _is_float(x) -> bool:
@@ -129,7 +133,10 @@ def _one_direction_jvp(fn, primals, tangents):
   def leaf(o):
     if not _is_float(o):
       return structural_zero()
-    return acc.jvp(o, unconnected_gradients=_ZERO)
+    tangent = acc.jvp(o, unconnected_gradients=_ZERO)
+    # A jvp computed through a nested tape can lose its static shape.
+    return tf.ensure_shape(tangent, o.shape) if (
+        tangent.shape != o.shape) else tangent
 
   return outputs, tf.nest.map_structure(leaf, outputs)
 
@@ -162,6 +169,19 @@ def jvp(
   outputs = _as_tensors(fn(*primals))
   is_float = [_is_float(o) for o in tf.nest.flatten(outputs)]
   active = [i for i, t in enumerate(tangents) if t is not None]
+
+  if num_directions <= UNROLLED_DIRECTIONS:
+    # One accumulator per direction: a graph TF can differentiate again in
+    # either mode (forward mode cannot go through tf.map_fn's TensorLists).
+    per_direction = []
+    for d in range(num_directions):
+      one = [None if t is None else tf.nest.map_structure(
+          lambda x: x[d], t) for t in tangents]  # pylint: disable=cell-var-from-loop
+      per_direction.append(_one_direction_jvp(fn, primals, one)[1])
+    output_tangents = tf.nest.map_structure(
+        lambda o, *ts: tf.stack(ts) if _is_float(o) else structural_zero(
+            num_directions), outputs, *per_direction)
+    return outputs, output_tangents
 
   def one_direction(direction):
     one = list(tangents)

@@ -26,6 +26,7 @@ transpose needs.
 """
 
 import inspect
+import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
 import tensorflow as tf
@@ -38,7 +39,15 @@ from tff_fad.core import types as fad_types
 
 
 # ---------------------------------------------------------------------------
-# Emission helpers: every helper below emits existing TFF intrinsics.
+# Emission helpers. A rule emits through these, never through `tff.federated_*`
+# directly: given `ir.Value`s (a derivative program being traced) they record
+# tff_fad primitives, so the derivative is again a tff_fad program that every
+# transform accepts (second order); given TFF values (a program being emitted
+# to TFF) they emit TFF's own intrinsics.
+
+
+def _is_traced(values: Sequence[Any]) -> bool:
+  return any(isinstance(v, ir.Value) for v in tf.nest.flatten(values))
 
 
 def local_call(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
@@ -49,22 +58,66 @@ def local_call(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
 
   Args:
     fn: A TF function taking `len(args)` positional structures.
-    args: TFF federated values, all at one placement.
+    args: Federated values (TFF's or tff_fad's), all at one placement.
 
   Returns:
     The federated result, at the arguments' placement.
   """
-  member_types = [a.type_signature.member for a in args]
-  if len(args) == 1:
-    comp = tff.tensorflow.computation(lambda x: fn(x), member_types[0])  # pylint: disable=unnecessary-lambda
-    arg = args[0]
-  else:
-    comp = tff.tensorflow.computation(
-        lambda xs: fn(*xs), tff.StructWithPythonType(member_types, tuple)
-    )
-    arg = tff.federated_zip(tuple(args))
+  if _is_traced(args):
+    primitive = MAP if args[0].placement is tff.CLIENTS else APPLY
+    return bind(primitive, list(args), fn=fn)
+  comp = _LocalFunction.computation(fn, [a.type_signature.member for a in args])
+  arg = args[0] if len(args) == 1 else tff.federated_zip(tuple(args))
   # tff.federated_map emits federated_apply for server-placed arguments.
   return tff.federated_map(comp, arg)
+
+
+def emit_broadcast(value: Any) -> Any:
+  if _is_traced([value]):
+    return bind(BROADCAST, [value])
+  return tff.federated_broadcast(value)
+
+
+def emit_sum(value: Any) -> Any:
+  if _is_traced([value]):
+    return bind(SUM, [value])
+  return tff.federated_sum(value)
+
+
+def emit_mean(value: Any, weight: Any = None) -> Any:
+  if _is_traced([value]):
+    if weight is None:
+      return bind(MEAN, [value])
+    return bind(WEIGHTED_MEAN, [value, weight])
+  return tff.federated_mean(value, weight=weight)
+
+
+def emit_zip(structure: Any) -> Any:
+  """`tff.federated_zip` of a (one-level) tuple or dict of federated values."""
+  leaves = tf.nest.flatten(structure)
+  if _is_traced(leaves):
+    return bind(ZIP, leaves, structure=structure)
+  return tff.federated_zip(structure)
+
+
+def emit_tff(name: str, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
+  """`fn(*args)`, a TFF-level emission with no tff_fad rule (e.g. a
+  `tff.aggregators` process or a secure sum): recorded as an opaque node
+  (no derivative: a transform through it fails naming `name`)."""
+  if _is_traced(args):
+    return bind(Opaque(fn, name), list(args))
+  return fn(*args)
+
+
+def apply(primitive: 'Primitive', inputs: Sequence[Any],
+          type_signature: Optional[tff.FederatedType] = None, **params) -> Any:
+  """`primitive(*inputs)` without derivatives: re-recorded when tracing a
+  derivative program, else emitted to TFF."""
+  if _is_traced(inputs):
+    if type_signature is None:
+      type_signature = primitive.infer(list(inputs), **params)
+    return ir.bind(primitive, list(inputs), type_signature, **params)
+  return primitive.primal(list(inputs), **params)
 
 
 def add_all(values: Sequence[Any]) -> Any:
@@ -99,7 +152,7 @@ class Dual:
 
   def packed(self):
     if self._packed is None:
-      self._packed = tff.federated_zip((self._primal, self._tangent))
+      self._packed = emit_zip((self._primal, self._tangent))
     return self._packed
 
   def primal(self):
@@ -162,7 +215,7 @@ class Primitive:
 
   def forward_with_residuals(self, inputs: List[Any], active: List[bool],
                              **params):
-    return self.primal(inputs, **params), None
+    return apply(self, inputs, **params), None
 
   def transpose(self, cotangent: Any, inputs: Callable[[], List[Any]],
                 residuals: Any, active: List[bool], **params
@@ -197,7 +250,7 @@ class Broadcast(Primitive):
   name = 'federated_broadcast'
 
   def infer(self, inputs):
-    (x,) = inputs
+    x = inputs[0]  # A private broadcast also reads aggregator states.
     require_placement(self.name, 'value', x, tff.SERVER)
     return tff.FederatedType(x.member, tff.CLIENTS, all_equal=True)
 
@@ -205,10 +258,10 @@ class Broadcast(Primitive):
     return tff.federated_broadcast(inputs[0])
 
   def jvp(self, inputs, active, num_directions):
-    return Dual(packed=tff.federated_broadcast(inputs[0].packed()))
+    return Dual(packed=emit_broadcast(inputs[0].packed()))
 
   def transpose(self, cotangent, inputs, residuals, active):
-    return [tff.federated_sum(cotangent)]
+    return [emit_sum(cotangent)]
 
 
 class Sum(Primitive):
@@ -225,10 +278,10 @@ class Sum(Primitive):
     return tff.federated_sum(inputs[0])
 
   def jvp(self, inputs, active, num_directions):
-    return Dual(packed=tff.federated_sum(inputs[0].packed()))
+    return Dual(packed=emit_sum(inputs[0].packed()))
 
   def transpose(self, cotangent, inputs, residuals, active):
-    return [tff.federated_broadcast(cotangent)]
+    return [emit_broadcast(cotangent)]
 
 
 def _divide(tree, denominator):
@@ -256,11 +309,11 @@ class Mean(Primitive):
     return tff.federated_mean(inputs[0])
 
   def jvp(self, inputs, active, num_directions):
-    return Dual(packed=tff.federated_mean(inputs[0].packed()))
+    return Dual(packed=emit_mean(inputs[0].packed()))
 
   def forward_with_residuals(self, inputs, active):
     # One message carries the value and a 1, so the server learns n.
-    totals = tff.federated_sum(
+    totals = emit_sum(
         local_call(lambda x: (x, tf.constant(1.0, tf.float32)), inputs)
     )
     count = totals[1]
@@ -268,7 +321,7 @@ class Mean(Primitive):
 
   def transpose(self, cotangent, inputs, count, active):
     scaled = local_call(_divide, [cotangent, count])
-    return [tff.federated_broadcast(scaled)]
+    return [emit_broadcast(scaled)]
 
 
 class WeightedMean(Primitive):
@@ -299,7 +352,7 @@ class WeightedMean(Primitive):
     x, w = inputs
     x_active, w_active = active
     if not w_active:
-      return Dual(packed=tff.federated_mean(x.packed(), weight=w))
+      return Dual(packed=emit_mean(x.packed(), weight=w))
     k = num_directions
 
     def client_terms(x_dual, w_dual):
@@ -318,7 +371,7 @@ class WeightedMean(Primitive):
       return wx, tangent, wv, tf.cast(dw, tf.float32)
 
     x_in = x.packed() if x_active else x
-    totals = tff.federated_sum(local_call(client_terms, [x_in, w.packed()]))
+    totals = emit_sum(local_call(client_terms, [x_in, w.packed()]))
 
     def finish(t):
       sum_wx, sum_tangent, sum_w, sum_dw = t
@@ -336,7 +389,7 @@ class WeightedMean(Primitive):
       wv = tf.cast(wv, tf.float32)
       return tf.nest.map_structure(lambda a: tf.cast(wv, a.dtype) * a, xv), wv
 
-    totals = tff.federated_sum(local_call(client_terms, inputs))
+    totals = emit_sum(local_call(client_terms, inputs))
     mean = local_call(lambda t: _divide(t[0], t[1]), [totals])
     total_weight = totals[1]
     return mean, (mean, total_weight)
@@ -348,7 +401,7 @@ class WeightedMean(Primitive):
         lambda ct, m, tw: (_divide(ct, tw), m),
         [cotangent, mean, total_weight],
     )
-    at_clients = tff.federated_broadcast(message)
+    at_clients = emit_broadcast(message)
 
     def client_cotangents(msg, xv, wv):
       ct_over_w, m = msg
@@ -372,27 +425,37 @@ class _LocalFunction(Primitive):
   """Shared rules of `federated_map` (clients) and `federated_apply` (server)."""
 
   placement = None
+  # fn -> {argument member types: its tff.tensorflow.computation}. Type
+  # inference traces a function once; emission reuses that trace.
+  _computations = weakref.WeakKeyDictionary()
 
   def infer(self, inputs, fn):
     for i, x in enumerate(inputs):
       require_placement(self.name, f'arg[{i}]', x, self.placement)
-    comp = self._primal_computation(fn, [x.member for x in inputs])
+    comp = self.computation(fn, [x.member for x in inputs])
     return tff.FederatedType(comp.type_signature.result, self.placement)
 
-  @staticmethod
-  def _primal_computation(fn, member_types):
+  @classmethod
+  def computation(cls, fn, member_types) -> tff.Computation:
+    """`fn` as a TF computation of `member_types` (zipped if several)."""
     if isinstance(fn, tff.Computation):
       return fn
-    if len(member_types) == 1:
-      return tff.tensorflow.computation(lambda x: fn(x), member_types[0])  # pylint: disable=unnecessary-lambda
-    return tff.tensorflow.computation(
-        lambda xs: fn(*xs), tff.StructWithPythonType(member_types, tuple)
-    )
+    key = tuple(member_types)
+    try:
+      cached = cls._computations.setdefault(fn, {})
+    except TypeError:  # Not weak-referenceable: trace every time.
+      cached = {}
+    if key not in cached:
+      if len(member_types) == 1:
+        comp = tff.tensorflow.computation(lambda x: fn(x), member_types[0])  # pylint: disable=unnecessary-lambda
+      else:
+        comp = tff.tensorflow.computation(
+            lambda xs: fn(*xs), tff.StructWithPythonType(member_types, tuple))
+      cached[key] = comp
+    return cached[key]
 
   def primal(self, inputs, fn):
-    comp = self._primal_computation(
-        fn, [x.type_signature.member for x in inputs]
-    )
+    comp = self.computation(fn, [x.type_signature.member for x in inputs])
     arg = inputs[0] if len(inputs) == 1 else tff.federated_zip(tuple(inputs))
     return tff.federated_map(comp, arg)
 
@@ -445,6 +508,76 @@ class Map(_LocalFunction):
 class Apply(_LocalFunction):
   name = 'federated_apply'
   placement = tff.SERVER
+
+
+class _Structural(_LocalFunction):
+  """A local function TFF emits without a TF computation (zip, select).
+
+  Its derivative rules are those of the equivalent `federated_map` /
+  `federated_apply` (`local_function`), so derivative programs, which use
+  these to pack values with tangents, can be differentiated again.
+  """
+
+  def local_function(self, **params) -> Callable[..., Any]:
+    raise NotImplementedError
+
+  def _check_placement(self, inputs):
+    placement = inputs[0].placement
+    for i, x in enumerate(inputs):
+      require_placement(self.name, f'arg[{i}]', x, placement)
+    return placement
+
+  def why_not_differentiable(self, node, mode):
+    return ''
+
+  def jvp(self, inputs, active, num_directions, **params):
+    return super().jvp(inputs, active, num_directions,
+                       fn=self.local_function(**params))
+
+  def transpose(self, cotangent, inputs, residuals, active, **params):
+    return super().transpose(cotangent, inputs, residuals, active,
+                             fn=self.local_function(**params))
+
+
+class Zip(_Structural):
+  """(T1@P, ..., Tn@P) -> <T1, ..., Tn>@P, as `tff.federated_zip`."""
+
+  name = 'federated_zip'
+
+  def local_function(self, structure):
+    return lambda *xs: tf.nest.pack_sequence_as(structure, list(xs))
+
+  def infer(self, inputs, structure):
+    self._check_placement(inputs)
+    arg_type = tff.StructType([x.type_signature for x in inputs])
+    probe = tff.federated_computation(
+        lambda arg: tff.federated_zip(tf.nest.pack_sequence_as(
+            structure, [arg[i] for i in range(len(inputs))])),
+        arg_type)
+    return probe.type_signature.result
+
+  def primal(self, inputs, structure):
+    return tff.federated_zip(tf.nest.pack_sequence_as(structure, inputs))
+
+
+class Select(_Structural):
+  """`<..., key=T, ...>@P -> T@P`, TFF's own selection of a member."""
+
+  name = 'select'
+
+  def local_function(self, key):
+    selector = lambda x: _index(x, key)  # pylint: disable=unnecessary-lambda-assignment
+    selector.__name__ = f'select[{key!r}]'
+    return selector
+
+  def infer(self, inputs, key):
+    placement = self._check_placement(inputs)
+    member = inputs[0].member
+    element = getattr(member, key) if isinstance(key, str) else member[key]
+    return tff.FederatedType(element, placement)
+
+  def primal(self, inputs, key):
+    return inputs[0][key]
 
 
 class StopGradient(Primitive):
@@ -503,6 +636,8 @@ MEAN = Mean()
 WEIGHTED_MEAN = WeightedMean()
 MAP = Map()
 APPLY = Apply()
+ZIP = Zip()
+SELECT = Select()
 STOP_GRADIENT = StopGradient()
 MIN = Opaque(tff.federated_min, 'federated_min')
 MAX = Opaque(tff.federated_max, 'federated_max')
@@ -654,21 +789,29 @@ def select(value: ir.Value, key) -> ir.Value:
         f'{value.name} has type {value.type_signature}; only structures can '
         'be indexed.'
     )
-  if isinstance(key, str):
-    fn = lambda x: x[key]  # pylint: disable=unnecessary-lambda-assignment
-  elif isinstance(key, int):
-    fn = lambda x: _index(x, key)  # pylint: disable=unnecessary-lambda-assignment
-  else:
+  if isinstance(key, bool) or not isinstance(key, (int, str)):
     raise errors.FederatedADError(
         f'Cannot index {value.name} with {key!r}: use an int or a str.'
     )
-  fn.__name__ = f'select[{key!r}]'
-  if value.placement is tff.CLIENTS:
-    return federated_map(fn, value)
-  return federated_apply(fn, value)
+  names = [n for n, _ in tff.structure.iter_elements(value.member)]
+  if isinstance(key, str) and key not in names:
+    raise errors.FederatedADError(
+        f'{value.name} ({value.type_signature}) has no member {key!r}; its '
+        f'names are {[n for n in names if n]}.')
+  if isinstance(key, int) and not -len(names) <= key < len(names):
+    raise errors.FederatedADError(
+        f'Index {key} is out of range for {value.name} '
+        f'({value.type_signature}), which has {len(names)} member(s).')
+  if isinstance(key, int):
+    key %= len(names)
+  return bind(SELECT, [value], key=key)
 
 
-def _index(structure, i: int):
+def _index(structure, key):
+  if isinstance(key, str):
+    if isinstance(structure, dict):
+      return structure[key]
+    return getattr(structure, key)
   if isinstance(structure, dict):
-    return list(structure.values())[i]
-  return structure[i]
+    return list(structure.values())[key]
+  return structure[key]

@@ -34,18 +34,27 @@ MODES = ('forward', 'reverse', 'reverse_recompute')
 Wrt = Union[int, str, Sequence[Union[int, str]]]
 
 
-class FederatedComputation:
-  """A traced tff_fad program; call it like a `tff.Computation`.
+class FederatedComputation(tff.Computation):
+  """A tff_fad program: a `tff.Computation` that transforms accept.
+
+  `@tff_fad.federated_computation` traces one from Python; `jvp`, `vjp`,
+  `grad` and `value_and_grad` return one for the derivative program, so
+  derivatives compose (e.g. `jvp(grad(f))`, a Hessian-vector product across
+  the communication boundary). Calling it runs the primal on TFF's runtime;
+  calling it inside another traced program inlines it.
 
   Attributes:
     program: The traced `ir.Program`.
     primal: The program as a native `tff.Computation`.
   """
 
-  def __init__(self, fn, parameter_types: Sequence[Any]):
+  def __init__(self, program: ir.Program, fn=None):
+    self.program = program
     self._fn = fn
-    self.program = ir.trace(fn, parameter_types)
-    functools.update_wrapper(self, fn)
+    if fn is not None:
+      functools.update_wrapper(self, fn)
+    else:
+      self.__name__ = program.name
 
   @functools.cached_property
   def primal(self) -> tff.Computation:
@@ -57,14 +66,29 @@ class FederatedComputation:
   def type_signature(self) -> tff.FunctionType:
     return self.primal.type_signature
 
+  def to_building_block(self):
+    return self.primal.to_building_block()
+
   def __call__(self, *args, **kwargs):
     if ir.is_tracing() and any(
         isinstance(a, ir.Value) for a in tf.nest.flatten((args, kwargs))
     ):
       # Called from inside another traced program: inline it, so the outer
       # program can be differentiated through this one.
-      return self._fn(*args, **kwargs)
+      if self._fn is not None:
+        return self._fn(*args, **kwargs)
+      if kwargs:
+        raise errors.FederatedADError(
+            f'{self.program.name}: pass arguments positionally when calling '
+            'a derivative program inside a traced program.')
+      return ir.inline(self.program, list(args))
     return self.primal(*args, **kwargs)
+
+  def __hash__(self):
+    return id(self)
+
+  def __eq__(self, other):
+    return self is other
 
   def __repr__(self):
     return f'<tff_fad.FederatedComputation {self.program.name}: ' \
@@ -99,7 +123,7 @@ def federated_computation(*parameter_types):
     )
 
   def decorator(fn):
-    return FederatedComputation(fn, parameter_types)
+    return FederatedComputation(ir.trace(fn, parameter_types), fn)
 
   return decorator
 
@@ -198,6 +222,12 @@ def _split_aux(program: ir.Program, has_aux: bool):
 # Emission helpers.
 
 
+def _derive(name: str, parameters: List[Tuple[str, tff.Type]], body
+            ) -> FederatedComputation:
+  """A derivative program, traced from `body(parameter values)`."""
+  return FederatedComputation(ir.trace_program(name, parameters, body))
+
+
 def _build(name: str, parameters: List[Tuple[str, tff.Type]], body):
   """A `tff.federated_computation` whose body gets a list of parameters."""
   if len(parameters) == 1:
@@ -248,10 +278,7 @@ def _as_per_client(value):
   """Makes an all-equal client value `{T}@CLIENTS`, as returned per client."""
   if value.type_signature.placement is tff.CLIENTS and (
       value.type_signature.all_equal):
-    return tff.federated_map(
-        tff.tensorflow.computation(lambda x: x, value.type_signature.member),
-        value,
-    )
+    return primitives.local_call(lambda x: x, [value])
   return value
 
 
@@ -274,32 +301,44 @@ def _forward(program, nodes, args, tangents, active, num_directions):
       env[node.output] = node.primitive.jvp(
           inputs, on, num_directions, **node.params)
     else:
-      env[node.output] = node.primitive.primal(
-          [primitives.primal_of(x) for x in inputs], **node.params)
+      env[node.output] = primitives.apply(
+          node.primitive, [primitives.primal_of(x) for x in inputs],
+          node.output.type_signature, **node.params)
   return env
+
+
+def _leaf_arguments(program: ir.Program, args: List[Any]) -> List[Any]:
+  """TFF arguments in the declared signature -> one per leaf parameter."""
+  if program.signature is None:
+    return args
+  leaves = []
+  for arg, (_, _, structure) in zip(args, program.signature):
+    if isinstance(structure, ir.Value):
+      leaves.append(arg)
+    else:
+      leaves.extend(_split_federated(arg, structure))
+  return leaves
 
 
 def _emit_primal(program: ir.Program) -> tff.Computation:
   _, nodes = activity(program, [])
 
   def body(args):
-    env = _forward(program, nodes, args, {}, set(), None)
+    env = _forward(program, nodes, _leaf_arguments(program, args), {}, set(),
+                   None)
     return _pack_outputs(program, env)
 
-  return _build(
-      program.name,
-      list(zip(program.parameter_names, program.parameter_types)),
-      body,
-  )
+  return _build(program.name, program.declared_parameters(), body)
 
 
 def _as_program(comp: Any, transform: str) -> ir.Program:
   if isinstance(comp, FederatedComputation):
     return comp.program
   raise errors.FederatedADError(
-      f'tff_fad.{transform} needs a program built with '
-      f'@tff_fad.federated_computation; found {comp!r}. A compiled '
-      'tff.Computation cannot be differentiated: its Python is gone.'
+      f'tff_fad.{transform} needs a tff_fad program (built with '
+      '@tff_fad.federated_computation, or returned by a tff_fad transform); '
+      f'found {comp!r}. A tff.Computation compiled by TFF cannot be '
+      'differentiated: its Python is gone.'
   )
 
 
@@ -366,7 +405,8 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
   parameters = list(zip(program.parameter_names, program.parameter_types))
   for i in positions:
     parameters.append((
-        f'{program.parameter_names[i]}_tangent',
+        _fresh_name(f'{program.parameter_names[i]}_tangent',
+                    [n for n, _ in parameters]),
         fad_types.federated_tangent_type(
             program.parameter_types[i], num_directions),
     ))
@@ -377,7 +417,7 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
         program, positions, args[:m], args[m:], num_directions, has_aux)
     return (value, tangent, aux) if has_aux else (value, tangent)
 
-  return _build(f'jvp_{program.name}', parameters, body)
+  return _derive(f'jvp_{program.name}', parameters, body)
 
 
 # ---------------------------------------------------------------------------
@@ -405,7 +445,8 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
       env[node.output], residuals[node] = (
           node.primitive.forward_with_residuals(inputs, on, **node.params))
     else:
-      env[node.output] = node.primitive.primal(inputs, **node.params)
+      env[node.output] = primitives.apply(
+          node.primitive, inputs, node.output.type_signature, **node.params)
 
   def rematerialize(value, memo):
     """A client value recomputed from server state and client inputs."""
@@ -415,10 +456,11 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
     if node is None or value.placement is tff.SERVER:
       result = env[value]
     elif isinstance(node.primitive, primitives.Broadcast):
-      result = tff.federated_broadcast(env[node.inputs[0]])
+      result = primitives.emit_broadcast(env[node.inputs[0]])
     else:
-      result = node.primitive.primal(
-          [rematerialize(x, memo) for x in node.inputs], **node.params)
+      result = primitives.apply(
+          node.primitive, [rematerialize(x, memo) for x in node.inputs],
+          node.output.type_signature, **node.params)
     memo[value] = result
     return result
 
@@ -458,6 +500,15 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
   return values, results, aux_values
 
 
+def _fresh_name(name: str, taken: Sequence[str]) -> str:
+  """`name`, or `name_2`, `name_3`, ... if taken (e.g. a jvp of a jvp)."""
+  candidate, k = name, 1
+  while candidate in taken:
+    k += 1
+    candidate = f'{name}_{k}'
+  return candidate
+
+
 def _single_or_tuple(items: List[Any], wrt: Wrt):
   return tuple(items) if isinstance(wrt, (list, tuple)) else items[0]
 
@@ -495,17 +546,18 @@ def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
   ct_type = _structure_type(
       main, lambda v: fad_types.federated_tangent_type(v.type_signature))
   parameters = list(zip(program.parameter_names, program.parameter_types))
-  parameters.append(('output_cotangent', ct_type))
+  parameters.append((_fresh_name('output_cotangent',
+                                 [n for n, _ in parameters]), ct_type))
   m = len(program.parameters)
 
   def body(args):
-    leaves = _split_federated(args[m], main)
+    leaves = tf.nest.flatten(args[m])
     _, cts, aux = _emit_vjp_body(program, positions, args[:m],
                                  lambda _: leaves, mode, has_aux)
     cts = _single_or_tuple(cts, wrt)
     return (cts, aux) if has_aux else cts
 
-  return _build(f'vjp_{program.name}', parameters, body)
+  return _derive(f'vjp_{program.name}', parameters, body)
 
 
 def _check_scalar_output(program: ir.Program, main, transform: str):
@@ -619,7 +671,7 @@ def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
     grads = _single_or_tuple(grads, wrt)
     return ((value, aux), grads) if has_aux else (value, grads)
 
-  return _build(f'value_and_grad_{program.name}',
+  return _derive(f'value_and_grad_{program.name}',
                 list(zip(program.parameter_names, program.parameter_types)),
                 body)
 
@@ -640,6 +692,6 @@ def grad(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
     grads = _single_or_tuple(grads, wrt)
     return (grads, aux) if has_aux else grads
 
-  return _build(f'grad_{program.name}',
+  return _derive(f'grad_{program.name}',
                 list(zip(program.parameter_names, program.parameter_types)),
                 body)
