@@ -18,13 +18,15 @@ from tff_fad import runtime
 
 # Public name -> the module that defines it.
 _CORE = (
-    'communication_cost', 'CommunicationCost', 'federated_aggregate',
+    'choose_mode', 'communication_cost', 'CommunicationCost', 'CostModel',
+    'federated_aggregate',
     'federated_apply', 'federated_broadcast', 'federated_computation',
     'federated_map', 'federated_max', 'federated_mean', 'federated_min',
     'federated_sum', 'FederatedADError', 'FederatedComputation', 'grad',
-    'jvp', 'LocalFunction', 'MODES', 'NotDifferentiableError',
-    'PlacementError', 'stop_gradient', 'value_and_grad', 'vjp',
-    'with_derivatives')
+    'jvp', 'LocalFunction', 'ModeChoice', 'MODES', 'NotDifferentiableError',
+    'PlacementError', 'seeded_direction', 'seeded_tangents', 'stop_gradient',
+    'value_and_grad', 'vjp',
+    'with_derivatives', 'ZeroDerivativeWarning')
 # Privacy-aware aggregation points, built on the core.
 _AGGREGATION = (
     'aggregate_with_factory', 'AggregateOutput', 'AggregationPoint',

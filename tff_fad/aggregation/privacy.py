@@ -116,6 +116,9 @@ def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
   if mode not in PASSES:
     raise ValueError(f'mode must be one of {PASSES}, found {mode!r}.')
   program = comp.program
+  if mode != 'primal':
+    # A derivative the transform refuses to build releases nothing: say why.
+    transforms.check_derivative(comp, wrt, mode)
   # The transforms' own analysis, so the count matches what they emit.
   positions = [] if mode == 'primal' else transforms.resolve_wrt(
       program, wrt)

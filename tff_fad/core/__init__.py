@@ -5,7 +5,13 @@ from tff_fad.core.cost import CommunicationCost
 from tff_fad.core.errors import FederatedADError
 from tff_fad.core.errors import NotDifferentiableError
 from tff_fad.core.errors import PlacementError
+from tff_fad.core.errors import ZeroDerivativeWarning
 from tff_fad.core.local_ad import LocalFunction
+from tff_fad.core.local_ad import seeded_direction
+from tff_fad.core.local_ad import seeded_tangents
+from tff_fad.core.modes import choose_mode
+from tff_fad.core.modes import CostModel
+from tff_fad.core.modes import ModeChoice
 from tff_fad.core.local_ad import with_derivatives
 from tff_fad.core.primitives import federated_aggregate
 from tff_fad.core.primitives import federated_apply

@@ -19,3 +19,13 @@ class NotDifferentiableError(FederatedADError):
   Raised at transform time (by `jvp`, `vjp`, `grad`, `value_and_grad`), never
   when the primal program runs.
   """
+
+
+class ZeroDerivativeWarning(UserWarning):
+  """A local function's derivative path goes through an op with no derivative.
+
+  E.g. `tf.argmax` or a cast to an integer on the way from a differentiated
+  input to a float output: TF treats the derivative through it as zero, so
+  the derivative program runs but misses that path. Warned when the
+  derivative program is built.
+  """

@@ -12,10 +12,12 @@ Conventions: a tangent or cotangent has the structure of its value; leaves
 that are not floating point carry a structural zero (see `types.py`).
 """
 
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from tff_fad.core import errors
 from tff_fad.core import types as fad_types
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -34,6 +36,54 @@ def _as_tensors(structure: Any) -> Any:
   return tf.nest.map_structure(
       lambda x: x if isinstance(x, tf.data.Dataset) else tf.convert_to_tensor(x),
       structure)
+
+
+# Ops whose integer outputs describe a tensor rather than compute from its
+# values: their derivative is rightly zero.
+_SHAPE_OPS = frozenset({'Shape', 'ShapeN', 'Size', 'Rank', 'BroadcastArgs',
+                        'BroadcastGradientArgs', 'TensorListLength'})
+
+
+def warn_on_zero_derivative_ops(fn, sources, targets) -> None:
+  """Warns about ops that cut the derivative path from `sources` to `targets`.
+
+  An op on a path from a float source to a float target that turns floats
+  into integers (`tf.argmax`, a cast to int, ...) has no derivative, and TF
+  silently counts the derivative through it as zero. Graph mode only (the
+  transforms trace local functions as graphs).
+  """
+  if tf.executing_eagerly() or not sources or not targets:
+    return
+  try:
+    reaches_target, stack = set(), list(targets)
+    while stack:
+      t = stack.pop()
+      if t.name in reaches_target:
+        continue
+      reaches_target.add(t.name)
+      stack.extend(t.op.inputs)
+    from_source, stack, found = set(), list(sources), []
+    while stack:
+      t = stack.pop()
+      if t.name in from_source:
+        continue
+      from_source.add(t.name)
+      for op in t.consumers():
+        for out in op.outputs:
+          if out.name not in reaches_target:
+            continue
+          if (t.dtype.is_floating and out.dtype.is_integer
+              and op.type not in _SHAPE_OPS and op not in found):
+            found.append(op)
+          stack.append(out)
+  except (AttributeError, ValueError):  # Not a graph tensor: nothing to walk.
+    return
+  for op in found:
+    warnings.warn(
+        f'tff_fad: the derivative of {getattr(fn, "__name__", fn)} does not '
+        f'flow through {op.type} (op {op.name!r}): it turns floats into '
+        'integers, so derivatives along that path are zero.',
+        errors.ZeroDerivativeWarning, stacklevel=2)
 
 
 def structural_zero(num_directions: Optional[int] = None) -> tf.Tensor:
@@ -129,6 +179,8 @@ def _one_direction_jvp(fn, primals, tangents):
   watched, watched_tangents = _watched_pairs(primals, tangents)
   with tf.autodiff.ForwardAccumulator(watched, watched_tangents) as acc:
     outputs = _as_tensors(fn(*primals))
+  warn_on_zero_derivative_ops(
+      fn, watched, [o for o in tf.nest.flatten(outputs) if _is_float(o)])
 
   def leaf(o):
     if not _is_float(o):
@@ -139,6 +191,114 @@ def _one_direction_jvp(fn, primals, tangents):
         tangent.shape != o.shape) else tangent
 
   return outputs, tf.nest.map_structure(leaf, outputs)
+
+
+def ordered_leaves(structure: Any) -> List[Any]:
+  """Leaves in declaration order (dicts in insertion order, unlike tf.nest,
+  which sorts keys): the order of TFF's types."""
+  if isinstance(structure, dict):
+    return [x for v in structure.values() for x in ordered_leaves(v)]
+  if isinstance(structure, (list, tuple)):
+    return [x for v in structure for x in ordered_leaves(v)]
+  return [structure]
+
+
+def pack_ordered(structure: Any, leaves: Sequence[Any]) -> Any:
+  """Inverse of `ordered_leaves`: `leaves` in `structure`'s containers."""
+  remaining = iter(leaves)
+
+  def build(x):
+    if isinstance(x, dict):
+      return type(x)((k, build(v)) for k, v in x.items())
+    if hasattr(x, '_fields'):
+      return type(x)(*[build(v) for v in x])
+    if isinstance(x, (list, tuple)):
+      return type(x)(build(v) for v in x)
+    return next(remaining)
+
+  return build(structure)
+
+
+def _as_spec(x) -> tf.TensorSpec:
+  if isinstance(x, tf.TensorSpec):
+    return x
+  return tf.TensorSpec(x.shape, tf.as_dtype(x.dtype))
+
+
+def seeded_direction(seed: tf.Tensor, index: Any,
+                     likes: Sequence[Any]) -> List[Any]:
+  """Direction `index` of a seeded family: standard normal, from `seed` alone.
+
+  One flat draw over the float leaves of every structure in `likes`, in
+  declaration order, then split, so the values do not depend on how the
+  leaves are grouped into tensors. A pure function of `(seed, index)`: the
+  server and every client regenerate the same direction without sending it
+  (`jvp(..., tangent_seed=True)` does; BAFFLE's directions are these).
+
+  Args:
+    seed: int64 `[2]` seed (stateless random ops).
+    index: The direction's index (an int or int32 scalar).
+    likes: One structure of tensors or `tf.TensorSpec`s per differentiated
+      argument.
+
+  Returns:
+    One structure per entry of `likes`, in its containers; non-float leaves
+    are structural zeros.
+  """
+  leaves = [[_as_spec(x) for x in ordered_leaves(like)] for like in likes]
+  floats = [x for group in leaves for x in group if x.dtype.is_floating]
+  sizes = [x.shape.num_elements() for x in floats]
+  dtype = max((x.dtype for x in floats), key=lambda d: d.size,
+              default=tf.float32)
+  direction_seed = tf.random.experimental.stateless_fold_in(
+      tf.cast(seed, tf.int64), index)
+  flat = tf.random.stateless_normal([sum(sizes)], direction_seed, dtype=dtype)
+  parts = iter(tf.split(flat, sizes) if sizes else [])
+  out = []
+  for like, group in zip(likes, leaves):
+    values = [
+        tf.cast(tf.reshape(next(parts), x.shape), x.dtype)
+        if x.dtype.is_floating else structural_zero() for x in group]
+    out.append(pack_ordered(like, values))
+  return out
+
+
+def seeded_tangents(seed: tf.Tensor, likes: Sequence[Any],
+                    num_directions: int) -> List[Any]:
+  """Directions `0..k-1` of `seeded_direction`, stacked on a leading axis."""
+  per_direction = [seeded_direction(seed, d, likes)
+                   for d in range(num_directions)]
+  stacked = []
+  for position, like in enumerate(likes):
+    columns = zip(*[ordered_leaves(p[position]) for p in per_direction])
+    stacked.append(pack_ordered(like, [tf.stack(c) for c in columns]))
+  return stacked
+
+
+class SeededTangent:
+  """The tangent of one argument in a seeded family, generated on demand.
+
+  Attributes:
+    seed: The int64 `[2]` seed tensor.
+    likes: Every seeded argument (values or specs), in order.
+    position: Which of them this argument is.
+  """
+
+  def __init__(self, seed: tf.Tensor, likes: Sequence[Any], position: int):
+    self.seed = seed
+    self.likes = list(likes)
+    self.position = position
+
+  def direction(self, index) -> Any:
+    return seeded_direction(self.seed, index, self.likes)[self.position]
+
+
+def _direction(tangent, index):
+  if tangent is None:
+    return None
+  if isinstance(tangent, SeededTangent):
+    return tangent.direction(index)
+  return tf.nest.map_structure(lambda x: x[index], tangent)
 
 
 def jvp(
@@ -155,7 +315,9 @@ def jvp(
     primals: The arguments (nested structures of tensors).
     tangents: One tangent per argument, or `None` for arguments held
       constant. With `num_directions=k`, every tangent leaf has a leading
-      axis of size `k` (one direction per row).
+      axis of size `k` (one direction per row), or the tangent is a
+      `SeededTangent`, regenerated one direction at a time (never all k
+      at once).
     num_directions: `None` for a single direction, else `k`.
 
   Returns:
@@ -168,24 +330,26 @@ def jvp(
 
   outputs = _as_tensors(fn(*primals))
   is_float = [_is_float(o) for o in tf.nest.flatten(outputs)]
-  active = [i for i, t in enumerate(tangents) if t is not None]
+  explicit = [i for i, t in enumerate(tangents)
+              if t is not None and not isinstance(t, SeededTangent)]
 
   if num_directions <= UNROLLED_DIRECTIONS:
     # One accumulator per direction: a graph TF can differentiate again in
     # either mode (forward mode cannot go through tf.map_fn's TensorLists).
-    per_direction = []
-    for d in range(num_directions):
-      one = [None if t is None else tf.nest.map_structure(
-          lambda x: x[d], t) for t in tangents]  # pylint: disable=cell-var-from-loop
-      per_direction.append(_one_direction_jvp(fn, primals, one)[1])
+    per_direction = [
+        _one_direction_jvp(fn, primals,
+                           [_direction(t, d) for t in tangents])[1]
+        for d in range(num_directions)]
     output_tangents = tf.nest.map_structure(
         lambda o, *ts: tf.stack(ts) if _is_float(o) else structural_zero(
             num_directions), outputs, *per_direction)
     return outputs, output_tangents
 
-  def one_direction(direction):
-    one = list(tangents)
-    for i, t in zip(active, direction):
+  def one_direction(elements):
+    index, direction = elements
+    one = [_direction(t, index) if isinstance(t, SeededTangent) else t
+           for t in tangents]
+    for i, t in zip(explicit, direction):
       one[i] = t
     _, output_tangents = _one_direction_jvp(fn, primals, one)
     return [t for t, f in zip(tf.nest.flatten(output_tangents), is_float)
@@ -194,7 +358,7 @@ def jvp(
   # tf.map_fn keeps the graph size independent of k (one loop body).
   batched = iter(tf.map_fn(
       one_direction,
-      [tangents[i] for i in active],
+      (tf.range(num_directions), [tangents[i] for i in explicit]),
       fn_output_signature=[
           tf.TensorSpec(o.shape, o.dtype)
           for o, f in zip(tf.nest.flatten(outputs), is_float) if f
@@ -239,6 +403,8 @@ def vjp(
             tape.watch(leaf)
             watched.append(leaf)
     outputs = _as_tensors(fn(*primals))
+  warn_on_zero_derivative_ops(
+      fn, watched, [o for o in tf.nest.flatten(outputs) if _is_float(o)])
   targets, target_cotangents = [], []
   for o, ct in zip(
       tf.nest.flatten(outputs), tf.nest.flatten(output_cotangent)

@@ -29,6 +29,7 @@ import inspect
 import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -166,6 +167,62 @@ class Dual:
     return self._tangent
 
 
+class SeededDual(Dual):
+  """A value whose k tangents are standard normal directions from a seed.
+
+  Until a rule needs the tangents themselves (`tangent()`/`packed()`), only
+  the value and the int64 `[2]` seed travel: a broadcast sends
+  `<value, seed>`, and local functions regenerate one direction at a time
+  (`local_ad.SeededTangent`). So a seeded jvp's downlink carries a seed, not
+  k model-sized tangents.
+  """
+
+  def __init__(self, pair, specs, position, num_directions):
+    super().__init__()
+    self.pair = pair  # <value, seed>, at the value's placement.
+    self.specs = specs
+    self.position = position
+    self.num_directions = num_directions
+
+  def primal(self):
+    if self._primal is None:
+      self._primal = self.pair[0]
+    return self._primal
+
+  def tangent(self):
+    if self._tangent is None:
+      specs, position, k = self.specs, self.position, self.num_directions
+      self._tangent = local_call(
+          lambda pair: local_ad.pack_ordered(pair[0], local_ad.ordered_leaves(
+              local_ad.seeded_tangents(pair[1], specs, k)[position])),
+          [self.pair])
+    return self._tangent
+
+  def local_tangent(self, pair) -> local_ad.SeededTangent:
+    """Inside a local function: the tangent of the `<value, seed>` pair."""
+    return _SeededTangentLike(pair[1], self.specs, self.position, pair[0])
+
+  def broadcast(self) -> 'SeededDual':
+    return SeededDual(emit_broadcast(self.pair), self.specs, self.position,
+                      self.num_directions)
+
+
+class _SeededTangentLike(local_ad.SeededTangent):
+  """A seeded tangent packed in its value's containers (e.g. OrderedDict)."""
+
+  def __init__(self, seed, specs, position, like):
+    super().__init__(seed, specs, position)
+    self.like = like
+
+  def direction(self, index):
+    return local_ad.pack_ordered(
+        self.like, local_ad.ordered_leaves(super().direction(index)))
+
+
+def _is_seeded(x) -> bool:
+  return isinstance(x, SeededDual) and x._tangent is None  # pylint: disable=protected-access
+
+
 def primal_of(x):
   return x.primal() if isinstance(x, Dual) else x
 
@@ -222,6 +279,12 @@ class Primitive:
                 ) -> List[Optional[Any]]:
     raise NotImplementedError
 
+  def undefined_derivative(self, residuals: Any) -> Optional[Any]:
+    """A server scalar, NaN where this node's transpose is undefined and 0
+    elsewhere (e.g. a mean over no clients), or None."""
+    del residuals
+    return None
+
   # False for primitives whose output is constant w.r.t. every input.
   propagates_derivatives: bool = True
 
@@ -258,6 +321,8 @@ class Broadcast(Primitive):
     return tff.federated_broadcast(inputs[0])
 
   def jvp(self, inputs, active, num_directions):
+    if _is_seeded(inputs[0]):
+      return inputs[0].broadcast()  # The seed travels, not the tangents.
     return Dual(packed=emit_broadcast(inputs[0].packed()))
 
   def transpose(self, cotangent, inputs, residuals, active):
@@ -319,9 +384,25 @@ class Mean(Primitive):
     count = totals[1]
     return local_call(lambda t: _divide(t[0], t[1]), [totals]), count
 
+  def undefined_derivative(self, count):
+    return local_call(_nan_if_zero, [count])
+
   def transpose(self, cotangent, inputs, count, active):
     scaled = local_call(_divide, [cotangent, count])
     return [emit_broadcast(scaled)]
+
+
+def _nan_if_zero(denominator: tf.Tensor) -> tf.Tensor:
+  """NaN where a mean's denominator is 0 (its value is 0/0), else 0."""
+  return tf.where(tf.equal(denominator, 0),
+                  tf.constant(np.nan, denominator.dtype),
+                  tf.zeros([], denominator.dtype))
+
+
+def _as_weight(w: tf.Tensor) -> tf.Tensor:
+  """Float weights keep their dtype (float64 stays exact); integer counts
+  become float32, as in TFF's weighted mean."""
+  return w if w.dtype.is_floating else tf.cast(w, tf.float32)
 
 
 class WeightedMean(Primitive):
@@ -362,13 +443,13 @@ class WeightedMean(Primitive):
       else:
         xv, dx = x_dual, local_ad.zeros_like_tangent(x_dual, k)
       wv, dw = w_dual
-      wv = tf.cast(wv, tf.float32)
+      wv = _as_weight(wv)
 
       wx = tf.nest.map_structure(lambda a: tf.cast(wv, a.dtype) * a, xv)
       tangent = tf.nest.map_structure(
           lambda a, da: tf.cast(wv, a.dtype) * da + _outer(dw, a), xv, dx
       )
-      return wx, tangent, wv, tf.cast(dw, tf.float32)
+      return wx, tangent, wv, tf.cast(dw, wv.dtype)
 
     x_in = x.packed() if x_active else x
     totals = emit_sum(local_call(client_terms, [x_in, w.packed()]))
@@ -386,13 +467,16 @@ class WeightedMean(Primitive):
 
   def forward_with_residuals(self, inputs, active):
     def client_terms(xv, wv):
-      wv = tf.cast(wv, tf.float32)
+      wv = _as_weight(wv)
       return tf.nest.map_structure(lambda a: tf.cast(wv, a.dtype) * a, xv), wv
 
     totals = emit_sum(local_call(client_terms, inputs))
     mean = local_call(lambda t: _divide(t[0], t[1]), [totals])
     total_weight = totals[1]
     return mean, (mean, total_weight)
+
+  def undefined_derivative(self, residuals):
+    return local_call(_nan_if_zero, [residuals[1]])
 
   def transpose(self, cotangent, inputs, residuals, active):
     mean, total_weight = residuals
@@ -405,12 +489,12 @@ class WeightedMean(Primitive):
 
     def client_cotangents(msg, xv, wv):
       ct_over_w, m = msg
-      wv = tf.cast(wv, tf.float32)
+      wv = _as_weight(wv)
       ct_x = tf.nest.map_structure(
           lambda c: tf.cast(wv, c.dtype) * c, ct_over_w
       )
       diff = tf.nest.map_structure(lambda a, b: a - b, xv, m)
-      ct_w = _tree_vdot(ct_over_w, diff)
+      ct_w = tf.cast(_tree_vdot(ct_over_w, diff), wv.dtype)
       return ct_x, ct_w
 
     cts = local_call(client_cotangents, [at_clients] + list(inputs()))
@@ -481,12 +565,17 @@ class _LocalFunction(Primitive):
     return ''
 
   def jvp(self, inputs, active, num_directions, fn):
+    seeded = [on and _is_seeded(x) for x, on in zip(inputs, active)]
+
     def local_jvp(*args):
       primals = [a[0] if on else a for a, on in zip(args, active)]
-      tangents = [a[1] if on else None for a, on in zip(args, active)]
+      tangents = [
+          x.local_tangent(a) if s else (a[1] if on else None)
+          for a, x, on, s in zip(args, inputs, active, seeded)]
       return local_ad.jvp(fn, primals, tangents, num_directions)
 
-    args = [x.packed() if on else x for x, on in zip(inputs, active)]
+    args = [x.pair if s else (x.packed() if on else x)
+            for x, on, s in zip(inputs, active, seeded)]
     return Dual(packed=local_call(local_jvp, args))
 
   def transpose(self, cotangent, inputs, residuals, active, fn):

@@ -82,7 +82,14 @@ class FederatedComputation(tff.Computation):
             f'{self.program.name}: pass arguments positionally when calling '
             'a derivative program inside a traced program.')
       return ir.inline(self.program, list(args))
-    return self.primal(*args, **kwargs)
+    _check_arguments(self.program, args, kwargs)
+    try:
+      return self.primal(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = _secure_sum_outside_test_context(self.primal, e)
+      if reason:
+        raise errors.FederatedADError(reason) from e
+      raise
 
   def __hash__(self):
     return id(self)
@@ -93,6 +100,116 @@ class FederatedComputation(tff.Computation):
   def __repr__(self):
     return f'<tff_fad.FederatedComputation {self.program.name}: ' \
            f'{self.type_signature}>'
+
+
+SECURE_INTRINSICS = frozenset({
+    'federated_secure_sum', 'federated_secure_sum_bitwidth',
+    'federated_secure_modular_sum'})
+
+
+def _secure_sum_outside_test_context(comp: tff.Computation,
+                                     error: Exception) -> str:
+  """Why `comp` failed, if it is TFF's runtime refusing a secure sum."""
+  if 'Cannot embed a federated value' not in str(error):
+    return ''
+  from tff_fad.core import cost  # pylint: disable=g-import-not-at-top
+  used = SECURE_INTRINSICS & set(cost.intrinsics_used(comp))
+  if not used:
+    return ''
+  return (
+      f'{sorted(used)[0]} cannot run in TFF\'s default execution context: '
+      'in simulation, run secure sums inside '
+      '`with tff_fad.secure_simulation_context():` (TFF\'s test context '
+      'simulates them); production secure aggregation needs a runtime that '
+      'implements it.')
+
+
+def _describe_value(value: Any) -> str:
+  if isinstance(value, (list, tuple)) and not hasattr(value, '_fields'):
+    return f'a {type(value).__name__} of {len(value)}'
+  if isinstance(value, dict):
+    return f'a {type(value).__name__} with keys {list(value)}'
+  try:
+    shape = np.shape(value)
+  except ValueError:  # E.g. a namedtuple of differently shaped arrays.
+    return f'a {type(value).__name__}'
+
+  dtype = getattr(value, 'dtype', None) or type(value).__name__
+  return f'{dtype}{list(shape)}' if shape else f'{dtype} scalar'
+
+
+def _mismatch(value: Any, type_spec: tff.Type) -> str:
+  """Why `value` cannot be a value of `type_spec`, or ''."""
+  if isinstance(type_spec, tff.FederatedType):
+    if type_spec.placement is tff.CLIENTS and not type_spec.all_equal:
+      if not isinstance(value, (list, tuple)) or hasattr(value, '_fields'):
+        return (f'must be a list with one value per client, found '
+                f'{_describe_value(value)}')
+      for i, member in enumerate(value):
+        problem = _mismatch(member, type_spec.member)
+        if problem:
+          return f'(client {i}) {problem}'
+      return ''
+    return _mismatch(value, type_spec.member)
+  if isinstance(type_spec, tff.TensorType):
+    if isinstance(value, (dict, list, tuple)) and not isinstance(
+        value, np.ndarray):
+      return f'must be a {type_spec} tensor, found {_describe_value(value)}'
+    shape = np.shape(value)
+    expected = type_spec.shape
+    if expected is not None and (len(shape) != len(expected) or any(
+        e is not None and e != g for e, g in zip(expected, shape))):
+      return (f'must have type {type_spec} (shape {list(expected)}), found '
+              f'{_describe_value(value)}')
+    return ''
+  if isinstance(type_spec, tff.StructType):
+    elements = list(tff.structure.iter_elements(type_spec))
+    names = [n for n, _ in elements]
+    if isinstance(value, dict):
+      if all(names) and set(value) != set(names):
+        return (f'must have the structure {type_spec} (keys {names}), found '
+                f'{_describe_value(value)}')
+      members = [value[n] for n in names] if all(names) else list(
+          value.values())
+    elif isinstance(value, (list, tuple)):
+      members = list(value)
+    elif hasattr(value, '__attrs_attrs__'):
+      members = [getattr(value, n) for n in names]
+    else:
+      return (f'must have the structure {type_spec}, found '
+              f'{_describe_value(value)}')
+    if len(members) != len(elements):
+      return (f'must have the structure {type_spec} ({len(elements)} '
+              f'members), found {_describe_value(value)}')
+    for (name, element), member in zip(elements, members):
+      problem = _mismatch(member, element)
+      if problem:
+        return f'[{name!r}] {problem}' if name else problem
+    return ''
+  return ''  # Sequences and functions: TFF checks them.
+
+
+def _check_arguments(program: ir.Program, args, kwargs) -> None:
+  """Refuses arguments of the wrong structure or shape, naming them."""
+  declared = program.declared_parameters()
+  names = [n for n, _ in declared]
+  unknown = [k for k in kwargs if k not in names]
+  if unknown or len(args) + len(kwargs) != len(declared) or any(
+      k in names[:len(args)] for k in kwargs):
+    given = len(args) + len(kwargs)
+    raise errors.FederatedADError(
+        f'{program.name} takes {len(declared)} argument(s) {names}; it was '
+        f'called with {given} ({len(args)} positional, keywords '
+        f'{list(kwargs)}).')
+  values = list(args) + [kwargs[n] for n in names[len(args):]]
+  if any(isinstance(v, tff.Value) for v in tf.nest.flatten(values)):
+    return  # Called inside a tff.federated_computation: TFF checks types.
+  for (name, type_spec), value in zip(declared, values):
+    problem = _mismatch(value, type_spec)
+    if problem:
+      raise errors.FederatedADError(
+          f'{program.name}: argument {name!r} {problem} (expected type '
+          f'{type_spec}).')
 
 
 def federated_computation(*parameter_types):
@@ -290,7 +407,9 @@ def _forward(program, nodes, args, tangents, active, num_directions):
   """Emits the program forward; active values become `Dual`s."""
   env: Dict[ir.Value, Any] = {}
   for i, (parameter, arg) in enumerate(zip(program.parameters, args)):
-    if i in tangents:
+    if i in tangents and isinstance(tangents[i], primitives.Dual):
+      env[parameter] = tangents[i]
+    elif i in tangents:
       env[parameter] = primitives.Dual(primal=arg, tangent=tangents[i])
     else:
       env[parameter] = arg
@@ -345,8 +464,15 @@ def _as_program(comp: Any, transform: str) -> ir.Program:
 def _check_mode(mode: str):
   if mode not in MODES:
     raise errors.FederatedADError(
-        f'Unknown mode {mode!r}; choose one of {MODES}.'
+        f'Unknown mode {mode!r}; choose one of {MODES} or \'auto\'.'
     )
+
+
+def _auto(comp, wrt, transform: str, has_aux: bool) -> 'FederatedComputation':
+  """The transform in the mode `tff_fad.choose_mode` picks."""
+  from tff_fad.core import modes  # pylint: disable=g-import-not-at-top
+  choice = modes.choose_mode(comp, wrt, transform=transform, has_aux=has_aux)
+  return choice.programs[choice.mode]
 
 
 # ---------------------------------------------------------------------------
@@ -363,11 +489,22 @@ def _check_num_directions(num_directions):
     )
 
 
-def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux):
-  """Returns `(outputs, output_tangents, aux)` structures of TFF values."""
+def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux,
+                   tangent_seed=None):
+  """Returns `(outputs, output_tangents, aux)` structures of TFF values.
+
+  With `tangent_seed` (an int64 `[2]` server value) the tangents are the
+  seeded standard normal directions instead of `tangents`.
+  """
   main, aux = _split_aux(program, has_aux)
   active, nodes = activity(program, wrt)
   _check_differentiable(nodes, active, 'forward')
+  if tangent_seed is not None:
+    specs = [_tensor_specs(program.parameter_types[i].member) for i in wrt]
+    tangents = [
+        primitives.SeededDual(primitives.emit_zip((args[i], tangent_seed)),
+                              specs, position, num_directions)
+        for position, i in enumerate(wrt)]
   env = _forward(program, nodes, args, dict(zip(wrt, tangents)), active,
                  num_directions)
   values = tf.nest.map_structure(lambda v: primitives.primal_of(env[v]), main)
@@ -379,9 +516,22 @@ def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux):
   return values, out_tangents, aux_values
 
 
+def _tensor_specs(type_spec: tff.Type) -> Any:
+  """`tf.TensorSpec`s shaped like a (non-federated) TFF type, as TF sees it."""
+  if isinstance(type_spec, tff.TensorType):
+    return tf.TensorSpec(type_spec.shape, type_spec.dtype)
+  children = [_tensor_specs(t) for _, t in
+              tff.structure.iter_elements(type_spec)]
+  return tuple(children)  # Only the leaf order matters (flattened).
+
+
+TANGENT_SEED_TYPE = tff.TensorType(np.int64, [2])
+
+
 def jvp(comp: FederatedComputation, wrt: Wrt = 0,
         num_directions: Optional[int] = None,
-        has_aux: bool = False) -> tff.Computation:
+        has_aux: bool = False,
+        tangent_seed: bool = False) -> FederatedComputation:
   """Forward-mode derivative program of `comp`.
 
   Args:
@@ -391,9 +541,16 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
       directions at once (every tangent leaf gets a leading axis of size `k`).
     has_aux: If True, `comp` returns `(output, aux)` and only `output` is
       differentiated; `aux` is returned as computed.
+    tangent_seed: If True (with `num_directions=k`, server-placed `wrt`),
+      the program takes one `tangent_seed: int64[2]@SERVER` instead of the
+      tangents: the k tangents are standard normal directions generated
+      where they are needed from the seed (`tff_fad.seeded_direction`, the
+      same at server and clients), so a broadcast sends `<value, seed>`, not
+      k tangents, and clients regenerate one direction at a time.
 
   Returns:
-    A `tff.Computation` `(primals..., tangents...) -> (value, value_tangent)`
+    A tff_fad program (a `tff.Computation`)
+    `(primals..., tangents...) -> (value, value_tangent)`
     (`(value, value_tangent, aux)` with `has_aux`), taking one tangent per
     `wrt` entry, in `wrt` order, each placed like its argument. Each
     broadcast/aggregation carries value and tangent in one message.
@@ -403,6 +560,29 @@ def jvp(comp: FederatedComputation, wrt: Wrt = 0,
   _check_num_directions(num_directions)
   _split_aux(program, has_aux)
   parameters = list(zip(program.parameter_names, program.parameter_types))
+  if tangent_seed:
+    if num_directions is None:
+      raise errors.FederatedADError(
+          'tangent_seed=True needs num_directions=k: the seed draws k '
+          'standard normal directions.')
+    for i in positions:
+      if program.parameters[i].placement is not tff.SERVER:
+        raise errors.FederatedADError(
+            f'tangent_seed=True needs server-placed wrt; argument '
+            f'{program.parameter_names[i]!r} is '
+            f'{program.parameter_types[i]}.')
+    parameters.append((
+        _fresh_name('tangent_seed', [n for n, _ in parameters]),
+        tff.FederatedType(TANGENT_SEED_TYPE, tff.SERVER)))
+    m = len(program.parameters)
+
+    def seeded_body(args):
+      value, tangent, aux = _emit_jvp_body(
+          program, positions, args[:m], None, num_directions, has_aux,
+          tangent_seed=args[m])
+      return (value, tangent, aux) if has_aux else (value, tangent)
+
+    return _derive(f'jvp_{program.name}', parameters, seeded_body)
   for i in positions:
     parameters.append((
         _fresh_name(f'{program.parameter_names[i]}_tangent',
@@ -470,6 +650,10 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
     return lambda: [rematerialize(x, {}) for x in node.inputs]
 
   outputs = tf.nest.flatten(main)
+  # Server flags that are NaN where a transposed aggregation's derivative is
+  # undefined (a mean over no clients): the primal and forward mode give NaN
+  # there, so reverse mode must not report a zero gradient.
+  undefined: List[Any] = []
   cotangents: Dict[ir.Value, List[Any]] = {}
   for v, ct in zip(outputs, output_cotangent_leaves(
       [env[v] for v in outputs])):
@@ -482,6 +666,9 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
     on = [x in active for x in node.inputs]
     input_cts = node.primitive.transpose(
         ct_out, inputs_of(node), residuals[node], on, **node.params)
+    flag = node.primitive.undefined_derivative(residuals[node])
+    if flag is not None:
+      undefined.append(flag)
     for x, ct in zip(node.inputs, input_cts):
       if ct is not None and x in active:
         cotangents.setdefault(x, []).append(ct)
@@ -493,6 +680,8 @@ def _emit_vjp_body(program, wrt, args, output_cotangent_leaves, mode,
       ct = primitives.add_all(cotangents[parameter])
     else:
       ct = primitives.zero_tangent(env[parameter], None)
+    if undefined and parameter.placement is tff.SERVER:
+      ct = primitives.local_call(_poison, [ct] + undefined)
     results.append(_as_per_client(ct))
   values = tf.nest.map_structure(lambda v: env[v], main)
   aux_values = None if aux is None else tf.nest.map_structure(
@@ -507,6 +696,21 @@ def _fresh_name(name: str, taken: Sequence[str]) -> str:
     k += 1
     candidate = f'{name}_{k}'
   return candidate
+
+
+def _poison(ct, *flags):
+  total = tf.add_n([tf.cast(f, tf.float64) for f in flags])
+  return tf.nest.map_structure(lambda t: t + tf.cast(total, t.dtype), ct)
+
+
+def check_derivative(comp: FederatedComputation, wrt: Wrt, mode: str
+                     ) -> None:
+  """Raises the error the transform for `mode` would raise, if any."""
+  _check_mode(mode)
+  program = _as_program(comp, 'privacy_report')
+  positions = resolve_wrt(program, wrt)
+  active, nodes = activity(program, positions)
+  _check_differentiable(nodes, active, mode)
 
 
 def _single_or_tuple(items: List[Any], wrt: Wrt):
@@ -529,7 +733,8 @@ def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
   Args:
     comp: A `FederatedComputation`.
     wrt: The argument(s) to differentiate: position(s) and/or name(s).
-    mode: 'reverse' or 'reverse_recompute' (see the module docstring).
+    mode: 'reverse' or 'reverse_recompute' (see the module docstring), or
+      'auto' for the one `tff_fad.choose_mode` picks.
     has_aux: If True, `comp` returns `(output, aux)`; only `output` gets a
       cotangent and `aux` is returned as computed.
 
@@ -539,6 +744,8 @@ def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
     structured like the output; the result is the cotangent of the `wrt`
     argument, placed like it (a tuple in `wrt` order if `wrt` is a sequence).
   """
+  if mode == 'auto':
+    return _auto(comp, wrt, 'vjp', has_aux)
   _check_reverse_mode(mode, 'vjp')
   program = _as_program(comp, 'vjp')
   positions = resolve_wrt(program, wrt)
@@ -653,7 +860,8 @@ def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
       (or `(scalar, aux)` with `has_aux`).
     wrt: The argument(s) to differentiate: position(s) and/or name(s).
     mode: 'forward' (server-placed `wrt` only; one pass per element, batched),
-      'reverse' or 'reverse_recompute'.
+      'reverse' or 'reverse_recompute', or 'auto': the mode whose program
+      communicates least (`tff_fad.choose_mode` shows every mode's cost).
     has_aux: If True, `comp` returns `(scalar, aux)`.
 
   Returns:
@@ -662,6 +870,8 @@ def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
     structured like its argument (a tuple in `wrt` order if `wrt` is a
     sequence).
   """
+  if mode == 'auto':
+    return _auto(comp, wrt, 'value_and_grad', has_aux)
   program, positions = _gradient_program(comp, wrt, mode, has_aux,
                                          'value_and_grad')
 
@@ -684,6 +894,8 @@ def grad(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
     A `tff.Computation` `(primals...) -> gradient(s)` (or
     `-> (gradient(s), aux)` with `has_aux`).
   """
+  if mode == 'auto':
+    return _auto(comp, wrt, 'grad', has_aux)
   program, positions = _gradient_program(comp, wrt, mode, has_aux, 'grad')
 
   def body(args):

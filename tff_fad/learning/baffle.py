@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fad import core as fad
 from tff_fad.learning import functional_models as fm
 
 ESTIMATORS = ('forward', 'central', 'jvp')
@@ -96,10 +97,9 @@ def perturbation(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
   Returns:
     float32 tensors with `shapes`.
   """
-  sizes = [int(np.prod(s)) for s in shapes]
-  k_seed = tf.random.experimental.stateless_fold_in(seed, k)
-  flat = tf.random.stateless_normal([sum(sizes)], k_seed, dtype=tf.float32)
-  return [tf.reshape(t, s) for t, s in zip(tf.split(flat, sizes), shapes)]
+  # The core's seeded directions (those of jvp(..., tangent_seed=True)).
+  specs = [tf.TensorSpec(s, tf.float32) for s in shapes]
+  return fad.seeded_direction(seed, k, [specs])[0]
 
 
 def directional_derivative(loss_fn: LossFn, weights: Tensors,
