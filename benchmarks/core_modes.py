@@ -4,8 +4,10 @@ For an MLP (784-128-10, 101,770 parameters) on 10 and 100 clients:
   * the tff_fad primal vs a hand-written `tff.federated_computation` of the
     same math (the overhead tff_fad adds to the program it emits);
   * `value_and_grad` in 'reverse' and 'reverse_recompute' mode, and a
-    forward-mode `jvp` with 1 and 16 tangent directions, each divided by the
-    primal's time;
+    forward-mode `jvp` with 1 and 16 tangent directions (16 also seeded:
+    only a seed is broadcast), each divided by the primal's time;
+  * a Hessian-vector product, `jvp(grad(loss))` (forward over reverse and
+    over reverse_recompute), divided by the primal's and the gradient's time;
   * bytes and communication steps from `communication_cost`.
 
 All variants run in one process, interleaved in a random order per repeat,
@@ -117,6 +119,19 @@ def measure(num_clients, examples, repeats):
       ('jvp forward, 16 directions',
        (tff_fad.jvp(fad_loss, num_directions=16),
         (params, data, _directions(params, 16)))),
+      ('jvp forward, 16 seeded directions',
+       (tff_fad.jvp(fad_loss, num_directions=16, tangent_seed=True),
+        (params, data, np.array([1, 2], np.int64)))),
+      # Second order: a Hessian-vector product, forward over reverse (the
+      # gradient's program, differentiated again).
+      ('hvp forward-over-reverse',
+       (tff_fad.jvp(tff_fad.grad(fad_loss, mode='reverse')),
+        (params, data, tf.nest.map_structure(lambda d: d[0],
+                                             _directions(params, 1))))),
+      ('hvp forward-over-reverse_recompute',
+       (tff_fad.jvp(tff_fad.grad(fad_loss, mode='reverse_recompute')),
+        (params, data, tf.nest.map_structure(lambda d: d[0],
+                                             _directions(params, 1))))),
   ])
   for comp, args in variants.values():  # Warm-up: tracing, worker start.
     comp(*args)
@@ -131,6 +146,7 @@ def measure(num_clients, examples, repeats):
       comp(*args)
       times[name].append(time.perf_counter() - start)
   primal = statistics.median(times['primal (tff_fad)'])
+  gradient = statistics.median(times['value_and_grad reverse'])
   rows = []
   for name, (comp, _) in variants.items():
     median = statistics.median(times[name])
@@ -140,6 +156,7 @@ def measure(num_clients, examples, repeats):
         variant=name,
         seconds=median,
         ratio_to_tff_fad_primal=median / primal,
+        ratio_to_reverse_gradient=median / gradient,
         down_bytes_per_client=report.server_to_client_bytes_per_client,
         up_bytes_per_client=report.client_to_server_bytes_per_client,
         communication_steps=report.communication_steps,
@@ -157,7 +174,8 @@ def main(argv):
   for clients in _CLIENTS.value:
     rows.extend(measure(int(clients), _EXAMPLES.value, _REPEATS.value))
   header = (f'{"clients":>7}  {"variant":<34} {"median s":>9} {"/primal":>8} '
-            f'{"down B/client":>13} {"up B/client":>11} {"steps":>5}')
+            f'{"/grad":>6} {"down B/client":>13} {"up B/client":>11} '
+            f'{"steps":>5}')
   print(f'MLP 784-{HIDDEN}-10 ({num_params:,} parameters), '
         f'{_EXAMPLES.value} examples per client, median of '
         f'{_REPEATS.value} calls')
@@ -165,6 +183,7 @@ def main(argv):
   for r in rows:
     print(f'{r["clients"]:>7}  {r["variant"]:<34} {r["seconds"]:>9.3f} '
           f'{r["ratio_to_tff_fad_primal"]:>8.2f} '
+          f'{r["ratio_to_reverse_gradient"]:>6.2f} '
           f'{r["down_bytes_per_client"]:>13,} {r["up_bytes_per_client"]:>11,} '
           f'{r["communication_steps"]:>5}')
   os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)

@@ -25,7 +25,7 @@ def test_federated_ad_and_newton_cg_examples_run_as_pasted(capfd):
   gradient = namespace['tff_fad'].grad(namespace['loss'])(
       namespace['w'] + namespace['step'], namespace['data'])
   assert max(abs(float(x)) for x in gradient) < 1e-3, gradient
-  assert any(line.startswith("mode='reverse'") for line in lines), lines
+  assert any(line.startswith("mode='forward'") for line in lines), lines
   assert any('3 clients' in line for line in lines), lines
 
 

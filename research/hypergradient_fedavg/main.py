@@ -34,6 +34,11 @@ _MODE = flags.DEFINE_enum('fad_mode', 'forward', list(hypergradient_fed_avg.MODE
 _SERVER_LR = flags.DEFINE_float(
     'server_lr', 0.1, 'Initial (hypergradient) or fixed (fedavg) server '
     'learning rate.')
+_SERVER_OPTIMIZER = flags.DEFINE_enum(
+    'server_optimizer', 'sgd', ['sgd', 'sgdm', 'adam', 'adagrad', 'yogi'],
+    'FedOpt server optimizer (TFF\'s build_sgdm without/with momentum '
+    '0.9, build_adam, build_adagrad, build_yogi at their default settings); '
+    'hypergradient learns its learning rate, from --server_lr.')
 _HYPER_LR = flags.DEFINE_float(
     'hyper_lr', 0.1, 'Adam learning rate of log(server learning rate).')
 _HYPER_BETA_1 = flags.DEFINE_float(
@@ -116,9 +121,23 @@ def _client_weighting():
   return tff.learning.ClientWeighting.NUM_EXAMPLES
 
 
+def server_optimizer_fn(name: str, learning_rate: float
+                        ) -> tff.learning.optimizers.Optimizer:
+  """TFF's FedOpt server optimizer `name` at `learning_rate`."""
+  optimizers = tff.learning.optimizers
+  return {
+      'sgd': lambda: optimizers.build_sgdm(learning_rate),
+      'sgdm': lambda: optimizers.build_sgdm(learning_rate, momentum=0.9),
+      'adam': lambda: optimizers.build_adam(learning_rate),
+      'adagrad': lambda: optimizers.build_adagrad(learning_rate),
+      'yogi': lambda: optimizers.build_yogi(learning_rate),
+  }[name]()
+
+
 def build_process(model):
   client_optimizer = tff.learning.optimizers.build_sgdm(_CLIENT_LR.value)
-  server_optimizer = tff.learning.optimizers.build_sgdm(_SERVER_LR.value)
+  server_optimizer = server_optimizer_fn(_SERVER_OPTIMIZER.value,
+                                         _SERVER_LR.value)
   if _ALGORITHM.value == 'fedavg':
     return tff.learning.algorithms.build_weighted_fed_avg(
         model, client_optimizer, server_optimizer,
@@ -213,6 +232,7 @@ def _run() -> dict[str, Any]:
       algorithm=_ALGORITHM.value,
       task=task.description,
       **test_summary,
+      server_optimizer=_SERVER_OPTIMIZER.value,
       initial_server_learning_rate=_SERVER_LR.value,
       final_server_learning_rate=final_lr,
       weighting=_WEIGHTING.value,

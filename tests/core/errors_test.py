@@ -99,8 +99,9 @@ def test_mismatched_tangent_is_rejected_by_its_declared_type():
     jvp(np.ones(2, np.float32), [np.ones(2, np.float32)], 1,
         np.ones(3, np.float32))
   with pytest.raises(tff_fad.FederatedADError,
-                     match=r"argument 'w_tangent' must be a float32\[2\] "
-                           r'tensor, found a list of 2'):
+                     match=r"argument 'w_tangent' must have type "
+                           r"float32\[2\] \(shape \[2\]\), found "
+                           r"float32\[2, 2\]"):
     jvp(np.ones(2, np.float32), [np.ones(2, np.float32)], 1,
         [np.ones(2, np.float32), np.ones(2, np.float32)])
 

@@ -258,3 +258,20 @@ def test_second_derivative_in_the_server_learning_rate(inner, outer):
     first = inner_tape.gradient(loss, lr)
   assert second == pytest.approx(outer_tape.gradient(first, lr).numpy(),
                                  rel=1e-9)
+
+
+def test_a_derivative_program_is_a_tff_computation_usable_inside_tff():
+  grad = tff_fad.grad(least_squares)
+  assert isinstance(grad, tff.Computation)
+
+  @tff.federated_computation(W_TYPE, tff.FederatedType(EXAMPLE, tff.CLIENTS))
+  def gradient_step(w, data):
+    g = grad(w, data)
+    return tff.federated_map(
+        tff.tensorflow.computation(lambda w, g: w - 0.01 * g,
+                                   W_TYPE.member, W_TYPE.member),
+        tff.federated_zip((w, g)))
+
+  expected = W - 0.01 * np.mean(
+      [(W @ d['x'] - d['y']) * d['x'] for d in DATA], axis=0)
+  np.testing.assert_allclose(gradient_step(W, DATA), expected, rtol=RTOL)

@@ -88,12 +88,31 @@ def test_a_keras_model_with_tuple_batches_trains_and_reports_its_metrics(
   assert max(moved) > 0
 
 
-@pytest.mark.parametrize('client_weighting', list(tff.learning.ClientWeighting))
-def test_a_fixed_rate_is_tffs_fed_avg(keras_setup, client_weighting):
+_FEDOPT = {
+    'sgd': (lambda: tff.learning.optimizers.build_sgdm(0.7), 0.7),
+    'sgdm': (lambda: tff.learning.optimizers.build_sgdm(0.7, momentum=0.9),
+             0.7),
+    'adam': (lambda: tff.learning.optimizers.build_adam(0.05), 0.05),
+    'yogi': (lambda: tff.learning.optimizers.build_yogi(0.05), 0.05),
+}
+
+
+@pytest.mark.parametrize('client_weighting, server_optimizer', [
+    (tff.learning.ClientWeighting.UNIFORM, 'sgd'),
+    (tff.learning.ClientWeighting.NUM_EXAMPLES, 'sgd'),
+    (tff.learning.ClientWeighting.NUM_EXAMPLES, 'sgdm'),
+    (tff.learning.ClientWeighting.NUM_EXAMPLES, 'adam'),
+    (tff.learning.ClientWeighting.NUM_EXAMPLES, 'yogi'),
+])
+def test_a_fixed_rate_is_tffs_fed_avg(keras_setup, client_weighting,
+                                      server_optimizer):
+  # With a hyper-optimizer of rate 0, hypergradient FedOpt is TFF's FedOpt
+  # with the same server optimizer: the wrapping adds no drift.
   model, data = keras_setup
+  build_server_optimizer, rate = _FEDOPT[server_optimizer]
   kwargs = dict(
       client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(0.7),
+      server_optimizer_fn=build_server_optimizer(),
       client_weighting=client_weighting)
   tff_process = tff.learning.algorithms.build_weighted_fed_avg(model,
                                                                **kwargs)
@@ -108,7 +127,7 @@ def test_a_fixed_rate_is_tffs_fed_avg(keras_setup, client_weighting):
     assert fad_out.metrics['client_work']['train'] == pytest.approx(
         tff_out.metrics['client_work']['train'], rel=1e-6)
     assert fad_out.metrics['hyperparameters'][
-        'server_learning_rate'] == pytest.approx(0.7, rel=1e-6)
+        'server_learning_rate'] == pytest.approx(rate, rel=1e-6)
   for fad_w, tff_w in zip(fad_state.global_model_weights.trainable,
                           tff_state.global_model_weights.trainable):
     np.testing.assert_allclose(fad_w, tff_w, rtol=2e-5, atol=2e-6)

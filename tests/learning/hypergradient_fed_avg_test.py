@@ -218,10 +218,8 @@ def test_communication_cost_of_the_modes(setup):
     (dict(mode='sideways'), 'mode must be one of'),
     (dict(server_optimizer_fn=_sgd(0.0)),
      'initial server learning rate must be > 0'),
-    (dict(server_optimizer_fn=tff.learning.optimizers.build_adam(0.1)),
-     'plain server SGD.*beta_1'),
-    (dict(server_optimizer_fn=tff.learning.optimizers.build_sgdm(
-        1.0, momentum=0.9)), 'plain server SGD.*momentum'),
+    (dict(server_optimizer_fn=tff.learning.optimizers.build_adamw(0.1)),
+     'weight decay'),
     (dict(tangent_decay=1.0), r'tangent_decay must be in \[0, 1\)'),
     (dict(tangent_decay=-0.5), r'tangent_decay must be in \[0, 1\)'),
 ])
@@ -359,3 +357,83 @@ def test_set_model_weights_starts_a_fresh_history(setup, carried, builder):
   for got, want in zip(process.get_model_weights(fresh).trainable,
                        new_weights.trainable):
     np.testing.assert_allclose(got, want)
+
+
+def test_learned_weighting_keeps_plain_server_sgd(setup):
+  with pytest.raises(ValueError, match='plain server SGD.*beta_1'):
+    hg.build_learned_weighting_fed_avg(
+        setup.model,
+        server_optimizer_fn=tff.learning.optimizers.build_adam(0.1))
+
+
+# ----------------------------------------------------------------------------
+# Any FedOpt server optimizer: the learned rate is the optimizer's own.
+
+_SERVER_OPTIMIZERS = {
+    'sgd': lambda lr: tff.learning.optimizers.build_sgdm(lr),
+    'sgdm': lambda lr: tff.learning.optimizers.build_sgdm(lr, momentum=0.9),
+    'adam': lambda lr: tff.learning.optimizers.build_adam(lr),
+}
+
+
+def _post_update_loss(model, weights, data):
+  """The clients' example-weighted mean loss at `weights`, centrally."""
+  total, count = 0.0, 0
+  for dataset in data:
+    for batch in dataset:
+      x, y = (batch['x'], batch['y']) if isinstance(batch, dict) else batch
+      predictions = model.predict_on_batch(weights, x, training=False)
+      total += float(model.loss(output=predictions, label=y)) * len(y)
+      count += len(y)
+  return total / count
+
+
+def _tff_fedopt_two_rounds(model, data, optimizer, lr, second_lr):
+  """TFF's FedOpt: one round at `lr`, one at `second_lr` (its set_hparams)."""
+  process = tff.learning.algorithms.build_weighted_fed_avg(
+      model, client_optimizer_fn=_sgd(0.1),
+      server_optimizer_fn=_SERVER_OPTIMIZERS[optimizer](lr))
+  state = process.next(process.initialize(), data).state
+  hparams = process.get_hparams(state)
+  hparams['finalizer']['learning_rate'] = np.float32(second_lr)
+  state = process.next(process.set_hparams(state, hparams), data).state
+  weights = state.global_model_weights
+  return (tuple(weights.trainable), tuple(weights.non_trainable))
+
+
+@pytest.mark.parametrize('mode', hg.MODES)
+@pytest.mark.parametrize('optimizer', list(_SERVER_OPTIMIZERS))
+def test_hypergradient_of_any_server_optimizer_matches_finite_differences(
+    setup, optimizer, mode):
+  """d post-update loss / d log lr against TFF's FedOpt at lr +- eps.
+
+  Round 3 reports the loss at the model after two rounds of the optimizer
+  and its derivative w.r.t. the rate of the second step (greedy: the
+  optimizer's state after step one is the same for every rate, since TFF's
+  optimizers' states do not depend on the rate).
+  """
+  lr = 0.3 if optimizer != 'adam' else 0.01
+  process = hg.build_hypergradient_fed_avg(
+      setup.model, client_optimizer_fn=_sgd(0.1),
+      server_optimizer_fn=_SERVER_OPTIMIZERS[optimizer](lr),
+      hyper_optimizer_fn=_sgd(0.0), mode=mode, tangent_decay=0.0)
+  state = _after_rounds(process, setup.data, 2)
+  metrics = process.next(state, setup.data).metrics['hyperparameters']
+  # The loss at the model after two rounds is TFF's FedOpt's.
+  at_lr = _tff_fedopt_two_rounds(setup.model, setup.data, optimizer, lr, lr)
+  assert metrics['post_update_loss'] == pytest.approx(
+      _post_update_loss(setup.model, at_lr, setup.data), rel=1e-5)
+  for w, tff_w in zip(_pair(state)[0], at_lr[0]):
+    np.testing.assert_allclose(w, tff_w, rtol=2e-5, atol=2e-6)
+  # Greedy: only the second step's rate moves; d/d log lr by central finite
+  # differences of TFF's own FedOpt.
+  eps = 1e-2
+  plus, minus = (_post_update_loss(
+      setup.model,
+      _tff_fedopt_two_rounds(setup.model, setup.data, optimizer, lr,
+                             lr * np.exp(sign * eps)),
+      setup.data) for sign in (1, -1))
+  finite_difference = (plus - minus) / (2 * eps)
+  assert abs(finite_difference) > 1e-4
+  assert metrics['hypergradient'] == pytest.approx(finite_difference,
+                                                   rel=2e-2, abs=1e-5)

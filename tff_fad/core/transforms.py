@@ -133,7 +133,6 @@ def _describe_value(value: Any) -> str:
     shape = np.shape(value)
   except ValueError:  # E.g. a namedtuple of differently shaped arrays.
     return f'a {type(value).__name__}'
-
   dtype = getattr(value, 'dtype', None) or type(value).__name__
   return f'{dtype}{list(shape)}' if shape else f'{dtype} scalar'
 
@@ -152,15 +151,19 @@ def _mismatch(value: Any, type_spec: tff.Type) -> str:
       return ''
     return _mismatch(value, type_spec.member)
   if isinstance(type_spec, tff.TensorType):
-    if isinstance(value, (dict, list, tuple)) and not isinstance(
-        value, np.ndarray):
+    # Nested lists of numbers are tensors too (`grad([2., -1.], ...)`).
+    try:
+      array = np.asarray(value)
+    except ValueError:
+      array = None
+    if isinstance(value, dict) or array is None or array.dtype == object:
       return f'must be a {type_spec} tensor, found {_describe_value(value)}'
-    shape = np.shape(value)
+    shape = array.shape
     expected = type_spec.shape
     if expected is not None and (len(shape) != len(expected) or any(
         e is not None and e != g for e, g in zip(expected, shape))):
       return (f'must have type {type_spec} (shape {list(expected)}), found '
-              f'{_describe_value(value)}')
+              f'{_describe_value(array)}')
     return ''
   if isinstance(type_spec, tff.StructType):
     elements = list(tff.structure.iter_elements(type_spec))

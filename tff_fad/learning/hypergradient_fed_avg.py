@@ -1,10 +1,15 @@
-"""FedAvg that learns its own server learning rate with Federated AD.
+"""FedOpt that learns its own server learning rate with Federated AD.
 
-The server keeps `log_lr` and the pending update `delta` (the clients'
-averaged update of the last round) next to the model. The model of round t
-is a function of the rate,
+The server optimizer is any of TFF's FedOpt optimizers (`build_sgdm` with or
+without momentum, `build_adam`, `build_adagrad`, `build_yogi`, ...). Each of
+their steps is linear in the learning rate, and their state (momentum,
+moments) does not depend on it: at rate lr a step is `w - lr * s` with
+`s = step(state, delta)` the step at rate 1. The server keeps `log_lr` and
+the pending step `s` (for plain SGD, the clients' averaged update `delta` of
+the last round) next to the model. The model of round t is a function of the
+rate,
 
-    w_t(log_lr) = m_t - (exp(log_lr) - lr_t) * delta      (server)
+    w_t(log_lr) = m_t - (exp(log_lr) - lr_t) * s          (server)
 
 where `m_t` is the stored model (`state.global_model_weights`, computed with
 the current rate `lr_t`, so w_t(log lr_t) = m_t exactly). The hypergradient
@@ -18,12 +23,15 @@ from round to round:
 
     dw_t/dlog_lr = g * T_{t-1} - lr_t * delta              (server, free)
 
-g = 0 is the greedy one-step hypergradient: only the last step moves with
+(`delta` above is the pending step `s`.) g = 0 is the greedy one-step
+hypergradient: only the last step moves with
 the rate. It is biased towards short steps (Wu et al. 2018, "Understanding
 short-horizon bias"): from a low start it stops climbing early. g > 0 also
 moves the earlier steps, with weight g^k for the step k rounds back, so the
 derivative answers "would a larger rate over the last ~1/(1-g) rounds have
-helped?". The carry treats the clients' updates as fixed (d delta/dw = 0):
+helped?". The carry treats the clients' updates, and so the optimizer's
+steps `s`, as fixed (d delta/dw = 0; with momentum or Adam this is the only
+approximation, the optimizer's state being independent of the rate):
 differentiating local training would cost a model-sized tangent upload and
 forward-over-reverse passes on every client, while T costs no communication
 (the broadcast carries a tangent of w_t either way).
@@ -179,6 +187,55 @@ def build_post_update_loss(model: tff.learning.models.FunctionalModel):
     return [d_weights if active[0] else None, None]
 
   return fad.with_derivatives(loss_sum, jvp=jvp_rule, vjp=vjp_rule)
+
+
+def server_optimizer_learning_rate(
+    server_optimizer: tff.learning.optimizers.Optimizer) -> float:
+  """The starting rate of any FedOpt server optimizer (SGD(M), Adam, ...).
+
+  Raises:
+    ValueError: If the optimizer has no positive `learning_rate`
+      hyperparameter, or its step depends on the weights (decoupled weight
+      decay): the learned update must be `w - lr * step(state, delta)`.
+  """
+  hparams = server_optimizer.get_hparams(
+      server_optimizer.initialize(tf.TensorSpec([], tf.float32)))
+  if 'learning_rate' not in hparams:
+    raise ValueError(
+        'server_optimizer_fn: the learned rate is the server optimizer\'s '
+        '`learning_rate` hyperparameter, which this optimizer does not have '
+        f'(hyperparameters {dict(hparams)}).')
+  if any('decay' in k for k in hparams if k != 'learning_rate'):
+    raise ValueError(
+        'server_optimizer_fn: an optimizer with weight decay '
+        f'({dict(hparams)}) takes a step that depends on the weights; the '
+        'learned update needs w - lr * step(optimizer state, update).')
+  rate = float(hparams['learning_rate'])
+  if not rate > 0:
+    raise ValueError('server_optimizer_fn: the initial server learning rate '
+                     f'must be > 0 (it is learned in log space), got {rate}.')
+  return rate
+
+
+def _unit_rate_state(server_optimizer, specs):
+  """The optimizer's initial state at learning rate 1: its `next` then
+  returns the step per unit rate."""
+  state = server_optimizer.initialize(specs)
+  hparams = collections.OrderedDict(server_optimizer.get_hparams(state))
+  hparams['learning_rate'] = tf.constant(1.0, tf.float32)
+  return server_optimizer.set_hparams(state, hparams)
+
+
+def _unit_step(server_optimizer, optimizer_state, update):
+  """`(new state, s)`: the optimizer's step at rate 1 for `update`.
+
+  Every FedOpt optimizer's step is linear in its rate and its state
+  (momentum, moments) does not depend on the rate, so at rate lr the new
+  model is `w - lr * s`. Applying the step to zeros gives s exactly.
+  """
+  zeros = tf.nest.map_structure(tf.zeros_like, update)
+  new_state, moved = server_optimizer.next(optimizer_state, zeros, update)
+  return new_state, tuple(-m for m in tf.nest.flatten(moved))
 
 
 def _pair_type(model) -> tff.Type:
@@ -381,8 +438,7 @@ def _resolve_common(builder, model_fn, client_optimizer_fn, server_optimizer_fn,
   hyper_optimizer = fm.resolve_optimizer(
       hyper_optimizer_fn, 'hyper_optimizer_fn', default_hyper_optimizer)
   _check_args(mode, tangent_decay)
-  return (model, client_optimizer, hyper_optimizer,
-          initial_server_learning_rate(server_optimizer))
+  return model, client_optimizer, server_optimizer, hyper_optimizer
 
 
 def build_hypergradient_fed_avg(
@@ -405,7 +461,8 @@ def build_hypergradient_fed_avg(
   metrics@SERVER>`; one round is one broadcast of the model (with its
   tangent in forward mode) and one upload of model updates (with the loss
   and its derivative); see the module docstring for the modes. With a
-  hyper-optimizer of learning rate 0 it is TFF's FedAvg with server SGD.
+  hyper-optimizer of learning rate 0 it is TFF's FedAvg (FedOpt) with the
+  same server optimizer.
 
   Args:
     model_fn: A `tff.learning.models.FunctionalModel` or a no-argument
@@ -413,9 +470,11 @@ def build_hypergradient_fed_avg(
       `tff.learning.models.functional_model_from_keras`).
     client_optimizer_fn: A `tff.learning.optimizers.Optimizer` for local
       training (or a function returning one); default SGD, rate 0.1.
-    server_optimizer_fn: Plain server SGD,
-      `tff.learning.optimizers.build_sgdm(learning_rate)`: its rate is the
-      starting point of the learned one. Default rate 1.0.
+    server_optimizer_fn: Any FedOpt server optimizer with a
+      `learning_rate` hyperparameter (`build_sgdm`, with or without
+      momentum, `build_adam`, `build_adagrad`, `build_yogi`): its rate is the
+      starting point of the learned one. Default: SGD, rate 1.0. Optimizers
+      with weight decay are refused (their step depends on the weights).
     hyper_optimizer_fn: Optimizer of `log(server learning rate)`; default
       `default_hyper_optimizer()`.
     client_weighting: `tff.learning.ClientWeighting` of the update average
@@ -443,9 +502,11 @@ def build_hypergradient_fed_avg(
       kind, naming the argument.
     ValueError: For bad values, naming the argument.
   """
-  model, client_optimizer, hyper_optimizer, lr0 = _resolve_common(
-      'build_hypergradient_fed_avg', model_fn, client_optimizer_fn,
-      server_optimizer_fn, hyper_optimizer_fn, tangent_decay, mode)
+  model, client_optimizer, server_optimizer, hyper_optimizer = (
+      _resolve_common('build_hypergradient_fed_avg', model_fn,
+                      client_optimizer_fn, server_optimizer_fn,
+                      hyper_optimizer_fn, tangent_decay, mode))
+  lr0 = server_optimizer_learning_rate(server_optimizer)
   fm.check_client_weighting(client_weighting)
   model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
   weighted = isinstance(model_aggregator,
@@ -479,9 +540,14 @@ def build_hypergradient_fed_avg(
     zeros = _zeros_like_trainable(model)
     return fm.initial_model_weights(model), collections.OrderedDict(
         log_lr=tf.constant(log_lr0, tf.float32),
+        # The server optimizer's last step per unit rate.
         pending=zeros,
         # d(stored model)/d log_lr: the earlier rounds' steps.
         model_tangent=zeros,
+        # At rate 1: the learned rate multiplies its steps.
+        server_optimizer=_unit_rate_state(
+            server_optimizer,
+            tuple(tf.TensorSpec(z.shape, z.dtype) for z in zeros)),
         hyper_optimizer=hyper_optimizer.initialize(
             tf.TensorSpec([], tf.float32)))
 
@@ -510,18 +576,26 @@ def build_hypergradient_fed_avg(
                                              tf.nest.flatten(model_tangent[0])))
 
   @tff.tensorflow.computation
-  def server_update(finalizer, weights, new_pending, hypergradient):
-    new_pending, non_finite = fm.zero_if_non_finite(new_pending)
+  def server_update(finalizer, weights, update, hypergradient):
+    update, non_finite = fm.zero_if_non_finite(update)
     hyper_state, new_log_lr = _hyper_step(
         hyper_optimizer, finalizer['hyper_optimizer'], finalizer['log_lr'],
         hypergradient)
     lr = tf.exp(finalizer['log_lr'])
-    new_model = _next_model(weights, new_log_lr, new_pending)
+    # A skipped (non-finite) round leaves the optimizer's state as it was.
+    stepped_state, step = _unit_step(server_optimizer,
+                                     finalizer['server_optimizer'], update)
+    optimizer_state = tf.cond(
+        non_finite > 0, lambda: finalizer['server_optimizer'],
+        lambda: stepped_state)
+    step = tuple(tf.where(non_finite > 0, tf.zeros_like(x), x) for x in step)
+    new_model = _next_model(weights, new_log_lr, step)
     new_finalizer = collections.OrderedDict(
-        log_lr=new_log_lr, pending=new_pending,
+        log_lr=new_log_lr, pending=step,
         # d w_t / d log_lr, the next round's d(stored model) / d log_lr.
         model_tangent=tuple(tangent_decay * t - lr * p for t, p in zip(
             finalizer['model_tangent'], finalizer['pending'])),
+        server_optimizer=optimizer_state,
         hyper_optimizer=hyper_state)
     return new_model, new_finalizer, non_finite, lr
 
@@ -652,9 +726,11 @@ def build_learned_weighting_fed_avg(
     `finalizer` adds `weight_exponent` (a new exponent weighs the next
     round's updates; the pending one keeps its weights).
   """
-  model, client_optimizer, hyper_optimizer, lr0 = _resolve_common(
-      'build_learned_weighting_fed_avg', model_fn, client_optimizer_fn,
-      server_optimizer_fn, hyper_optimizer_fn, tangent_decay)
+  model, client_optimizer, server_optimizer, hyper_optimizer = (
+      _resolve_common('build_learned_weighting_fed_avg', model_fn,
+                      client_optimizer_fn, server_optimizer_fn,
+                      hyper_optimizer_fn, tangent_decay))
+  lr0 = initial_server_learning_rate(server_optimizer)
   if not np.isfinite(initial_weight_exponent):
     raise ValueError('initial_weight_exponent must be finite, got '
                      f'{initial_weight_exponent!r}.')
