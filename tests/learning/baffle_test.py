@@ -155,16 +155,110 @@ def _graph_op_types(comp):
   return {n.op for n in nodes}, {n.name for n in nodes}
 
 
+@pytest.mark.parametrize('parallel', [1, 4, 25])
 @pytest.mark.parametrize('mode', baffle.MODES)
 @pytest.mark.parametrize('estimator', ['forward', 'central'])
-def test_client_graph_has_no_gradient_ops(estimator, mode):
+def test_client_graph_has_no_gradient_ops(estimator, mode, parallel):
   model = models.to_functional_model(models.lenet(), (32, 32, 1))
-  client = baffle.build_client_work(model, num_perturbations=3,
-                                    estimator=estimator, mode=mode)
+  # K=6: at P=4 one full chunk of 4 and a chunk of 2; at P=25, one of 6.
+  client = baffle.build_client_work(model, num_perturbations=6,
+                                    estimator=estimator, mode=mode,
+                                    parallel_perturbations=parallel)
   op_types, names = _graph_op_types(client)
   assert 'Conv2D' in op_types and 'StatelessRandomNormalV2' in op_types
   assert not {op for op in op_types if _GRADIENT_OP.search(op)}
   assert not [n for n in names if 'gradients' in n.lower()]
+  if parallel > 1:  # The batched pass: kernels stacked for a grouped conv.
+    assert 'Einsum' in op_types
+
+
+def _lenet_batch(batch_size=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return collections.OrderedDict(
+      x=tf.constant(rng.random((batch_size, 32, 32, 1), np.float32)),
+      y=tf.constant(rng.integers(0, 10, batch_size).astype(np.int32)))
+
+
+@pytest.mark.parametrize('estimator', ['forward', 'central'])
+@pytest.mark.parametrize('parallel', [1, 4, 25])
+def test_batched_perturbations_give_the_scores_of_one_at_a_time(estimator,
+                                                                parallel):
+  model = models.to_functional_model(models.lenet(), (32, 32, 1), seed=2)
+  weights = [tf.constant(w) for w in model.initial_weights[0]]
+  batch = _lenet_batch()
+  seed = tf.constant([4, 9], tf.int64)
+  sigma, k = 1e-2, 30  # 30 = 7 x 4 + 2 = 1 x 25 + 5: a remainder chunk.
+
+  @tf.function
+  def scores(p):
+    return baffle.estimate_scores(
+        baffle.batch_loss_fn(model, (), batch), weights, seed, k, sigma,
+        estimator, p,
+        stacked_loss_fn=baffle.stacked_batch_loss_fn(model, (), batch))
+
+  one, loss_one = scores(1)
+  batched, loss_batched = scores(parallel)
+  assert batched.shape == (k,)
+  # A score is a difference of two float32 losses divided by sigma (2 sigma
+  # for central): a few ulps of the loss, over sigma.
+  rounding = 8 * np.finfo(np.float32).eps * float(loss_one) / sigma
+  np.testing.assert_allclose(batched.numpy(), one.numpy(), rtol=0,
+                             atol=rounding)
+  np.testing.assert_allclose(float(loss_batched), float(loss_one), rtol=1e-6)
+  # Not trivially equal: the scores vary (directional derivatives).
+  assert np.std(one.numpy()) > 100 * rounding
+
+
+def test_batched_scores_without_a_stacked_model_vectorize_its_predict():
+  """A plain TFF FunctionalModel: `tf.vectorized_map` over its weight sets."""
+  net = models.lenet()
+  stacked_model = models.to_functional_model(net, (32, 32, 1), seed=1)
+  plain = tff.learning.models.FunctionalModel(
+      initial_weights=stacked_model.initial_weights,
+      predict_on_batch_fn=tf.function(
+          lambda weights, x, training=True: net.apply(weights[0], x)),
+      loss_fn=lambda output, label, sample_weight=None: (
+          models.sparse_softmax_loss(output, label)),
+      input_spec=stacked_model.input_spec)
+  assert not hasattr(plain, 'predict_on_stacked_batch')
+  weights = [tf.constant(w) for w in plain.initial_weights[0]]
+  batch = _lenet_batch(8, seed=1)
+  seed = tf.constant([1, 2], tf.int64)
+  results = [baffle.estimate_scores(
+      baffle.batch_loss_fn(m, (), batch), weights, seed, 5, 1e-2, 'forward',
+      p, stacked_loss_fn=baffle.stacked_batch_loss_fn(m, (), batch))[0]
+             for m, p in [(plain, 1), (plain, 3), (stacked_model, 3)]]
+  rounding = 8 * np.finfo(np.float32).eps * 2.5 / 1e-2
+  for r in results[1:]:
+    np.testing.assert_allclose(r.numpy(), results[0].numpy(), atol=rounding)
+
+
+def test_stacked_perturbations_are_the_per_k_ones():
+  shapes = [(5, 5, 1, 16), (16,), (64, 10)]
+  seed = tf.constant([3, 11], tf.int64)
+  stacked = baffle.stacked_perturbations(shapes, seed, tf.constant(2), 3)
+  for i in range(3):
+    single = baffle.perturbation(shapes, seed, tf.constant(2 + i))
+    for a, b in zip(stacked, single):
+      np.testing.assert_array_equal(a[i].numpy(), b.numpy())
+
+
+def test_batched_perturbations_train_like_one_at_a_time(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  data = _client_datasets(sklearn_digits, 2, 16)
+  final = []
+  for parallel in (1, 4):
+    process = baffle.build_baffle(model, num_perturbations=10, sigma=1e-2,
+                                  parallel_perturbations=parallel, seed=3)
+    state = process.initialize()
+    for _ in range(2):
+      state = process.next(state, data).state
+    final.append(np.concatenate(
+        [np.ravel(w) for w in state.global_model_weights.trainable]))
+  initial = np.concatenate([np.ravel(w) for w in model.initial_weights[0]])
+  assert not np.allclose(final[0], initial)
+  np.testing.assert_allclose(final[1], final[0], atol=1e-5)
 
 
 def test_gradient_op_check_detects_backprop():

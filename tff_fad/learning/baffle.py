@@ -29,10 +29,15 @@ own metrics (updated with the loss pass at the unperturbed weights, which the
 forward estimator needs anyway; the central and jvp estimators pay one extra
 forward pass per step for it).
 
-Client memory stays close to inference: the K perturbed models are never held
-at once; a `tf.while_loop` regenerates z_k from `(seed, k)` at each iteration
-(`parallel_perturbations` lets a few iterations overlap, trading memory for
-speed). Server and client share `perturbation` so they agree bit for bit.
+Client memory stays close to inference with `parallel_perturbations=1`
+(the default): the K perturbed models are never held at once; a
+`tf.while_loop` regenerates z_k from `(seed, k)` at each iteration. With
+`parallel_perturbations=P > 1` the `forward` and `central` estimators
+evaluate P perturbed models per batched forward pass (the P weight sets
+stacked, `functional_models.stacked_predictions`: tff_fad's models run them
+as one grouped convolution per layer), trading memory for speed; `jvp` then
+lets P loop iterations overlap. Server and client share `perturbation` so
+they agree bit for bit.
 """
 
 import collections
@@ -97,9 +102,26 @@ def perturbation(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
     float32 tensors with `shapes`.
   """
   sizes = [int(np.prod(s)) for s in shapes]
-  k_seed = tf.random.experimental.stateless_fold_in(seed, k)
-  flat = tf.random.stateless_normal([sum(sizes)], k_seed, dtype=tf.float32)
+  flat = _flat_direction(sum(sizes), seed, k)
   return [tf.reshape(t, s) for t, s in zip(tf.split(flat, sizes), shapes)]
+
+
+def _flat_direction(size: int, seed: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+  k_seed = tf.random.experimental.stateless_fold_in(seed, k)
+  return tf.random.stateless_normal([size], k_seed, dtype=tf.float32)
+
+
+def stacked_perturbations(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
+                          first_k: tf.Tensor, count: int) -> list[tf.Tensor]:
+  """Directions z_first_k ... z_(first_k + count - 1), stacked: `[count, *s]`.
+
+  The same values as `count` calls of `perturbation`.
+  """
+  sizes = [int(np.prod(s)) for s in shapes]
+  flat = tf.stack([_flat_direction(sum(sizes), seed, first_k + i)
+                   for i in range(count)])
+  return [tf.reshape(t, [count, *s])
+          for t, s in zip(tf.split(flat, sizes, axis=1), shapes)]
 
 
 def directional_derivative(loss_fn: LossFn, weights: Tensors,
@@ -126,7 +148,8 @@ def directional_derivative(loss_fn: LossFn, weights: Tensors,
 def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
                     num_perturbations: int, sigma: float, estimator: str,
                     parallel_perturbations: int = 1,
-                    base_loss: Optional[tf.Tensor] = None
+                    base_loss: Optional[tf.Tensor] = None,
+                    stacked_loss_fn: Optional[LossFn] = None
                     ) -> tuple[tf.Tensor, tf.Tensor]:
   """Computes a client's K scalar scores d_k with forward passes only.
 
@@ -137,10 +160,14 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     num_perturbations: K.
     sigma: Perturbation scale (unused by `'jvp'`).
     estimator: `'forward'`, `'central'` or `'jvp'`.
-    parallel_perturbations: Loop iterations allowed to run at once (1 keeps a
-      single perturbed model alive).
+    parallel_perturbations: P. With 1, one perturbed model at a time (memory
+      near inference). With P > 1, `'forward'` and `'central'` evaluate P
+      perturbed models (2P for `'central'`) per call of `stacked_loss_fn`;
+      `'jvp'` lets P loop iterations overlap.
     base_loss: `loss_fn(weights)` if the caller already has it (the forward
       estimator then makes K forward passes, not K + 1).
+    stacked_loss_fn: Maps stacked trainable weights (`[P, *shape]` each) to
+      the `[P]` losses; default `tf.vectorized_map` over `loss_fn`.
 
   Returns:
     `(scores, loss)`: float32 `[K]` and the loss at `w` (for `'central'`, the
@@ -151,6 +178,12 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     base_loss = loss_fn(weights)
   elif estimator != 'forward':
     base_loss = None
+  if parallel_perturbations > 1 and estimator != 'jvp':
+    if stacked_loss_fn is None:
+      stacked_loss_fn = lambda stacked: tf.vectorized_map(loss_fn, stacked)
+    return _stacked_scores(stacked_loss_fn, weights, seed, num_perturbations,
+                           sigma, estimator, parallel_perturbations,
+                           base_loss)
 
   def score(k):
     z = perturbation(shapes, seed, k)
@@ -167,13 +200,63 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     d, loss = score(k)
     return k + 1, scores.write(k, d), loss_sum + loss
 
-  _, scores, loss_sum = tf.while_loop(
-      lambda k, *_: k < num_perturbations, body,
-      (tf.constant(0), tf.TensorArray(tf.float32, size=num_perturbations),
-       tf.constant(0.0)),
-      parallel_iterations=parallel_perturbations)
+  # The loop starts once the unperturbed pass is done: run side by side, the
+  # two passes would hold two sets of activations.
+  with tf.control_dependencies([] if base_loss is None else [base_loss]):
+    _, scores, loss_sum = tf.while_loop(
+        lambda k, *_: k < num_perturbations, body,
+        (tf.constant(0), tf.TensorArray(tf.float32, size=num_perturbations),
+         tf.constant(0.0)),
+        parallel_iterations=parallel_perturbations)
   loss = base_loss if base_loss is not None else loss_sum / num_perturbations
   return scores.stack(), loss
+
+
+def _stacked_scores(stacked_loss_fn: LossFn, weights: Tensors,
+                    seed: tf.Tensor, num_perturbations: int, sigma: float,
+                    estimator: str, parallel_perturbations: int,
+                    base_loss: Optional[tf.Tensor]
+                    ) -> tuple[tf.Tensor, tf.Tensor]:
+  """`estimate_scores` for `'forward'`/`'central'`, P directions per pass.
+
+  A `tf.while_loop` over the K // P full chunks (one at a time), then one
+  smaller chunk for the K % P left.
+  """
+  shapes = [w.shape for w in weights]
+  chunk = min(parallel_perturbations, num_perturbations)
+  num_chunks, rest = divmod(num_perturbations, chunk)
+
+  def chunk_scores(first_k, count):
+    z = stacked_perturbations(shapes, seed, first_k, count)
+    if estimator == 'forward':
+      plus = stacked_loss_fn([w + sigma * t for w, t in zip(weights, z)])
+      return (plus - base_loss) / sigma, tf.zeros([])
+    # One pass over the 2P models w + sigma z and w - sigma z.
+    losses = stacked_loss_fn([
+        tf.concat([w + sigma * t, w - sigma * t], axis=0)
+        for w, t in zip(weights, z)])
+    plus, minus = losses[:count], losses[count:]
+    return (plus - minus) / (2.0 * sigma), tf.reduce_sum(plus + minus) / 2.0
+
+  def body(c, scores, loss_sum):
+    d, loss = chunk_scores(c * chunk, chunk)
+    return c + 1, scores.write(c, d), loss_sum + loss
+
+  with tf.control_dependencies([] if base_loss is None else [base_loss]):
+    _, scores, loss_sum = tf.while_loop(
+        lambda c, *_: c < num_chunks, body,
+        (tf.constant(0),
+         tf.TensorArray(tf.float32, size=num_chunks,
+                        element_shape=tf.TensorShape([chunk])),
+         tf.constant(0.0)),
+        parallel_iterations=1)
+  scores = scores.concat()
+  if rest:
+    d, loss = chunk_scores(tf.constant(num_chunks * chunk), rest)
+    scores, loss_sum = tf.concat([scores, d], axis=0), loss_sum + loss
+  loss = base_loss if base_loss is not None else loss_sum / num_perturbations
+  # The static shape [K] (TFF's sums need it; `concat` does not keep it).
+  return tf.reshape(scores, [num_perturbations]), loss
 
 
 def rebuild_gradient(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
@@ -211,6 +294,22 @@ def batch_loss_fn(model: tff.learning.models.FunctionalModel,
     output = model.predict_on_batch((tuple(trainable), tuple(non_trainable)), x,
                                     True)
     return model.loss(output, y)
+
+  return loss_fn
+
+
+def stacked_batch_loss_fn(model: tff.learning.models.FunctionalModel,
+                          non_trainable: Tensors, batch: Any) -> LossFn:
+  """Stacked trainable weights (`[P, *shape]` each) -> `[P]` losses on `batch`.
+
+  One batched pass (`functional_models.stacked_predictions`), training mode.
+  """
+  x, y = fm.batch_inputs(batch)
+
+  def loss_fn(stacked_trainable):
+    outputs = fm.stacked_predictions(
+        model, (tuple(stacked_trainable), tuple(non_trainable)), x, True)
+    return tf.vectorized_map(lambda output: model.loss(output, y), outputs)
 
   return loss_fn
 
@@ -283,7 +382,8 @@ def build_client_work(
       scores, _ = estimate_scores(
           batch_loss_fn(model, non_trainable, batch),
           list(model_weights.trainable), seed, num_perturbations, sigma,
-          estimator, parallel_perturbations, base_loss=loss)
+          estimator, parallel_perturbations, base_loss=loss,
+          stacked_loss_fn=stacked_batch_loss_fn(model, non_trainable, batch))
       return client_result(scores, n, metrics)
 
     return client_fedsgd
@@ -310,7 +410,8 @@ def build_client_work(
       scores, _ = estimate_scores(
           batch_loss_fn(model, non_trainable, batch), list(weights),
           step_seed, num_perturbations, sigma, estimator,
-          parallel_perturbations, base_loss=loss)
+          parallel_perturbations, base_loss=loss,
+          stacked_loss_fn=stacked_batch_loss_fn(model, non_trainable, batch))
       grads = rebuild_gradient(shapes, step_seed, scores)
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
@@ -391,7 +492,9 @@ def build_baffle(
     mode: `'fedsgd'` (upload K scores) or `'one_epoch'` (upload deltas).
     clip_value: Elementwise clamp of the gradient estimate, or None.
     ema_decay: If set, `get_model_weights` returns an EMA of the weights.
-    parallel_perturbations: Loop iterations over k allowed to overlap.
+    parallel_perturbations: P, perturbed models per batched forward pass
+      (`'forward'`, `'central'`; loop iterations allowed to overlap for
+      `'jvp'`); 1, the default, keeps one perturbed model in memory.
     seed: Base seed of the directions.
 
   Returns:
