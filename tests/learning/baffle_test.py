@@ -297,6 +297,10 @@ def test_upload_is_k_scalars():
     (dict(mode='fedprox'), 'mode'),
     (dict(clip_value=0.0), 'clip_value'),
     (dict(ema_decay=1.0), 'ema_decay'),
+    (dict(parallel_perturbations=0), 'parallel_perturbations'),
+    (dict(client_clip_inf_norm=0.0), 'client_clip_inf_norm'),
+    (dict(weight_decay=-1e-4), 'weight_decay'),
+    (dict(ema_every=0), 'ema_every'),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
   model = models.to_functional_model(_linear_net(4, 2), (2, 2, 1))
@@ -358,3 +362,78 @@ def test_one_epoch_mode_and_unweighted_aggregator_run(sklearn_digits,
       [np.ravel(w) for w in output.state.global_model_weights.trainable])
   assert np.isfinite(after).all() and not np.allclose(before, after)
   assert output.metrics['client_work']['train']['num_examples'] == 32
+
+
+def test_ema_warmup_effective_decay_follows_torch_ema():
+  n = np.arange(1, 3001)
+  expected = np.minimum(0.995, (1.0 + n) / (10.0 + n))
+  got = baffle.ema_decay_at(0.995, tf.constant(n), warmup=True).numpy()
+  np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6)
+  assert got[0] == pytest.approx(2 / 11) and got[-1] == pytest.approx(0.995)
+  # The warm-up ends after (10 d - 1) / (1 - d) = 1,789 updates.
+  assert got[1787] < 0.995 and got[1789] == pytest.approx(0.995)
+  np.testing.assert_allclose(
+      baffle.ema_decay_at(0.9, tf.constant(n), warmup=False).numpy(), 0.9)
+
+
+def test_process_ema_updates_every_k_rounds_with_warmup(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  process = baffle.build_baffle(
+      model, num_perturbations=10, sigma=1e-2, ema_decay=0.995,
+      ema_warmup=True, ema_every=2, seed=1)
+  data = _client_datasets(sklearn_digits, 2, 16)
+  state = process.initialize()
+  ema = [np.array(w) for w in model.initial_weights[0]]
+  num_updates = 0
+  for round_num in range(1, 6):
+    state = process.next(state, data).state
+    if round_num % 2 == 0:  # Rounds 2 and 4: updates 1 and 2.
+      num_updates += 1
+      decay = min(0.995, (1 + num_updates) / (10 + num_updates))
+      ema = [decay * e + (1 - decay) * np.array(w) for e, w in
+             zip(ema, state.global_model_weights.trainable)]
+    for got, want in zip(process.get_model_weights(state).trainable, ema):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert num_updates == 2
+  assert not np.allclose(ema[0], state.global_model_weights.trainable[0])
+
+
+def test_client_inf_norm_clip_scales_the_clients_own_estimate():
+  model = models.to_functional_model(models.lenet(), (32, 32, 1), seed=0)
+  weights = collections.OrderedDict(
+      trainable=tuple(model.initial_weights[0]), non_trainable=())
+  batch = collections.OrderedDict(
+      (k, v.numpy()) for k, v in _lenet_batch(8).items())
+  seed = np.array([2, 5], np.int64)
+  shapes = [np.shape(w) for w in weights['trainable']]
+  estimates = {}
+  for clip in (None, 1e-3, 1e6):
+    client = baffle.build_client_work(model, num_perturbations=8,
+                                      client_clip_inf_norm=clip,
+                                      clip_value=None)
+    scores = client(weights, seed, [batch])['update']
+    estimates[clip] = [g.numpy() for g in baffle.rebuild_gradient(
+        shapes, tf.constant(seed), tf.constant(scores))]
+  inf_norm = lambda g: max(np.abs(t).max() for t in g)
+  assert inf_norm(estimates[None]) > 1e-2
+  # Rescaled to inf-norm 1e-3 (torch's 1e-6 guard), direction kept.
+  assert inf_norm(estimates[1e-3]) == pytest.approx(1e-3, rel=1e-3)
+  assert _cosine(estimates[1e-3], estimates[None]) > 0.9999
+  for a, b in zip(estimates[1e6], estimates[None]):
+    np.testing.assert_array_equal(a, b)  # Below the bound: untouched.
+
+
+def test_weight_decay_adds_the_l2_term(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  data = _client_datasets(sklearn_digits, 2, 16)
+  after = {}
+  for wd in (0.0, 0.1):
+    process = baffle.build_baffle(
+        model, server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+        num_perturbations=10, sigma=1e-2, weight_decay=wd, seed=1)
+    state = process.next(process.initialize(), data).state
+    after[wd] = state.global_model_weights.trainable
+  for w0, a, b in zip(model.initial_weights[0], after[0.0], after[0.1]):
+    np.testing.assert_allclose(b - a, -0.1 * w0, rtol=1e-4, atol=1e-6)

@@ -18,6 +18,14 @@ elementwise (the official code clamps to 0.3), and applies a server optimizer
 (Adam 1e-2 by default, as in the official code), optionally keeping an EMA of
 the weights for evaluation.
 
+The official code's recipe (github FengHZ/BAFFLE) needs three more options:
+`client_clip_inf_norm` (each client rescales its own estimate to an
+inf-norm <= c, torch's `clip_grad_norm_(c, norm_type='inf')`, before
+averaging: a scalar per client, so it rescales the K scores and the upload
+stays K scalars), `weight_decay` (torch Adam's L2 term, `g + wd * w`) and an
+EMA updated every `ema_every` rounds with torch_ema's warm-up
+(`ema_decay_at`).
+
 `mode='one_epoch'` is the paper's second mode (FedAvg-like): each client takes
 one forward-only step of its optimizer per local batch with the same
 estimator, and uploads its model delta; the server applies its optimizer to
@@ -64,7 +72,9 @@ _STATE = tff.learning.templates.LearningAlgorithmState
 def validate_hparams(num_perturbations: int, sigma: float, estimator: str,
                      mode: str = 'fedsgd', clip_value: Optional[float] = None,
                      ema_decay: Optional[float] = None,
-                     parallel_perturbations: int = 1) -> None:
+                     parallel_perturbations: int = 1,
+                     client_clip_inf_norm: Optional[float] = None,
+                     weight_decay: float = 0.0, ema_every: int = 1) -> None:
   """Raises `ValueError` naming the first bad argument."""
   if not isinstance(num_perturbations, (int, np.integer)) or (
       num_perturbations <= 0):
@@ -83,6 +93,38 @@ def validate_hparams(num_perturbations: int, sigma: float, estimator: str,
   if parallel_perturbations < 1:
     raise ValueError('parallel_perturbations must be >= 1, got '
                      f'{parallel_perturbations!r}.')
+  if client_clip_inf_norm is not None and not client_clip_inf_norm > 0:
+    raise ValueError('client_clip_inf_norm must be > 0 or None, got '
+                     f'{client_clip_inf_norm!r}.')
+  if not weight_decay >= 0:
+    raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}.')
+  if ema_every < 1:
+    raise ValueError(f'ema_every must be >= 1, got {ema_every!r}.')
+
+
+def ema_decay_at(decay: float, num_updates, warmup: bool):
+  """The decay of the `num_updates`-th EMA update (1-based).
+
+  With `warmup`, torch_ema's `ExponentialMovingAverage(use_num_updates=True)`
+  (the official BAFFLE code's EMA): `min(decay, (1 + n) / (10 + n))`, so the
+  first updates follow the weights closely (2/11, 3/12, ...) and the decay
+  reaches `decay` after `(10 decay - 1) / (1 - decay)` updates (1,789 for
+  0.995). Without, `decay` throughout.
+  """
+  if not warmup:
+    return tf.constant(decay, tf.float32)
+  n = tf.cast(num_updates, tf.float32)
+  return tf.minimum(tf.constant(decay, tf.float32), (1.0 + n) / (10.0 + n))
+
+
+def inf_norm_scale(tensors: Tensors, max_norm: float) -> tf.Tensor:
+  """`min(1, max_norm / (max |t| + 1e-6))`, torch's inf-norm gradient clip.
+
+  `torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type='inf')`
+  multiplies every gradient by this: the direction is kept.
+  """
+  inf_norm = tf.reduce_max([tf.reduce_max(tf.abs(t)) for t in tensors])
+  return tf.minimum(1.0, max_norm / (inf_norm + 1e-6))
 
 
 def perturbation(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
@@ -332,6 +374,8 @@ def build_client_work(
     parallel_perturbations: int = 1,
     client_weighting: tff.learning.ClientWeighting = (
         tff.learning.ClientWeighting.NUM_EXAMPLES),
+    client_clip_inf_norm: Optional[float] = None,
+    weight_decay: float = 0.0,
 ) -> tff.Computation:
   """Builds the client's `tff.tensorflow.computation` (forward passes only).
 
@@ -342,9 +386,13 @@ def build_client_work(
   unfinalized metrics, updated with the loss pass at each step's weights.
 
   * `'fedsgd'`: on the client's first batch, `update` is the float32 `[K]`
-    scores.
+    scores; with `client_clip_inf_norm=c` they are multiplied by
+    `inf_norm_scale` of the client's own estimate (rebuilt from the seed:
+    K direction draws, no forward pass), so that estimate's inf-norm is
+    <= c.
   * `'one_epoch'`: one `client_optimizer` step per batch along the clipped
-    estimate, with directions seeded by `(round seed, step, a fingerprint of
+    estimate (`clip_value` elementwise, then `client_clip_inf_norm`), plus
+    `weight_decay * w`, with directions seeded by `(round seed, step, a fingerprint of
     the client's data)` so clients do not share directions;
     `update = w_start - w_end` (per trainable tensor). The optimizer starts
     fresh each round (TFF clients are stateless).
@@ -355,7 +403,8 @@ def build_client_work(
     The client computation.
   """
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
-                   None, parallel_perturbations)
+                   None, parallel_perturbations, client_clip_inf_norm,
+                   weight_decay)
   if client_optimizer is None:
     client_optimizer = tff.learning.optimizers.build_sgdm(0.1)
   weights_type = fm.weights_type(model)
@@ -384,6 +433,10 @@ def build_client_work(
           list(model_weights.trainable), seed, num_perturbations, sigma,
           estimator, parallel_perturbations, base_loss=loss,
           stacked_loss_fn=stacked_batch_loss_fn(model, non_trainable, batch))
+      if client_clip_inf_norm is not None:
+        shapes = [w.shape for w in model_weights.trainable]
+        scores = scores * inf_norm_scale(
+            rebuild_gradient(shapes, seed, scores), client_clip_inf_norm)
       return client_result(scores, n, metrics)
 
     return client_fedsgd
@@ -415,6 +468,11 @@ def build_client_work(
       grads = rebuild_gradient(shapes, step_seed, scores)
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
+      if client_clip_inf_norm is not None:
+        scale = inf_norm_scale(grads, client_clip_inf_norm)
+        grads = [scale * g for g in grads]
+      if weight_decay:
+        grads = [g + weight_decay * w for g, w in zip(grads, weights)]
       optimizer_state, weights = client_optimizer.next(
           optimizer_state, weights, tuple(grads))
       return (weights, optimizer_state, step_num + 1, metrics,
@@ -447,6 +505,10 @@ def build_baffle(
     ema_decay: Optional[float] = None,
     parallel_perturbations: int = 1,
     seed: int = 0,
+    client_clip_inf_norm: Optional[float] = None,
+    weight_decay: float = 0.0,
+    ema_every: int = 1,
+    ema_warmup: bool = False,
 ) -> tff.learning.templates.LearningProcess:
   """Builds BAFFLE as a `tff.learning.templates.LearningProcess`.
 
@@ -463,9 +525,10 @@ def build_baffle(
   3. `model_aggregator` reduces `{update}@CLIENTS -> update@SERVER`
      (weighted by `client_weighting` if the factory is weighted).
   4. The server rebuilds g from the seed (`'fedsgd'`) or takes the mean delta
-     (`'one_epoch'`), clips g (fedsgd only; one_epoch clips on clients), and
-     applies the server optimizer (skipped, as in TFF, if g is not finite);
-     EMA of the weights if `ema_decay` is set.
+     (`'one_epoch'`), clips g (fedsgd only; one_epoch clips on clients), adds
+     `weight_decay * w` (fedsgd; one_epoch's clients add it) and applies the
+     server optimizer (skipped, as in TFF, if g is not finite); EMA of the
+     weights if `ema_decay` is set, every `ema_every` rounds.
 
   Why not `compose_learning_process`: there the finalizer cannot see what the
   distributor broadcast, so the server would need a second round counter kept
@@ -490,12 +553,22 @@ def build_baffle(
     sigma: Perturbation scale of the finite differences.
     estimator: `'forward'`, `'central'` or `'jvp'` (forward-mode AD).
     mode: `'fedsgd'` (upload K scores) or `'one_epoch'` (upload deltas).
-    clip_value: Elementwise clamp of the gradient estimate, or None.
+    clip_value: Elementwise clamp of the (averaged) gradient estimate, or
+      None.
     ema_decay: If set, `get_model_weights` returns an EMA of the weights.
     parallel_perturbations: P, perturbed models per batched forward pass
       (`'forward'`, `'central'`; loop iterations allowed to overlap for
       `'jvp'`); 1, the default, keeps one perturbed model in memory.
     seed: Base seed of the directions.
+    client_clip_inf_norm: If set, each client scales its own estimate to an
+      inf-norm <= this before averaging (the official code's
+      `clip_grad_norm_(0.3, norm_type='inf')`); the upload stays K scores.
+    weight_decay: L2 coefficient added to the gradient estimate
+      (`g + wd * w`, as torch's `Adam(weight_decay=...)`).
+    ema_every: Rounds between EMA updates (e.g. the rounds of an epoch:
+      the official code updates its EMA once per epoch).
+    ema_warmup: torch_ema's warm-up: the n-th EMA update uses
+      `ema_decay_at(ema_decay, n, True) = min(ema_decay, (1+n)/(10+n))`.
 
   Returns:
     A `LearningProcess` with a `LearningAlgorithmState` (the server
@@ -509,7 +582,8 @@ def build_baffle(
     ValueError, TypeError: For bad arguments, naming them.
   """
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
-                   ema_decay, parallel_perturbations)
+                   ema_decay, parallel_perturbations, client_clip_inf_norm,
+                   weight_decay, ema_every)
   model = fm.resolve_model(model_fn, 'build_baffle')
   fm.check_client_weighting(client_weighting)
   client_optimizer = fm.resolve_optimizer(
@@ -524,7 +598,8 @@ def build_baffle(
 
   client_work = build_client_work(model, num_perturbations, sigma, estimator,
                                   mode, client_optimizer, clip_value,
-                                  parallel_perturbations, client_weighting)
+                                  parallel_perturbations, client_weighting,
+                                  client_clip_inf_norm, weight_decay)
   weights_type = fm.weights_type(model)
   shapes = [t.shape for t in weights_type.trainable]
   update_type = client_work.type_signature.result['update']
@@ -567,6 +642,9 @@ def build_baffle(
       grads = rebuild_gradient(shapes, this_round_seed, update)
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
+      if weight_decay:
+        grads = [g + weight_decay * w
+                 for g, w in zip(grads, weights.trainable)]
     else:
       grads = list(update)
     grads = tuple(grads)
@@ -576,14 +654,21 @@ def build_baffle(
         lambda: (finalizer['optimizer'], tuple(weights.trainable)),
         lambda: server_optimizer.next(finalizer['optimizer'],
                                       tuple(weights.trainable), grads))
+    rounds_done = finalizer['round_num'] + 1
     if ema_decay is not None:
-      ema = tuple(ema_decay * e + (1.0 - ema_decay) * w
-                  for e, w in zip(finalizer['ema_weights'], trainable))
+      # The (rounds_done // ema_every)-th update, on rounds ema_every, 2 *
+      # ema_every, ...
+      decay = ema_decay_at(ema_decay, rounds_done // ema_every, ema_warmup)
+      old = tuple(finalizer['ema_weights'])
+      ema = tf.cond(
+          tf.equal(rounds_done % ema_every, 0),
+          lambda: tuple(decay * e + (1.0 - decay) * w
+                        for e, w in zip(old, trainable)),
+          lambda: old)
     else:
       ema = ()
     new_finalizer = collections.OrderedDict(
-        optimizer=optimizer_state, ema_weights=ema,
-        round_num=finalizer['round_num'] + 1)
+        optimizer=optimizer_state, ema_weights=ema, round_num=rounds_done)
     new_weights = tff.learning.models.ModelWeights(
         trainable=tuple(trainable), non_trainable=weights.non_trainable)
     return new_weights, new_finalizer, non_finite, tf.linalg.global_norm(
