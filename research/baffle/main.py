@@ -50,6 +50,12 @@ _LR = flags.DEFINE_float('lr', 1e-2, 'Server Adam learning rate (fedsgd) or '
 _PARALLEL = flags.DEFINE_integer(
     'parallel_perturbations', 1, 'P: perturbed models evaluated per batched '
     'forward pass (1: one at a time, least memory).')
+_DIRECTIONS = flags.DEFINE_enum(
+    'directions', 'shared', list(baffle.DIRECTIONS),
+    "fedsgd: 'shared' (one seed per round: K directions per round, K scores "
+    "per client, secure-sum and DP compatible) or 'per_client' (each client "
+    'its own seed, uploaded with its K scores: C x K directions per round; '
+    'the server sees each client\'s scores, so not with --aggregator=dp).')
 _CLIENT_CLIP = flags.DEFINE_float(
     'client_clip', 0.0, "Each client scales its own estimate to this "
     "inf-norm before averaging (the official code's clip_grad_norm_(0.3, "
@@ -87,7 +93,8 @@ _RECIPE = flags.DEFINE_enum(
 # every round, batch 32, sigma 1e-4, forward differences, Adam betas
 # (0.9, 0.99) and weight decay 5e-4 (torch's eps 1e-8), each client's
 # estimate clipped to inf-norm 0.3, EMA 0.995 once per epoch with torch_ema's
-# warm-up, MNIST resized to 32x32. `--mode=one_epoch` (its `--fedopt FedAvg`)
+# warm-up, MNIST resized to 32x32, and each client drawing its own
+# directions (torch.randn on every client). `--mode=one_epoch` (its `--fedopt FedAvg`)
 # gets a local Adam at 1e-2 per client (fresh each round here: TFF clients
 # keep no state) and a server that averages the models (SGD 1.0).
 PAPER_RECIPE = dict(
@@ -96,8 +103,8 @@ PAPER_RECIPE = dict(
     adam_beta2=0.99, adam_epsilon=1e-8, ema=0.995, ema_every=0,
     ema_warmup=True, epochs=20, num_clients=10, clients_per_round=10,
     dirichlet_alpha='iid', batch_size=32, resize_digits=True,
-    client_optimizer='adam', client_lr=1e-2)
-_PAPER_ONE_EPOCH = dict(lr=1.0)
+    client_optimizer='adam', client_lr=1e-2, directions='per_client')
+_PAPER_ONE_EPOCH = dict(lr=1.0, directions='shared')
 
 
 def apply_recipe() -> dict[str, Any]:
@@ -164,6 +171,13 @@ def validate_flags() -> None:
       _CLIENTS_PER_ROUND.value > _NUM_CLIENTS.value):
     raise ValueError(f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must '
                      f'be <= --num_clients ({_NUM_CLIENTS.value}).')
+  if _DIRECTIONS.value == 'per_client' and _MODE.value != 'fedsgd':
+    raise ValueError("--directions=per_client applies to --mode=fedsgd "
+                     "(one_epoch clients already draw their own).")
+  if _DIRECTIONS.value == 'per_client' and _AGGREGATOR.value == 'dp':
+    raise ValueError('--directions=per_client cannot use --aggregator=dp: '
+                     "the server rebuilds each client's estimate from its "
+                     'own scores; use --directions=shared.')
   experiment.validate_task_flags()
   experiment.validate_execution_flags()
 
@@ -216,6 +230,8 @@ def _run() -> dict[str, Any]:
     aggregator = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
         noise_multiplier=_DP_NOISE.value, clients_per_round=float(
             _CLIENTS_PER_ROUND.value), clip=_DP_CLIP.value)
+  elif _DIRECTIONS.value == 'per_client':
+    aggregator = None  # Its own aggregation (build_baffle).
   else:
     aggregator = tff.aggregators.MeanFactory()
   def adam(learning_rate):
@@ -237,7 +253,7 @@ def _run() -> dict[str, Any]:
       parallel_perturbations=_PARALLEL.value, seed=_SEED.value,
       client_clip_inf_norm=_CLIENT_CLIP.value or None,
       weight_decay=_WEIGHT_DECAY.value, ema_every=ema_every,
-      ema_warmup=_EMA_WARMUP.value)
+      ema_warmup=_EMA_WARMUP.value, directions=_DIRECTIONS.value)
   # Every byte a client sends in a round: its scores (or update), the
   # aggregation weight and the metrics' sums.
   upload = tff_fad.communication_cost(

@@ -437,3 +437,56 @@ def test_weight_decay_adds_the_l2_term(sklearn_digits):
     after[wd] = state.global_model_weights.trainable
   for w0, a, b in zip(model.initial_weights[0], after[0.0], after[0.1]):
     np.testing.assert_allclose(b - a, -0.1 * w0, rtol=1e-4, atol=1e-6)
+
+
+def test_per_client_directions_server_rebuilds_the_mean_client_estimate(
+    sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  k, sigma = 20, 1e-2
+  process = baffle.build_baffle(
+      model, server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+      num_perturbations=k, sigma=sigma, clip_value=None,
+      directions='per_client', seed=4)
+  data = _client_datasets(sklearn_digits, 3, 16)
+  state = process.initialize()
+  new_state = process.next(state, data).state
+  applied = [w0 - w1 for w0, w1 in zip(
+      state.global_model_weights.trainable,
+      new_state.global_model_weights.trainable)]  # SGD 1.0: the estimate.
+
+  # Each client's own estimate, computed directly from what it uploads.
+  client = baffle.build_client_work(model, num_perturbations=k, sigma=sigma,
+                                    clip_value=None, directions='per_client')
+  round_seed = baffle.round_seed(4, 0).numpy()
+  weights = collections.OrderedDict(
+      trainable=tuple(state.global_model_weights.trainable), non_trainable=())
+  shapes = [np.shape(w) for w in weights['trainable']]
+  estimates, client_weights, seeds = [], [], []
+  for ds in data:
+    out = client(weights, round_seed, ds)
+    seeds.append(tuple(out['update']['seed']))
+    estimates.append([g.numpy() for g in baffle.rebuild_gradient(
+        shapes, tf.constant(out['update']['seed']),
+        tf.constant(out['update']['scores']))])
+    client_weights.append(out['weight'])
+  assert len(set(seeds)) == 3  # Each client its own directions.
+  total = sum(client_weights)
+  for i, got in enumerate(applied):
+    want = sum(w * e[i] for w, e in zip(client_weights, estimates)) / total
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Upload: K scores + the 8-byte seed + weight + 3 metric sums.
+  cost = tff_fad.communication_cost(process.next, 3)
+  assert cost.client_to_server_bytes_per_client == 4 * (k + 1 + 3) + 8
+
+
+def test_per_client_directions_refuse_secure_sums():
+  model = models.to_functional_model(_linear_net(4, 2), (2, 2, 1))
+  with pytest.raises(ValueError, match='secure sums need every client'):
+    baffle.build_baffle(
+        model, directions='per_client',
+        model_aggregator=tff.aggregators.SecureSumFactory(2.0**20))
+  with pytest.raises(ValueError, match='directions'):
+    baffle.build_baffle(model, directions='own')
+  with pytest.raises(ValueError, match='one_epoch'):
+    baffle.build_baffle(model, directions='per_client', mode='one_epoch')

@@ -88,6 +88,8 @@ def test_rejects_stray_arguments(tmp_path):
     (dict(dirichlet_alpha='skewed'), '--dirichlet_alpha'),
     (dict(dirichlet_alpha='0'), '--dirichlet_alpha'),
     (dict(ema=1.0), '--ema'),
+    (dict(directions='per_client', aggregator='dp'), '--directions'),
+    (dict(directions='per_client', mode='one_epoch'), '--directions'),
     (dict(output_dir=''), '--output_dir'),
 ])
 def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
@@ -126,10 +128,12 @@ def test_paper_recipe_sets_the_official_flags_and_explicit_ones_win(
     assert FLAGS.ema == 0.995 and FLAGS.ema_warmup and FLAGS.ema_every == 0
     assert FLAGS.resize_digits and FLAGS.epochs == 20
     assert FLAGS.num_clients == FLAGS.clients_per_round == 10
+    assert FLAGS.directions == 'per_client'
   with flagsaver.flagsaver(output_dir=str(tmp_path), recipe='paper',
                            mode='one_epoch'):
     baffle_main.apply_recipe()
     assert FLAGS.lr == 1.0 and FLAGS.client_optimizer == 'adam'
+    assert FLAGS.directions == 'shared'  # one_epoch clients draw their own.
   with flagsaver.flagsaver(output_dir=str(tmp_path)):
     assert baffle_main.apply_recipe() == {}
     assert FLAGS.model == 'linear' and FLAGS.adam_beta2 == 0.999
@@ -148,4 +152,7 @@ def test_paper_recipe_runs_an_epoch(tmp_path):
   assert summary['flags']['recipe'] == 'paper'
   assert summary['flags']['resize_digits'] is True
   assert summary['flags']['adam_beta2'] == 0.99
+  # Per-client directions: K scores + the client's 8-byte seed + the
+  # aggregation weight + 3 metric sums.
+  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 1 + 3) + 8
   assert 0.0 <= summary['final_test_accuracy'] <= 1.0

@@ -26,6 +26,18 @@ stays K scalars), `weight_decay` (torch Adam's L2 term, `g + wd * w`) and an
 EMA updated every `ema_every` rounds with torch_ema's warm-up
 (`ema_decay_at`).
 
+Directions (`'fedsgd'`): with `directions='shared'` (the default, the
+paper's protocol) every client uses the round's K directions and uploads K
+scores, which any aggregator (secure sums, DP) can average: K directions per
+round. With `directions='per_client'` (what produced the official code's
+numbers) each client draws its own seed (the round seed folded with a
+fingerprint of its batch) and uploads it (8 bytes) with its K scores; the
+server rebuilds each client's estimate inside a `tff.federated_aggregate`
+whose accumulate regenerates that client's directions, so the upload stays
+K scalars + a seed and no client sends a model-sized vector: C x K
+directions per round (a sqrt(C) better estimate), but the server sees each
+client's scores, so secure aggregation does not apply (refused).
+
 `mode='one_epoch'` is the paper's second mode (FedAvg-like): each client takes
 one forward-only step of its optimizer per local batch with the same
 estimator, and uploads its model delta; the server applies its optimizer to
@@ -59,6 +71,7 @@ from tff_fad.learning import functional_models as fm
 
 ESTIMATORS = ('forward', 'central', 'jvp')
 MODES = ('fedsgd', 'one_epoch')
+DIRECTIONS = ('shared', 'per_client')
 
 AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
                            tff.aggregators.WeightedAggregationFactory]
@@ -363,6 +376,17 @@ def _loss_and_metrics(model, weights, batch, metrics_state):
                                  loss), tf.cast(n, tf.float32)
 
 
+def _data_fingerprint(batch: Any) -> tf.Tensor:
+  """An int32 of a batch's inputs (the bits of their float32 sum).
+
+  Different clients must explore different directions; the data differ, so
+  a fingerprint of a batch decorrelates them reproducibly.
+  """
+  x, _ = fm.batch_inputs(batch)
+  return tf.bitcast(tf.reduce_sum(tf.cast(tf.nest.flatten(x)[0], tf.float32)),
+                    tf.int32)
+
+
 def build_client_work(
     model: tff.learning.models.FunctionalModel,
     num_perturbations: int = 500,
@@ -376,6 +400,7 @@ def build_client_work(
         tff.learning.ClientWeighting.NUM_EXAMPLES),
     client_clip_inf_norm: Optional[float] = None,
     weight_decay: float = 0.0,
+    directions: str = 'shared',
 ) -> tff.Computation:
   """Builds the client's `tff.tensorflow.computation` (forward passes only).
 
@@ -389,7 +414,8 @@ def build_client_work(
     scores; with `client_clip_inf_norm=c` they are multiplied by
     `inf_norm_scale` of the client's own estimate (rebuilt from the seed:
     K direction draws, no forward pass), so that estimate's inf-norm is
-    <= c.
+    <= c. With `directions='per_client'`, `update` is
+    `OrderedDict(scores=[K], seed=int64[2])`: the client's own seed.
   * `'one_epoch'`: one `client_optimizer` step per batch along the clipped
     estimate (`clip_value` elementwise, then `client_clip_inf_norm`), plus
     `weight_decay * w`, with directions seeded by `(round seed, step, a fingerprint of
@@ -424,6 +450,9 @@ def build_client_work(
     @tff.tensorflow.computation(weights_type, seed_type, data_type)
     def client_fedsgd(model_weights, seed, dataset):
       batch = dataset.take(1).get_single_element()
+      if directions == 'per_client':
+        seed = tf.random.experimental.stateless_fold_in(
+            seed, _data_fingerprint(batch))
       non_trainable = tuple(model_weights.non_trainable)
       loss, metrics, n = _loss_and_metrics(
           model, (tuple(model_weights.trainable), non_trainable), batch,
@@ -437,7 +466,11 @@ def build_client_work(
         shapes = [w.shape for w in model_weights.trainable]
         scores = scores * inf_norm_scale(
             rebuild_gradient(shapes, seed, scores), client_clip_inf_norm)
-      return client_result(scores, n, metrics)
+      result = client_result(scores, n, metrics)
+      if directions == 'per_client':
+        result['update'] = collections.OrderedDict(scores=result['update'],
+                                                   seed=seed)
+      return result
 
     return client_fedsgd
 
@@ -447,12 +480,8 @@ def build_client_work(
     start = tuple(tf.identity(w) for w in model_weights.trainable)
     non_trainable = tuple(model_weights.non_trainable)
     shapes = [w.shape for w in start]
-    first_x, _ = fm.batch_inputs(dataset.take(1).get_single_element())
-    # Different clients must explore different directions; the data differ,
-    # so a fingerprint of the first batch decorrelates them reproducibly.
-    salt = tf.bitcast(tf.reduce_sum(tf.cast(tf.nest.flatten(first_x)[0],
-                                            tf.float32)), tf.int32)
-    client_seed = tf.random.experimental.stateless_fold_in(seed, salt)
+    client_seed = tf.random.experimental.stateless_fold_in(
+        seed, _data_fingerprint(dataset.take(1).get_single_element()))
 
     def step(carry, batch):
       weights, optimizer_state, step_num, metrics, num_examples = carry
@@ -488,6 +517,66 @@ def build_client_work(
   return client_one_epoch
 
 
+class _PerClientDirectionsMean:
+  """The weighted mean of the clients' estimates, each rebuilt from its seed.
+
+  The aggregation of `directions='per_client'`: a `tff.federated_aggregate`
+  whose accumulate regenerates one client's K directions from the seed it
+  uploaded and adds `weight * (1/K) sum_k scores[k] z_k`; report divides by
+  the total weight. Same `initialize`/`next` shape as a TFF aggregation
+  process (empty state and measurements).
+  """
+
+  def __init__(self, shapes, update_type):
+    self._shapes = shapes
+    acc_type = tff.StructType([
+        ('sum', tff.StructWithPythonType(
+            [tff.TensorType(np.float32, s) for s in shapes], tuple)),
+        ('weight', tff.TensorType(np.float32))])
+    value_type = tff.StructType([('update', update_type),
+                                 ('weight', tff.TensorType(np.float32))])
+
+    @tff.tensorflow.computation
+    def zero():
+      return collections.OrderedDict(
+          sum=tuple(tf.zeros(s) for s in shapes), weight=tf.constant(0.0))
+
+    @tff.tensorflow.computation(acc_type, value_type)
+    def accumulate(acc, value):
+      estimate = rebuild_gradient(shapes, value.update.seed,
+                                  value.update.scores)
+      return collections.OrderedDict(
+          sum=tuple(a + value.weight * g
+                    for a, g in zip(acc.sum, estimate)),
+          weight=acc.weight + value.weight)
+
+    @tff.tensorflow.computation(acc_type, acc_type)
+    def merge(a, b):
+      return collections.OrderedDict(
+          sum=tuple(x + y for x, y in zip(a.sum, b.sum)),
+          weight=a.weight + b.weight)
+
+    @tff.tensorflow.computation(acc_type)
+    def report(acc):
+      return tuple(tf.math.divide_no_nan(t, acc.weight) for t in acc.sum)
+
+    self._zero, self._accumulate = zero, accumulate
+    self._merge, self._report = merge, report
+    self.result_type = report.type_signature.result
+
+  def initialize(self):
+    return tff.federated_value((), tff.SERVER)
+
+  def next(self, state, value, weight):
+    result = tff.federated_aggregate(
+        tff.federated_zip(collections.OrderedDict(update=value,
+                                                  weight=weight)),
+        self._zero(), self._accumulate, self._merge, self._report)
+    return tff.templates.MeasuredProcessOutput(
+        state=state, result=result,
+        measurements=tff.federated_value((), tff.SERVER))
+
+
 def build_baffle(
     model_fn: fm.ModelArg,
     client_optimizer_fn: Optional[fm.OptimizerArg] = None,
@@ -509,6 +598,7 @@ def build_baffle(
     weight_decay: float = 0.0,
     ema_every: int = 1,
     ema_warmup: bool = False,
+    directions: str = 'shared',
 ) -> tff.learning.templates.LearningProcess:
   """Builds BAFFLE as a `tff.learning.templates.LearningProcess`.
 
@@ -569,6 +659,12 @@ def build_baffle(
       the official code updates its EMA once per epoch).
     ema_warmup: torch_ema's warm-up: the n-th EMA update uses
       `ema_decay_at(ema_decay, n, True) = min(ema_decay, (1+n)/(10+n))`.
+    directions: `'shared'` (one seed per round, K scores per client,
+      compatible with secure sums and DP) or `'per_client'` (`'fedsgd'`
+      only: each client's own seed, uploaded with its K scores; the server
+      rebuilds and averages the clients' estimates in a
+      `tff.federated_aggregate`, weighted by `client_weighting`; no
+      `model_aggregator`).
 
   Returns:
     A `LearningProcess` with a `LearningAlgorithmState` (the server
@@ -584,6 +680,20 @@ def build_baffle(
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
                    ema_decay, parallel_perturbations, client_clip_inf_norm,
                    weight_decay, ema_every)
+  if directions not in DIRECTIONS:
+    raise ValueError(f'directions must be one of {DIRECTIONS}, got '
+                     f'{directions!r}.')
+  per_client = directions == 'per_client'
+  if per_client and mode != 'fedsgd':
+    raise ValueError("directions='per_client' applies to mode='fedsgd' "
+                     "('one_epoch' clients already draw their own).")
+  if per_client and model_aggregator is not None:
+    raise ValueError(
+        "directions='per_client' takes no model_aggregator: the server "
+        "rebuilds each client's estimate from that client's K scores and "
+        f'seed, so it must see them one by one; {type(model_aggregator).__name__}'
+        " cannot apply (secure sums need every client to use the same "
+        "directions). Use directions='shared' with it.")
   model = fm.resolve_model(model_fn, 'build_baffle')
   fm.check_client_weighting(client_weighting)
   client_optimizer = fm.resolve_optimizer(
@@ -599,13 +709,17 @@ def build_baffle(
   client_work = build_client_work(model, num_perturbations, sigma, estimator,
                                   mode, client_optimizer, clip_value,
                                   parallel_perturbations, client_weighting,
-                                  client_clip_inf_norm, weight_decay)
+                                  client_clip_inf_norm, weight_decay,
+                                  directions)
   weights_type = fm.weights_type(model)
   shapes = [t.shape for t in weights_type.trainable]
   update_type = client_work.type_signature.result['update']
   weighted = isinstance(model_aggregator,
                         tff.aggregators.WeightedAggregationFactory)
-  if weighted:
+  if per_client:
+    aggregator = _PerClientDirectionsMean(shapes, update_type)
+    update_type = aggregator.result_type
+  elif weighted:
     aggregator = model_aggregator.create(update_type,
                                          tff.TensorType(np.float32))
   else:
@@ -639,7 +753,8 @@ def build_baffle(
                               tff.TensorType(np.int64, [2]))
   def server_update(weights, finalizer, update, this_round_seed):
     if mode == 'fedsgd':
-      grads = rebuild_gradient(shapes, this_round_seed, update)
+      grads = (list(update) if per_client
+               else rebuild_gradient(shapes, this_round_seed, update))
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
       if weight_decay:
@@ -684,7 +799,7 @@ def build_baffle(
     client_seed = tff.federated_broadcast(this_round_seed)
     outputs = tff.federated_map(client_work,
                                 (client_weights, client_seed, client_data))
-    if weighted:
+    if weighted or per_client:
       agg = aggregator.next(state.aggregator, outputs['update'],
                             outputs['weight'])
     else:
