@@ -25,8 +25,8 @@ interleaved in a random order per repeat; a figure is the median of
     (`baffle_P1` is `baffle`).
   * `round_P<P>`: one in-training round, `build_baffle(...).next` on
     `--round_clients` clients of the embedded digits (one batch each, drawn
-    as `research/baffle/main.py` draws them: shuffled `tf.data` datasets), divided by the number of clients; for P=1
-    and the largest P.
+    as `research/baffle/main.py` draws them: shuffled `tf.data` datasets),
+    divided by the number of clients; for P=1 and the largest P.
 
 Peak memory (CPU: `tf.config.experimental.get_memory_info` does not apply):
 each variant runs in a fresh subprocess that imports TF/TFF, builds the model

@@ -94,8 +94,8 @@ _RECIPE = flags.DEFINE_enum(
 # (0.9, 0.99) and weight decay 5e-4 (torch's eps 1e-8), each client's
 # estimate clipped to inf-norm 0.3, EMA 0.995 once per epoch with torch_ema's
 # warm-up, MNIST resized to 32x32, and each client drawing its own
-# directions (torch.randn on every client). `--mode=one_epoch` (its `--fedopt FedAvg`)
-# gets a local Adam at 1e-2 per client (fresh each round here: TFF clients
+# directions (torch.randn on every client). `--mode=one_epoch` (its
+# `--fedopt FedAvg`) gets a local Adam at 1e-2 per client (fresh each round here: TFF clients
 # keep no state) and a server that averages the models (SGD 1.0).
 PAPER_RECIPE = dict(
     model='lenet', K=100, sigma=1e-4, estimator='forward', lr=1e-2,

@@ -13,29 +13,29 @@ stateless random ops, and uploads only K float32 scores:
 The server aggregates the K-vectors (any `tff.aggregators` factory: the upload
 is tiny and linear, so secure sums and DP fit), regenerates the same z_k and
 rebuilds `g = (1/K) sum_k mean(d_k) z_k` (with delta_k = sigma z_k this is the
-paper's `(1/K) sum_k [dL_k / sigma] (delta_k / sigma)`), optionally clips it
-elementwise (the official code clamps to 0.3), and applies a server optimizer
+paper's `(1/K) sum_k [dL_k / sigma] (delta_k / sigma)`), optionally clamps it
+elementwise (`clip_value`), and applies a server optimizer
 (Adam 1e-2 by default, as in the official code), optionally keeping an EMA of
 the weights for evaluation.
 
 The official code's recipe (github FengHZ/BAFFLE) needs three more options:
-`client_clip_inf_norm` (each client rescales its own estimate to an
-inf-norm <= c, torch's `clip_grad_norm_(c, norm_type='inf')`, before
-averaging: a scalar per client, so it rescales the K scores and the upload
-stays K scalars), `weight_decay` (torch Adam's L2 term, `g + wd * w`) and an
-EMA updated every `ema_every` rounds with torch_ema's warm-up
-(`ema_decay_at`).
+`client_clip_inf_norm` (each client rescales its own estimate to an inf-norm <=
+c, torch's `clip_grad_norm_(c, norm_type='inf')`, before averaging; the
+official code clips so, with c = 0.3, rather than clamping each element: a
+scalar per client, so it rescales the K scores and the upload stays K scalars),
+`weight_decay` (torch Adam's L2 term, `g + wd * w`) and an EMA updated every
+`ema_every` rounds with torch_ema's warm-up (`ema_decay_at`).
 
-Directions (`'fedsgd'`): with `directions='shared'` (the default, the
-paper's protocol) every client uses the round's K directions and uploads K
-scores, which any aggregator (secure sums, DP) can average: K directions per
-round. With `directions='per_client'` (what produced the official code's
-numbers) each client draws its own seed (the round seed folded with a
-fingerprint of its batch) and uploads it (8 bytes) with its K scores; the
-server rebuilds each client's estimate inside a `tff.federated_aggregate`
-whose accumulate regenerates that client's directions, so the upload stays
-K scalars + a seed and no client sends a model-sized vector: C x K
-directions per round (a sqrt(C) better estimate), but the server sees each
+Directions (`'fedsgd'`): with `directions='shared'` (the default, the paper's
+protocol) every client uses the round's K directions and uploads K scores,
+which any aggregator (secure sums, DP) can average: K directions per round.
+With `directions='per_client'` (what produced the official code's numbers) each
+client draws its own seed (the round seed folded with a fingerprint of its
+batch) and uploads it (8 bytes) with its K scores; the server rebuilds each
+client's estimate inside a `tff.federated_aggregate` whose accumulate
+regenerates that client's directions, so the upload stays K scalars + a seed
+and no client sends a model-sized vector: C x K directions per round (an
+estimate about sqrt(C) closer to the gradient), but the server sees each
 client's scores, so secure aggregation does not apply (refused).
 
 `mode='one_epoch'` is the paper's second mode (FedAvg-like): each client takes
@@ -55,9 +55,10 @@ Client memory stays close to inference with `parallel_perturbations=1`
 `parallel_perturbations=P > 1` the `forward` and `central` estimators
 evaluate P perturbed models per batched forward pass (the P weight sets
 stacked, `functional_models.stacked_predictions`: tff_fad's models run them
-as one grouped convolution per layer), trading memory for speed; `jvp` then
-lets P loop iterations overlap. Server and client share `perturbation` so
-they agree bit for bit.
+as one grouped convolution per layer): fewer, larger passes for more memory,
+faster only where one pass leaves the hardware idle (on a 2-core CPU it is
+not: README, BAFFLE); `jvp` then lets P loop iterations overlap. Server and
+client share `perturbation` so they agree bit for bit.
 """
 
 import collections
@@ -418,8 +419,8 @@ def build_client_work(
     `OrderedDict(scores=[K], seed=int64[2])`: the client's own seed.
   * `'one_epoch'`: one `client_optimizer` step per batch along the clipped
     estimate (`clip_value` elementwise, then `client_clip_inf_norm`), plus
-    `weight_decay * w`, with directions seeded by `(round seed, step, a fingerprint of
-    the client's data)` so clients do not share directions;
+    `weight_decay * w`, with directions seeded by `(round seed, step, a
+    fingerprint of the client's data)` so clients do not share directions;
     `update = w_start - w_end` (per trainable tensor). The optimizer starts
     fresh each round (TFF clients are stateless).
 
@@ -691,9 +692,10 @@ def build_baffle(
     raise ValueError(
         "directions='per_client' takes no model_aggregator: the server "
         "rebuilds each client's estimate from that client's K scores and "
-        f'seed, so it must see them one by one; {type(model_aggregator).__name__}'
-        " cannot apply (secure sums need every client to use the same "
-        "directions). Use directions='shared' with it.")
+        'seed, so it must see them one by one; '
+        f'{type(model_aggregator).__name__} cannot apply (secure sums need '
+        'every client to use the same directions). Use '
+        "directions='shared' with it.")
   model = fm.resolve_model(model_fn, 'build_baffle')
   fm.check_client_weighting(client_weighting)
   client_optimizer = fm.resolve_optimizer(
