@@ -20,6 +20,13 @@ interleaved in a random order per repeat; a figure is the median of
     work, without applying it), in one `tf.function`.
   * `forward_x(K+1)`: K+1 calls of a compiled single forward pass (loss), the
     number of forward passes the forward estimator makes.
+  * `baffle_P<P>` for each P in `--parallel_perturbations`: `baffle` with
+    `parallel_perturbations=P`, P perturbed models per batched forward pass
+    (`baffle_P1` is `baffle`).
+  * `round_P<P>`: one in-training round, `build_baffle(...).next` on
+    `--round_clients` clients of the embedded digits (one batch each, drawn
+    as `research/baffle/main.py` draws them: shuffled `tf.data` datasets),
+    divided by the number of clients; for P=1 and the largest P.
 
 Peak memory (CPU: `tf.config.experimental.get_memory_info` does not apply):
 each variant runs in a fresh subprocess that imports TF/TFF, builds the model
@@ -30,10 +37,10 @@ run), resets the process's peak-RSS mark (`/proc/self/clear_refs`
 /proc/self/status; `ru_maxrss` would include the parent's peak, which exec
 carries over); a baseline subprocess does
 everything except running a variant. Reported: the variant's peak RSS minus
-the baseline's, for `inference` (one forward pass), `baffle` (K=`--K`, the
-forward estimator), `baffle_central`, `baffle_jvp` and `backprop`. RSS
-deltas include TF's graph building and kernel caches, so small differences
-(a few MB) are noise.
+the baseline's (`peak_rss_delta_mb`, first calls), for `inference` (one
+forward pass), `baffle` (K=`--K`, the forward estimator), `baffle_central`,
+`baffle_jvp`, `backprop` and `baffle_P<P>`. RSS deltas include TF's graph
+building and kernel caches, so small differences (a few MB) are noise.
 
   python -m benchmarks.baffle_client
 writes benchmarks/results/baffle_client.json and prints a table.
@@ -69,11 +76,17 @@ _OUTPUT = flags.DEFINE_string(
 _IMAGE = flags.DEFINE_list('image_shape', ['32', '32', '1'],
                            'Input shape (LeNet and WRN need 32x32; the '
                            'experiments run the linear model on 28x28).')
-_MEMORY_VARIANTS = ('inference', 'baffle', 'baffle_central', 'baffle_jvp',
-                    'backprop')
-_MEMORY_VARIANT = flags.DEFINE_enum(
-    'memory_variant', None, ('baseline',) + _MEMORY_VARIANTS,
-    'Internal: run one variant and print its peak RSS (used by subprocesses).')
+_PARALLEL = flags.DEFINE_list(
+    'parallel_perturbations', ['1', '4', '10', '25'],
+    'Values of P (perturbed models per batched forward pass) to measure.')
+_ROUND_CLIENTS = flags.DEFINE_integer(
+    'round_clients', 10, 'Clients of the timed in-training round (0: skip).')
+_BASE_MEMORY_VARIANTS = ('inference', 'baffle', 'baffle_central',
+                         'baffle_jvp', 'backprop')
+_MEMORY_VARIANT = flags.DEFINE_string(
+    'memory_variant', None,
+    'Internal: run one variant (baseline, inference, baffle, ..., '
+    'baffle_P<P>) and print its peak RSS (used by subprocesses).')
 _MODEL = flags.DEFINE_string('model', 'lenet', 'Internal: model of '
                              '--memory_variant.')
 
@@ -83,6 +96,18 @@ SEED = 0
 
 def _image_shape():
   return tuple(int(d) for d in _IMAGE.value)
+
+
+def _parallel_values() -> list[int]:
+  values = sorted({int(p) for p in _PARALLEL.value} | {1})
+  if values[0] < 1:
+    raise app.UsageError('--parallel_perturbations must be >= 1.')
+  return values
+
+
+def _memory_variants() -> tuple[str, ...]:
+  return _BASE_MEMORY_VARIANTS + tuple(
+      f'baffle_P{p}' for p in _parallel_values() if p > 1)
 
 
 def _setup(model_name: str, batch_size: int, num_perturbations: int):
@@ -104,17 +129,19 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
   def forward(trainable, b):
     return loss(trainable, b)
 
-  def scores_fn(estimator):
+  def scores_fn(estimator, parallel=1):
     @tf.function
     def scores(trainable, b, s):
       # build_client_work's 'fedsgd' scores (without its metrics update).
       return baffle.estimate_scores(
           baffle.batch_loss_fn(model, (), b), list(trainable), s,
-          num_perturbations, SIGMA, estimator, 1)
+          num_perturbations, SIGMA, estimator, parallel,
+          stacked_loss_fn=baffle.stacked_batch_loss_fn(model, (), b))
     return scores
 
   estimators = {name: scores_fn(name) for name in baffle.ESTIMATORS}
   baffle_scores = estimators['forward']
+  stacked = {p: scores_fn('forward', p) for p in _parallel_values() if p > 1}
 
   @tf.function
   def backprop(trainable, b):
@@ -143,6 +170,9 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
       baffle_central=lambda: estimators['central'](
           weights, batch, seed)[0].numpy(),
       baffle_jvp=lambda: estimators['jvp'](weights, batch, seed)[0].numpy())
+  for p, fn in stacked.items():
+    variants[f'baffle_P{p}'] = (
+        lambda fn=fn: fn(weights, batch, seed)[0].numpy())
   # Builds each variant's graph without running it.
   tracers = collections.OrderedDict(
       inference=lambda: forward.get_concrete_function(weights, batch),
@@ -152,15 +182,23 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
       baffle_jvp=lambda: estimators['jvp'].get_concrete_function(
           weights, batch, seed),
       backprop=lambda: backprop.get_concrete_function(weights, batch))
+  for p, fn in stacked.items():
+    tracers[f'baffle_P{p}'] = (
+        lambda fn=fn: fn.get_concrete_function(weights, batch, seed))
   return net, model, weights, batch, seed, variants, tracers
 
 
-def _memory_child() -> None:
-  """Runs --memory_variant in this (fresh) process and prints peak RSS."""
-  _, _, _, _, _, variants, tracers = _setup(_MODEL.value, _BATCH.value,
-                                            _K.value)
-  if _MEMORY_VARIANT.value != 'baseline':
-    tracers[_MEMORY_VARIANT.value]()
+def _status_kb(field: str) -> int:
+  """A `/proc/self/status` field in kB (VmHWM: peak RSS)."""
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1])
+  # No procfs: ru_maxrss (which may include the parent's peak) for both.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> None:
   # Importing TF/TFF peaks above what a small model's step needs; reset the
   # high-water mark (Linux >= 4.0) so the peak is that of what runs next.
   try:
@@ -168,17 +206,24 @@ def _memory_child() -> None:
       f.write('5')
   except OSError:
     pass  # Then every variant shares the import-time peak.
-  if _MEMORY_VARIANT.value != 'baseline':
+
+
+def _memory_child() -> None:
+  """Runs --memory_variant in this (fresh) process and prints peak RSS."""
+  _, _, _, _, _, variants, tracers = _setup(_MODEL.value, _BATCH.value,
+                                            _K.value)
+  variant = _MEMORY_VARIANT.value
+  if variant != 'baseline':
+    if variant not in tracers:
+      raise app.UsageError(f'Unknown --memory_variant={variant}.')
+    tracers[variant]()
+  _reset_peak()
+  if variant != 'baseline':
     for _ in range(_MEMORY_CALLS.value):
-      variants[_MEMORY_VARIANT.value]()
+      variants[variant]()
   # VmHWM is this address space's peak (kB); ru_maxrss would also count the
   # parent's peak, which exec carries over into the child's rusage.
-  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith('VmHWM:'):
-        peak_kb = int(line.split()[1])
-  print(f'PEAK_RSS_KB {peak_kb}')
+  print(f'PEAK_RSS_KB {_status_kb("VmHWM")}')
 
 
 def _peak_rss_kb(model_name: str, variant: str) -> int:
@@ -188,6 +233,7 @@ def _peak_rss_kb(model_name: str, variant: str) -> int:
        f'--memory_variant={variant}', f'--model={model_name}',
        f'--K={_K.value}', f'--batch_size={_BATCH.value}',
        f'--memory_calls={_MEMORY_CALLS.value}',
+       f'--parallel_perturbations={",".join(_PARALLEL.value)}',
        f'--image_shape={",".join(_IMAGE.value)}'],
       capture_output=True, text=True, check=True, env=env,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -195,6 +241,39 @@ def _peak_rss_kb(model_name: str, variant: str) -> int:
     if line.startswith('PEAK_RSS_KB'):
       return int(line.split()[1])
   raise RuntimeError(f'no PEAK_RSS_KB in output: {out.stdout}\n{out.stderr}')
+
+
+def _round_fns(model, parallel_values) -> dict:
+  """`round_P<P>`: one in-training round of `--round_clients` clients."""
+  if not _ROUND_CLIENTS.value or _image_shape() != (32, 32, 1):
+    return {}
+  from tff_fad.data import digits  # pylint: disable=g-import-not-at-top
+  num_clients = _ROUND_CLIENTS.value
+  fed = digits.load_federated_digits(num_clients=num_clients, seed=SEED,
+                                     pad_to_32x32=True)
+
+  def select(round_num):
+    # research.experiment.client_selector's datasets for --batch_size with
+    # one batch per client (not imported: its flags clash with these).
+    return [fed.train.create_tf_dataset_for_client(c).shuffle(
+        1000, seed=SEED * 100_003 + round_num).batch(_BATCH.value).take(1)
+            for c in fed.client_ids]
+
+  fns = collections.OrderedDict()
+  for p in sorted({parallel_values[0], parallel_values[-1]}):
+    process = baffle.build_baffle(model, num_perturbations=_K.value,
+                                  sigma=SIGMA, parallel_perturbations=p,
+                                  seed=SEED)
+    state = process.initialize()
+    rounds = iter(range(1, 1_000_000))
+
+    def one_round(process=process, state=state, rounds=rounds):
+      # A new round's clients and data each call, as in training.
+      output = process.next(state, select(next(rounds)))
+      return output.metrics['client_work']['train']['loss']
+
+    fns[f'round_P{p}'] = one_round
+  return fns
 
 
 def _time_model(model_name: str) -> dict:
@@ -208,15 +287,24 @@ def _time_model(model_name: str) -> dict:
   batch_np = collections.OrderedDict((k, v.numpy()) for k, v in batch.items())
   seed_np = seed.numpy()
 
+  parallel_values = _parallel_values()
   timed = collections.OrderedDict(
       baffle=variants['baffle'],
       baffle_tff=lambda: client_work(weights_value, seed_np, [batch_np]),
       backprop=variants['backprop'],
       forwards=variants['forwards'])
+  for p in parallel_values[1:]:
+    timed[f'baffle_P{p}'] = variants[f'baffle_P{p}']
+  rounds = _round_fns(model, parallel_values)
+  timed.update(rounds)
   # The TFF computation and the reproduced body compute the same scores, up
-  # to float32 rounding of the loss divided by sigma (1 ulp / 1e-4 ~ 2e-3).
+  # to float32 rounding of the loss divided by sigma (1 ulp / 1e-4 ~ 2e-3);
+  # so do the batched ones.
+  reference = variants['baffle']()
   np.testing.assert_allclose(
-      timed['baffle_tff']()['update'], variants['baffle'](), atol=2e-2)
+      timed['baffle_tff']()['update'], reference, atol=2e-2)
+  for p in parallel_values[1:]:
+    np.testing.assert_allclose(timed[f'baffle_P{p}'](), reference, atol=2e-2)
   for fn in timed.values():  # Warm-up: tracing and first-call costs.
     fn()
   times = collections.defaultdict(list)
@@ -227,8 +315,10 @@ def _time_model(model_name: str) -> dict:
       start = time.perf_counter()
       timed[name]()
       times[name].append(time.perf_counter() - start)
-  return dict(num_params=net.num_params,
-              seconds={k: statistics.median(v) for k, v in times.items()})
+  seconds = {k: statistics.median(v) for k, v in times.items()}
+  for name in rounds:
+    seconds[name] /= _ROUND_CLIENTS.value  # Per client.
+  return dict(num_params=net.num_params, seconds=seconds)
 
 
 def main(argv):
@@ -240,19 +330,34 @@ def main(argv):
     return
   random.seed(SEED)
   k = _K.value
+  memory_variants = _memory_variants()
   results = []
   try:
     for model_name in _MODELS.value:
       timing = _time_model(model_name)
       rss = {v: _peak_rss_kb(model_name, v)
-             for v in ('baseline',) + _MEMORY_VARIANTS}
+             for v in ('baseline',) + memory_variants}
       delta_mb = {v: (rss[v] - rss['baseline']) / 1024.0
-                  for v in _MEMORY_VARIANTS}
+                  for v in memory_variants}
       s = timing['seconds']
+      by_p = collections.OrderedDict()
+      for p in _parallel_values():
+        name = 'baffle' if p == 1 else f'baffle_P{p}'
+        by_p[str(p)] = collections.OrderedDict(
+            seconds=s[name],
+            over_backprop=s[name] / s['backprop'],
+            over_forwards=s[name] / s['forwards'],
+            round_seconds_per_client=s.get(f'round_P{p}'),
+            round_per_client_over_step=(
+                s[f'round_P{p}'] / s[name] if f'round_P{p}' in s else None),
+            peak_rss_delta_mb=delta_mb[name],
+            over_inference=_ratio_or_none(delta_mb[name],
+                                          delta_mb['inference']))
       results.append(collections.OrderedDict(
           model=model_name, image_shape=list(_image_shape()),
           num_params=timing['num_params'],
           batch_size=_BATCH.value, K=k, repeats=_REPEATS.value,
+          round_clients=_ROUND_CLIENTS.value,
           seconds=s,
           time_ratios=collections.OrderedDict(
               baffle_over_backprop=s['baffle'] / s['backprop'],
@@ -261,11 +366,11 @@ def main(argv):
           peak_rss_kb=rss,
           peak_rss_delta_mb=delta_mb,
           memory_ratios=collections.OrderedDict(
-              baffle_over_backprop=(delta_mb['baffle'] / delta_mb['backprop']
-                                    if delta_mb['backprop'] > 0 else None),
-              baffle_over_inference=(
-                  delta_mb['baffle'] / delta_mb['inference']
-                  if delta_mb['inference'] > 0 else None))))
+              baffle_over_backprop=_ratio_or_none(delta_mb['baffle'],
+                                                  delta_mb['backprop']),
+              baffle_over_inference=_ratio_or_none(delta_mb['baffle'],
+                                                   delta_mb['inference'])),
+          by_parallel_perturbations=by_p))
   finally:
     tff_fad.runtime.shutdown_local_workers()
 
@@ -299,13 +404,38 @@ def main(argv):
         f"{d['backprop']:.1f} | "
         f"{ratio(r['memory_ratios']['baffle_over_backprop'])} | "
         f"{ratio(r['memory_ratios']['baffle_over_inference'])} |")
+  lines += [
+      '', f'P perturbed models per batched forward pass, K={k} (memory: '
+      'peak RSS above the baseline process)',
+      '| model | P | step (s) | / backprop | / ' + f'{k + 1} fwd | '
+      'round per client (s) | round / step | peak MB | / inference |',
+      '|---|---|---|---|---|---|---|---|---|']
+  for r in results:
+    for p, row in r['by_parallel_perturbations'].items():
+      round_s = row['round_seconds_per_client']
+      lines.append(
+          f"| {r['model']} | {p} | {row['seconds']:.4f} | "
+          f"{row['over_backprop']:.1f} | {row['over_forwards']:.2f} | "
+          f"{'-' if round_s is None else f'{round_s:.4f}'} | "
+          f"{ratio(row['round_per_client_over_step'])} | "
+          f"{row['peak_rss_delta_mb']:.1f} | "
+          f"{ratio(row['over_inference'])} |")
   print('\n'.join(lines))
   os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
   with open(_OUTPUT.value, 'w') as f:
     json.dump(dict(K=k, batch_size=_BATCH.value, repeats=_REPEATS.value,
-                   memory_calls=_MEMORY_CALLS.value, results=results),
+                   memory_calls=_MEMORY_CALLS.value,
+                   parallel_perturbations=_parallel_values(),
+                   machine=collections.OrderedDict(
+                       cpus=os.cpu_count(),
+                       load_average_1min_at_end=os.getloadavg()[0]),
+                   results=results),
               f, indent=2)
   print(f'wrote {_OUTPUT.value}')
+
+
+def _ratio_or_none(a: float, b: float):
+  return a / b if b > 0 else None
 
 
 if __name__ == '__main__':

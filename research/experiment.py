@@ -283,10 +283,13 @@ class TrainingTask:
   note: str = ''
 
 
-def load_task(*, pad_digits_to_32x32: bool) -> TrainingTask:
+def load_task(*, pad_digits_to_32x32: bool,
+              resize_digits: bool = False) -> TrainingTask:
   """The --task with its model and client specs, from the flags.
 
-  `pad_digits_to_32x32`: pad the embedded 28x28 digits to LeNet's 32x32.
+  `pad_digits_to_32x32`: bring the embedded 28x28 digits to LeNet's 32x32,
+  by zero-padding or, with `resize_digits`, by bilinear resizing (the
+  official BAFFLE code's MNIST).
   """
   epochs, batch_size = CLIENT_EPOCHS.value, BATCH_SIZE.value
   max_elements = MAX_ELEMENTS.value or None
@@ -308,7 +311,8 @@ def load_task(*, pad_digits_to_32x32: bool) -> TrainingTask:
   fed = fad_data.load_federated_digits(
       num_clients=NUM_CLIENTS.value,
       dirichlet_alpha=parse_alpha(DIRICHLET_ALPHA.value), seed=seed,
-      pad_to_32x32=pad_digits_to_32x32)
+      pad_to_32x32=pad_digits_to_32x32 and not resize_digits,
+      resize_to_32x32=pad_digits_to_32x32 and resize_digits)
   net = models.get_net(MODEL.value, fed.image_shape)
 
   def preprocess_train(dataset, shuffle_seed):

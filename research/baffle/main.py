@@ -7,6 +7,12 @@ Runs on the embedded offline digits by default:
 writes `metrics.csv` (one row per round), `tensorboard/`, `accuracy.png` and
 `summary.json` (final test accuracy, upload bytes per client per round, flags)
 to `--output_dir`, and prints progress and the final accuracy.
+
+  python -m research.baffle.main --recipe=paper --output_dir /tmp/baffle_paper
+
+runs the official code's MNIST recipe (github FengHZ/BAFFLE, its README's
+LeNet command) on the embedded digits: `PAPER_RECIPE` sets the flags; any
+flag given explicitly overrides it.
 """
 
 import collections
@@ -41,8 +47,83 @@ _EMA = flags.DEFINE_float('ema', 0.0, 'EMA decay of the evaluated weights; 0 '
                           'disables it.')
 _LR = flags.DEFINE_float('lr', 1e-2, 'Server Adam learning rate (fedsgd) or '
                          'server SGD learning rate (one_epoch).')
-_PARALLEL = flags.DEFINE_integer('parallel_perturbations', 1,
-                                 'Perturbations evaluated concurrently.')
+_PARALLEL = flags.DEFINE_integer(
+    'parallel_perturbations', 1, 'P: perturbed models evaluated per batched '
+    'forward pass (1: one at a time, least memory).')
+_DIRECTIONS = flags.DEFINE_enum(
+    'directions', 'shared', list(baffle.DIRECTIONS),
+    "fedsgd: 'shared' (one seed per round: K directions per round, K scores "
+    "per client, secure-sum and DP compatible) or 'per_client' (each client "
+    'its own seed, uploaded with its K scores: C x K directions per round; '
+    'the server sees each client\'s scores, so not with --aggregator=dp).')
+_CLIENT_CLIP = flags.DEFINE_float(
+    'client_clip', 0.0, "Each client scales its own estimate to this "
+    "inf-norm before averaging (the official code's clip_grad_norm_(0.3, "
+    "'inf')); 0 disables it.")
+_WEIGHT_DECAY = flags.DEFINE_float(
+    'weight_decay', 0.0, "L2 term added to the gradient estimate, as torch's "
+    'Adam(weight_decay=...).')
+_ADAM_BETA1 = flags.DEFINE_float('adam_beta1', 0.9, 'Adam beta_1.')
+_ADAM_BETA2 = flags.DEFINE_float('adam_beta2', 0.999, 'Adam beta_2.')
+_ADAM_EPSILON = flags.DEFINE_float('adam_epsilon', 1e-7, 'Adam epsilon.')
+_CLIENT_OPTIMIZER = flags.DEFINE_enum(
+    'client_optimizer', 'sgd', ['sgd', 'adam'],
+    "one_epoch's local optimizer (rate --client_lr; Adam with --adam_*), "
+    'fresh each round.')
+_EMA_EVERY = flags.DEFINE_integer(
+    'ema_every', 1, 'Rounds between EMA updates; 0: once per epoch (fedsgd: '
+    "ceil(a client's examples / --batch_size) rounds; one_epoch: 1).")
+_EMA_WARMUP = flags.DEFINE_bool(
+    'ema_warmup', False, "torch_ema's warm-up: the n-th EMA update uses "
+    'decay min(--ema, (1 + n) / (10 + n)).')
+_EPOCHS = flags.DEFINE_integer(
+    'epochs', 0, 'If > 0, train this many epochs (sets --rounds: epochs x '
+    'the rounds of an epoch, see --ema_every).')
+_RESIZE_DIGITS = flags.DEFINE_bool(
+    'resize_digits', False, 'LeNet/WRN on the embedded digits: resize them '
+    'to 32x32 (bilinear, as the official code) instead of zero-padding.')
+_RECIPE = flags.DEFINE_enum(
+    'recipe', 'none', ['none', 'paper'],
+    "'paper': the official code's MNIST recipe (PAPER_RECIPE); flags given "
+    'explicitly override it.')
+
+# The official code's README command for LeNet on MNIST
+# (`main.py --K 100 --dataset MNIST --epochs 20 --lr 1e-2 --optimizer Adam
+# --ema --normalization NoNorm`) with its defaults: 10 IID clients, all in
+# every round, batch 32, sigma 1e-4, forward differences, Adam betas
+# (0.9, 0.99) and weight decay 5e-4 (torch's eps 1e-8), each client's
+# estimate clipped to inf-norm 0.3, EMA 0.995 once per epoch with torch_ema's
+# warm-up, MNIST resized to 32x32, and each client drawing its own
+# directions (torch.randn on every client). `--mode=one_epoch` (its
+# `--fedopt FedAvg`) gets a local Adam at 1e-2 per client (fresh each round here: TFF clients
+# keep no state) and a server that averages the models (SGD 1.0).
+PAPER_RECIPE = dict(
+    model='lenet', K=100, sigma=1e-4, estimator='forward', lr=1e-2,
+    clip=0.0, client_clip=0.3, weight_decay=5e-4, adam_beta1=0.9,
+    adam_beta2=0.99, adam_epsilon=1e-8, ema=0.995, ema_every=0,
+    ema_warmup=True, epochs=20, num_clients=10, clients_per_round=10,
+    dirichlet_alpha='iid', batch_size=32, resize_digits=True,
+    client_optimizer='adam', client_lr=1e-2, directions='per_client')
+_PAPER_ONE_EPOCH = dict(lr=1.0, directions='shared')
+
+
+def apply_recipe() -> dict[str, Any]:
+  """Sets the flags of --recipe that were not given explicitly.
+
+  Returns:
+    The flags set (name -> value).
+  """
+  if _RECIPE.value == 'none':
+    return {}
+  recipe = dict(PAPER_RECIPE)
+  if _MODE.value == 'one_epoch':
+    recipe.update(_PAPER_ONE_EPOCH)
+  applied = {}
+  for name, value in recipe.items():
+    if flags.FLAGS[name].using_default_value:
+      flags.FLAGS[name].value = value
+      applied[name] = value
+  return applied
 
 experiment.set_flag_defaults(
     rounds=200, clients_per_round=5, num_clients=20, dirichlet_alpha='0.5',
@@ -71,20 +152,32 @@ def _positive(flag: flags.FlagHolder, allow_zero: bool = False) -> None:
 
 def validate_flags() -> None:
   """Raises ValueError naming the first bad flag."""
+  apply_recipe()
   if not _OUTPUT_DIR.value:
     raise ValueError('--output_dir is required.')
   for flag in (_K, _SIGMA, _ROUNDS, _CLIENTS_PER_ROUND, _NUM_CLIENTS,
                _BATCH_SIZE, _LR, _CLIENT_LR, _EVAL_EVERY, _PARALLEL,
                _DP_CLIP):
     _positive(flag)
-  for flag in (_CLIP, _DP_NOISE):
+  for flag in (_CLIP, _DP_NOISE, _CLIENT_CLIP, _WEIGHT_DECAY, _EMA_EVERY,
+               _EPOCHS, _ADAM_EPSILON):
     _positive(flag, allow_zero=True)
+  for flag in (_ADAM_BETA1, _ADAM_BETA2):
+    if not 0.0 <= flag.value < 1.0:
+      raise ValueError(f'--{flag.name} must be in [0, 1), got {flag.value}.')
   if not 0.0 <= _EMA.value < 1.0:
     raise ValueError(f'--ema must be in [0, 1), got {_EMA.value}.')
   if experiment.TASK.value == 'digits' and (
       _CLIENTS_PER_ROUND.value > _NUM_CLIENTS.value):
     raise ValueError(f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must '
                      f'be <= --num_clients ({_NUM_CLIENTS.value}).')
+  if _DIRECTIONS.value == 'per_client' and _MODE.value != 'fedsgd':
+    raise ValueError("--directions=per_client applies to --mode=fedsgd "
+                     "(one_epoch clients already draw their own).")
+  if _DIRECTIONS.value == 'per_client' and _AGGREGATOR.value == 'dp':
+    raise ValueError('--directions=per_client cannot use --aggregator=dp: '
+                     "the server rebuilds each client's estimate from its "
+                     'own scores; use --directions=shared.')
   experiment.validate_task_flags()
   experiment.validate_execution_flags()
 
@@ -95,6 +188,20 @@ def _plot(history: dict[int, dict[str, float]], key: str, path: str,
   experiment.plot_series(path, title, [dict(
       rounds=rounds, values=[history[r][key] for r in rounds],
       ylabel='test accuracy', ylim=(0, 1), hlines=[(0.1, 'chance')])])
+
+
+def _rounds_per_epoch(task: experiment.TrainingTask) -> int:
+  """Rounds of one epoch: a whole local epoch per round in one_epoch mode;
+  in fedsgd (one batch per client and round) ceil(mean examples of a client
+  / --batch_size), the mean over (at most 20 of) the training clients."""
+  if _MODE.value == 'one_epoch':
+    return 1
+  if not _EPOCHS.value and _EMA_EVERY.value:
+    return 1  # Not needed.
+  client_ids = list(task.train.client_ids)[:20]
+  sizes = [int(task.train.create_tf_dataset_for_client(c).reduce(
+      0, lambda n, _: n + 1)) for c in client_ids]
+  return max(1, int(np.ceil(np.mean(sizes) / _BATCH_SIZE.value)))
 
 
 def run() -> dict[str, Any]:
@@ -111,25 +218,42 @@ def _run() -> dict[str, Any]:
 
   # LeNet is defined on 32x32 inputs (BAFFLE); WRN's stride-2 stages also
   # divide 32 evenly. The linear model needs no padding.
-  task = experiment.load_task(pad_digits_to_32x32=_MODEL.value != 'linear')
+  task = experiment.load_task(pad_digits_to_32x32=_MODEL.value != 'linear',
+                              resize_digits=_RESIZE_DIGITS.value)
   model = task.model
+  rounds_per_epoch = _rounds_per_epoch(task)
+  rounds = (_EPOCHS.value * rounds_per_epoch if _EPOCHS.value
+            else _ROUNDS.value)
+  ema_every = _EMA_EVERY.value or rounds_per_epoch
 
   if _AGGREGATOR.value == 'dp':
     aggregator = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
         noise_multiplier=_DP_NOISE.value, clients_per_round=float(
             _CLIENTS_PER_ROUND.value), clip=_DP_CLIP.value)
+  elif _DIRECTIONS.value == 'per_client':
+    aggregator = None  # Its own aggregation (build_baffle).
   else:
     aggregator = tff.aggregators.MeanFactory()
-  server_optimizer = (tff.learning.optimizers.build_adam(_LR.value)
-                      if _MODE.value == 'fedsgd'
+  def adam(learning_rate):
+    return tff.learning.optimizers.build_adam(
+        learning_rate, beta_1=_ADAM_BETA1.value, beta_2=_ADAM_BETA2.value,
+        epsilon=_ADAM_EPSILON.value)
+
+  server_optimizer = (adam(_LR.value) if _MODE.value == 'fedsgd'
                       else tff.learning.optimizers.build_sgdm(_LR.value))
+  client_optimizer = (adam(_CLIENT_LR.value)
+                      if _CLIENT_OPTIMIZER.value == 'adam'
+                      else tff.learning.optimizers.build_sgdm(_CLIENT_LR.value))
   process = baffle.build_baffle(
-      model, tff.learning.optimizers.build_sgdm(_CLIENT_LR.value),
+      model, client_optimizer,
       server_optimizer, model_aggregator=aggregator,
       num_perturbations=_K.value, sigma=_SIGMA.value,
       estimator=_ESTIMATOR.value, mode=_MODE.value,
       clip_value=_CLIP.value or None, ema_decay=_EMA.value or None,
-      parallel_perturbations=_PARALLEL.value, seed=_SEED.value)
+      parallel_perturbations=_PARALLEL.value, seed=_SEED.value,
+      client_clip_inf_norm=_CLIENT_CLIP.value or None,
+      weight_decay=_WEIGHT_DECAY.value, ema_every=ema_every,
+      ema_warmup=_EMA_WARMUP.value, directions=_DIRECTIONS.value)
   # Every byte a client sends in a round: its scores (or update), the
   # aggregation weight and the metrics' sums.
   upload = tff_fad.communication_cost(
@@ -144,31 +268,32 @@ def _run() -> dict[str, Any]:
   def evaluate(state, unused_data) -> collections.OrderedDict:
     return evaluate_weights(process.get_model_weights(state))
 
-  progress = experiment.ProgressReleaseManager(_ROUNDS.value, [
+  progress = experiment.ProgressReleaseManager(rounds, [
       ('train_loss', 'client_work/train/loss', '.4f'),
       ('estimate_norm', 'gradient_estimate/norm', '.3f'),
       ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f'),
       ('fed_test_acc', 'evaluation/federated/accuracy', '.4f'),
   ])
-  print(f'BAFFLE: {task.description}, K={_K.value}, '
+  recipe = (f'recipe {_RECIPE.value}, ' if _RECIPE.value != 'none' else '')
+  print(f'BAFFLE: {recipe}{task.description}, K={_K.value}, '
         f'estimator={_ESTIMATOR.value}, '
-        f'mode={_MODE.value}, {_ROUNDS.value} rounds x '
-        f'{_CLIENTS_PER_ROUND.value} clients; upload {upload} bytes per '
-        'client per round', flush=True)
+        f'mode={_MODE.value}, {rounds} rounds x '
+        f'{_CLIENTS_PER_ROUND.value} clients ({rounds_per_epoch} rounds per '
+        f'epoch); upload {upload} bytes per client per round', flush=True)
   state, resumed_from = experiment.train(
-      process, select_clients, output_dir=output_dir, rounds=_ROUNDS.value,
+      process, select_clients, output_dir=output_dir, rounds=rounds,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
       flag_values=experiment.flag_values(__name__))
   history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
   accuracy_key, test_summary = experiment.final_evaluation(
-      evaluate(state, None), history, _ROUNDS.value)
+      evaluate(state, None), history, rounds)
   plot_path = os.path.join(output_dir, 'accuracy.png')
   _plot(history, accuracy_key, plot_path,
         f'BAFFLE {_ESTIMATOR.value}, K={_K.value}, {task.description}')
   summary = collections.OrderedDict(
       task=task.description,
       **test_summary,
-      rounds=_ROUNDS.value,
+      rounds=rounds,
       upload_bytes_per_client_per_round=upload,
       upload_scalars_per_client_per_round=(
           _K.value if _MODE.value == 'fedsgd' else task.num_params),
@@ -179,7 +304,7 @@ def _run() -> dict[str, Any]:
   summary = run_dir.write_summary(output_dir, summary, history)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
         f"{test_summary['final_test_accuracy']:.4f} (after "
-        f'{_ROUNDS.value} rounds, {summary["wall_time_seconds"]} s)')
+        f'{rounds} rounds, {summary["wall_time_seconds"]} s)')
   print(f'Outputs written to {os.path.abspath(output_dir)}: metrics.csv, '
         'tensorboard/, accuracy.png, summary.json')
   return summary

@@ -64,6 +64,23 @@ def test_element_structure_and_padding():
     digits.load_federated_digits(source='sklearn', pad_to_32x32=True)
 
 
+def test_resizing_to_32x32_is_bilinear_not_padding():
+  plain = digits.load_federated_digits(num_clients=3)
+  fed = digits.load_federated_digits(num_clients=3, resize_to_32x32=True)
+  assert fed.image_shape == (32, 32, 1)
+  x = fed.test['x']
+  assert x.dtype == np.float32 and x.min() >= 0.0 and x.max() <= 1.0
+  # The digit fills the frame (a padded border would be all zeros); the
+  # mean intensity stays that of the 28x28 images (bilinear resampling).
+  assert x[:, 2:4].max() > 0.5 or x[:, -4:-2].max() > 0.5
+  assert x.mean() == pytest.approx(plain.test['x'].mean(), rel=0.02)
+  np.testing.assert_allclose(
+      x[:1], tf.image.resize(plain.test['x'][:1], (32, 32)).numpy(),
+      atol=1e-6)
+  with pytest.raises(ValueError, match='exclude'):
+    digits.load_federated_digits(pad_to_32x32=True, resize_to_32x32=True)
+
+
 def test_test_split_does_not_depend_on_client_seed():
   a = digits.load_federated_digits(num_clients=4, seed=1)
   b = digits.load_federated_digits(num_clients=4, seed=2)

@@ -155,16 +155,110 @@ def _graph_op_types(comp):
   return {n.op for n in nodes}, {n.name for n in nodes}
 
 
+@pytest.mark.parametrize('parallel', [1, 4, 25])
 @pytest.mark.parametrize('mode', baffle.MODES)
 @pytest.mark.parametrize('estimator', ['forward', 'central'])
-def test_client_graph_has_no_gradient_ops(estimator, mode):
+def test_client_graph_has_no_gradient_ops(estimator, mode, parallel):
   model = models.to_functional_model(models.lenet(), (32, 32, 1))
-  client = baffle.build_client_work(model, num_perturbations=3,
-                                    estimator=estimator, mode=mode)
+  # K=6: at P=4 one full chunk of 4 and a chunk of 2; at P=25, one of 6.
+  client = baffle.build_client_work(model, num_perturbations=6,
+                                    estimator=estimator, mode=mode,
+                                    parallel_perturbations=parallel)
   op_types, names = _graph_op_types(client)
   assert 'Conv2D' in op_types and 'StatelessRandomNormalV2' in op_types
   assert not {op for op in op_types if _GRADIENT_OP.search(op)}
   assert not [n for n in names if 'gradients' in n.lower()]
+  if parallel > 1:  # The batched pass: kernels stacked for a grouped conv.
+    assert 'Einsum' in op_types
+
+
+def _lenet_batch(batch_size=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return collections.OrderedDict(
+      x=tf.constant(rng.random((batch_size, 32, 32, 1), np.float32)),
+      y=tf.constant(rng.integers(0, 10, batch_size).astype(np.int32)))
+
+
+@pytest.mark.parametrize('estimator', ['forward', 'central'])
+@pytest.mark.parametrize('parallel', [1, 4, 25])
+def test_batched_perturbations_give_the_scores_of_one_at_a_time(estimator,
+                                                                parallel):
+  model = models.to_functional_model(models.lenet(), (32, 32, 1), seed=2)
+  weights = [tf.constant(w) for w in model.initial_weights[0]]
+  batch = _lenet_batch()
+  seed = tf.constant([4, 9], tf.int64)
+  sigma, k = 1e-2, 30  # 30 = 7 x 4 + 2 = 1 x 25 + 5: a remainder chunk.
+
+  @tf.function
+  def scores(p):
+    return baffle.estimate_scores(
+        baffle.batch_loss_fn(model, (), batch), weights, seed, k, sigma,
+        estimator, p,
+        stacked_loss_fn=baffle.stacked_batch_loss_fn(model, (), batch))
+
+  one, loss_one = scores(1)
+  batched, loss_batched = scores(parallel)
+  assert batched.shape == (k,)
+  # A score is a difference of two float32 losses divided by sigma (2 sigma
+  # for central): a few ulps of the loss, over sigma.
+  rounding = 8 * np.finfo(np.float32).eps * float(loss_one) / sigma
+  np.testing.assert_allclose(batched.numpy(), one.numpy(), rtol=0,
+                             atol=rounding)
+  np.testing.assert_allclose(float(loss_batched), float(loss_one), rtol=1e-6)
+  # Not trivially equal: the scores vary (directional derivatives).
+  assert np.std(one.numpy()) > 100 * rounding
+
+
+def test_batched_scores_without_a_stacked_model_vectorize_its_predict():
+  """A plain TFF FunctionalModel: `tf.vectorized_map` over its weight sets."""
+  net = models.lenet()
+  stacked_model = models.to_functional_model(net, (32, 32, 1), seed=1)
+  plain = tff.learning.models.FunctionalModel(
+      initial_weights=stacked_model.initial_weights,
+      predict_on_batch_fn=tf.function(
+          lambda weights, x, training=True: net.apply(weights[0], x)),
+      loss_fn=lambda output, label, sample_weight=None: (
+          models.sparse_softmax_loss(output, label)),
+      input_spec=stacked_model.input_spec)
+  assert not hasattr(plain, 'predict_on_stacked_batch')
+  weights = [tf.constant(w) for w in plain.initial_weights[0]]
+  batch = _lenet_batch(8, seed=1)
+  seed = tf.constant([1, 2], tf.int64)
+  results = [baffle.estimate_scores(
+      baffle.batch_loss_fn(m, (), batch), weights, seed, 5, 1e-2, 'forward',
+      p, stacked_loss_fn=baffle.stacked_batch_loss_fn(m, (), batch))[0]
+             for m, p in [(plain, 1), (plain, 3), (stacked_model, 3)]]
+  rounding = 8 * np.finfo(np.float32).eps * 2.5 / 1e-2
+  for r in results[1:]:
+    np.testing.assert_allclose(r.numpy(), results[0].numpy(), atol=rounding)
+
+
+def test_stacked_perturbations_are_the_per_k_ones():
+  shapes = [(5, 5, 1, 16), (16,), (64, 10)]
+  seed = tf.constant([3, 11], tf.int64)
+  stacked = baffle.stacked_perturbations(shapes, seed, tf.constant(2), 3)
+  for i in range(3):
+    single = baffle.perturbation(shapes, seed, tf.constant(2 + i))
+    for a, b in zip(stacked, single):
+      np.testing.assert_array_equal(a[i].numpy(), b.numpy())
+
+
+def test_batched_perturbations_train_like_one_at_a_time(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  data = _client_datasets(sklearn_digits, 2, 16)
+  final = []
+  for parallel in (1, 4):
+    process = baffle.build_baffle(model, num_perturbations=10, sigma=1e-2,
+                                  parallel_perturbations=parallel, seed=3)
+    state = process.initialize()
+    for _ in range(2):
+      state = process.next(state, data).state
+    final.append(np.concatenate(
+        [np.ravel(w) for w in state.global_model_weights.trainable]))
+  initial = np.concatenate([np.ravel(w) for w in model.initial_weights[0]])
+  assert not np.allclose(final[0], initial)
+  np.testing.assert_allclose(final[1], final[0], atol=1e-5)
 
 
 def test_gradient_op_check_detects_backprop():
@@ -203,6 +297,10 @@ def test_upload_is_k_scalars():
     (dict(mode='fedprox'), 'mode'),
     (dict(clip_value=0.0), 'clip_value'),
     (dict(ema_decay=1.0), 'ema_decay'),
+    (dict(parallel_perturbations=0), 'parallel_perturbations'),
+    (dict(client_clip_inf_norm=0.0), 'client_clip_inf_norm'),
+    (dict(weight_decay=-1e-4), 'weight_decay'),
+    (dict(ema_every=0), 'ema_every'),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
   model = models.to_functional_model(_linear_net(4, 2), (2, 2, 1))
@@ -264,3 +362,131 @@ def test_one_epoch_mode_and_unweighted_aggregator_run(sklearn_digits,
       [np.ravel(w) for w in output.state.global_model_weights.trainable])
   assert np.isfinite(after).all() and not np.allclose(before, after)
   assert output.metrics['client_work']['train']['num_examples'] == 32
+
+
+def test_ema_warmup_effective_decay_follows_torch_ema():
+  n = np.arange(1, 3001)
+  expected = np.minimum(0.995, (1.0 + n) / (10.0 + n))
+  got = baffle.ema_decay_at(0.995, tf.constant(n), warmup=True).numpy()
+  np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6)
+  assert got[0] == pytest.approx(2 / 11) and got[-1] == pytest.approx(0.995)
+  # The warm-up ends after (10 d - 1) / (1 - d) = 1,789 updates.
+  assert got[1787] < 0.995 and got[1789] == pytest.approx(0.995)
+  np.testing.assert_allclose(
+      baffle.ema_decay_at(0.9, tf.constant(n), warmup=False).numpy(), 0.9)
+
+
+def test_process_ema_updates_every_k_rounds_with_warmup(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  process = baffle.build_baffle(
+      model, num_perturbations=10, sigma=1e-2, ema_decay=0.995,
+      ema_warmup=True, ema_every=2, seed=1)
+  data = _client_datasets(sklearn_digits, 2, 16)
+  state = process.initialize()
+  ema = [np.array(w) for w in model.initial_weights[0]]
+  num_updates = 0
+  for round_num in range(1, 6):
+    state = process.next(state, data).state
+    if round_num % 2 == 0:  # Rounds 2 and 4: updates 1 and 2.
+      num_updates += 1
+      decay = min(0.995, (1 + num_updates) / (10 + num_updates))
+      ema = [decay * e + (1 - decay) * np.array(w) for e, w in
+             zip(ema, state.global_model_weights.trainable)]
+    for got, want in zip(process.get_model_weights(state).trainable, ema):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert num_updates == 2
+  assert not np.allclose(ema[0], state.global_model_weights.trainable[0])
+
+
+def test_client_inf_norm_clip_scales_the_clients_own_estimate():
+  model = models.to_functional_model(models.lenet(), (32, 32, 1), seed=0)
+  weights = collections.OrderedDict(
+      trainable=tuple(model.initial_weights[0]), non_trainable=())
+  batch = collections.OrderedDict(
+      (k, v.numpy()) for k, v in _lenet_batch(8).items())
+  seed = np.array([2, 5], np.int64)
+  shapes = [np.shape(w) for w in weights['trainable']]
+  estimates = {}
+  for clip in (None, 1e-3, 1e6):
+    client = baffle.build_client_work(model, num_perturbations=8,
+                                      client_clip_inf_norm=clip,
+                                      clip_value=None)
+    scores = client(weights, seed, [batch])['update']
+    estimates[clip] = [g.numpy() for g in baffle.rebuild_gradient(
+        shapes, tf.constant(seed), tf.constant(scores))]
+  inf_norm = lambda g: max(np.abs(t).max() for t in g)
+  assert inf_norm(estimates[None]) > 1e-2
+  # Rescaled to inf-norm 1e-3 (torch's 1e-6 guard), direction kept.
+  assert inf_norm(estimates[1e-3]) == pytest.approx(1e-3, rel=1e-3)
+  assert _cosine(estimates[1e-3], estimates[None]) > 0.9999
+  for a, b in zip(estimates[1e6], estimates[None]):
+    np.testing.assert_array_equal(a, b)  # Below the bound: untouched.
+
+
+def test_weight_decay_adds_the_l2_term(sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  data = _client_datasets(sklearn_digits, 2, 16)
+  after = {}
+  for wd in (0.0, 0.1):
+    process = baffle.build_baffle(
+        model, server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+        num_perturbations=10, sigma=1e-2, weight_decay=wd, seed=1)
+    state = process.next(process.initialize(), data).state
+    after[wd] = state.global_model_weights.trainable
+  for w0, a, b in zip(model.initial_weights[0], after[0.0], after[0.1]):
+    np.testing.assert_allclose(b - a, -0.1 * w0, rtol=1e-4, atol=1e-6)
+
+
+def test_per_client_directions_server_rebuilds_the_mean_client_estimate(
+    sklearn_digits):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  k, sigma = 20, 1e-2
+  process = baffle.build_baffle(
+      model, server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+      num_perturbations=k, sigma=sigma, clip_value=None,
+      directions='per_client', seed=4)
+  data = _client_datasets(sklearn_digits, 3, 16)
+  state = process.initialize()
+  new_state = process.next(state, data).state
+  applied = [w0 - w1 for w0, w1 in zip(
+      state.global_model_weights.trainable,
+      new_state.global_model_weights.trainable)]  # SGD 1.0: the estimate.
+
+  # Each client's own estimate, computed directly from what it uploads.
+  client = baffle.build_client_work(model, num_perturbations=k, sigma=sigma,
+                                    clip_value=None, directions='per_client')
+  round_seed = baffle.round_seed(4, 0).numpy()
+  weights = collections.OrderedDict(
+      trainable=tuple(state.global_model_weights.trainable), non_trainable=())
+  shapes = [np.shape(w) for w in weights['trainable']]
+  estimates, client_weights, seeds = [], [], []
+  for ds in data:
+    out = client(weights, round_seed, ds)
+    seeds.append(tuple(out['update']['seed']))
+    estimates.append([g.numpy() for g in baffle.rebuild_gradient(
+        shapes, tf.constant(out['update']['seed']),
+        tf.constant(out['update']['scores']))])
+    client_weights.append(out['weight'])
+  assert len(set(seeds)) == 3  # Each client its own directions.
+  total = sum(client_weights)
+  for i, got in enumerate(applied):
+    want = sum(w * e[i] for w, e in zip(client_weights, estimates)) / total
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Upload: K scores + the 8-byte seed + weight + 3 metric sums.
+  cost = tff_fad.communication_cost(process.next, 3)
+  assert cost.client_to_server_bytes_per_client == 4 * (k + 1 + 3) + 8
+
+
+def test_per_client_directions_refuse_secure_sums():
+  model = models.to_functional_model(_linear_net(4, 2), (2, 2, 1))
+  with pytest.raises(ValueError, match='secure sums need every client'):
+    baffle.build_baffle(
+        model, directions='per_client',
+        model_aggregator=tff.aggregators.SecureSumFactory(2.0**20))
+  with pytest.raises(ValueError, match='directions'):
+    baffle.build_baffle(model, directions='own')
+  with pytest.raises(ValueError, match='one_epoch'):
+    baffle.build_baffle(model, directions='per_client', mode='one_epoch')

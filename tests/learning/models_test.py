@@ -86,3 +86,23 @@ def test_get_net_and_linear_model():
                    tf.zeros([3, 8, 8, 1])).shape == (3, 10)
   with pytest.raises(ValueError, match='model'):
     models.get_net('resnet50', (32, 32, 1))
+
+
+@pytest.mark.parametrize('net', [
+    models.lenet(), models.lenet(group_norm_groups=4), models.wide_resnet(),
+    models.linear((32, 32, 1))], ids=lambda net: net.name)
+@pytest.mark.parametrize('num_sets', [1, 3])
+def test_apply_stacked_matches_apply_per_set(net, num_sets):
+  sets = [[tf.constant(p) for p in net.init(seed)] for seed in range(num_sets)]
+  stacked = [tf.stack(ps) for ps in zip(*sets)]
+  x = tf.random.stateless_uniform([4, 32, 32, 1], [1, 2])
+  logits = models.stacked_logits(net, stacked, x)
+  assert logits.shape == (num_sets, 4, 10)
+  for i, params in enumerate(sets):
+    np.testing.assert_allclose(logits[i].numpy(), net.apply(params, x).numpy(),
+                               rtol=1e-5, atol=1e-5)
+  # The model TFF sees predicts the same, stacked.
+  model = models.to_functional_model(net, (32, 32, 1))
+  np.testing.assert_allclose(
+      model.predict_on_stacked_batch((stacked, ()), x).numpy(),
+      logits.numpy(), rtol=1e-6, atol=1e-6)

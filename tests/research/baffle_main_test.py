@@ -88,6 +88,8 @@ def test_rejects_stray_arguments(tmp_path):
     (dict(dirichlet_alpha='skewed'), '--dirichlet_alpha'),
     (dict(dirichlet_alpha='0'), '--dirichlet_alpha'),
     (dict(ema=1.0), '--ema'),
+    (dict(directions='per_client', aggregator='dp'), '--directions'),
+    (dict(directions='per_client', mode='one_epoch'), '--directions'),
     (dict(output_dir=''), '--output_dir'),
 ])
 def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
@@ -113,3 +115,44 @@ def test_task_data_offline_exits_with_message_not_traceback(tmp_path, capsys,
   assert info.value.code == 2
   assert 'emnist_character: no network; copy the file' in (
       capsys.readouterr().err)
+
+
+def test_paper_recipe_sets_the_official_flags_and_explicit_ones_win(
+    tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), recipe='paper', K=4):
+    applied = baffle_main.apply_recipe()
+    assert 'K' not in applied  # Given explicitly.
+    assert FLAGS.K == 4 and FLAGS.model == 'lenet' and FLAGS.lr == 1e-2
+    assert FLAGS.adam_beta2 == 0.99 and FLAGS.weight_decay == 5e-4
+    assert FLAGS.client_clip == 0.3 and FLAGS.clip == 0.0
+    assert FLAGS.ema == 0.995 and FLAGS.ema_warmup and FLAGS.ema_every == 0
+    assert FLAGS.resize_digits and FLAGS.epochs == 20
+    assert FLAGS.num_clients == FLAGS.clients_per_round == 10
+    assert FLAGS.directions == 'per_client'
+  with flagsaver.flagsaver(output_dir=str(tmp_path), recipe='paper',
+                           mode='one_epoch'):
+    baffle_main.apply_recipe()
+    assert FLAGS.lr == 1.0 and FLAGS.client_optimizer == 'adam'
+    assert FLAGS.directions == 'shared'  # one_epoch clients draw their own.
+  with flagsaver.flagsaver(output_dir=str(tmp_path)):
+    assert baffle_main.apply_recipe() == {}
+    assert FLAGS.model == 'linear' and FLAGS.adam_beta2 == 0.999
+
+
+def test_paper_recipe_runs_an_epoch(tmp_path):
+  out = str(tmp_path / 'paper')
+  # 4 clients of 1,000 digits, batch 200: an epoch is 5 rounds.
+  with flagsaver.flagsaver(output_dir=out, recipe='paper', K=4, epochs=1,
+                           num_clients=4, clients_per_round=2,
+                           batch_size=200, eval_every=5):
+    baffle_main.main(['main'])
+  with open(os.path.join(out, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['rounds'] == 5
+  assert summary['flags']['recipe'] == 'paper'
+  assert summary['flags']['resize_digits'] is True
+  assert summary['flags']['adam_beta2'] == 0.99
+  # Per-client directions: K scores + the client's 8-byte seed + the
+  # aggregation weight + 3 metric sums.
+  assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 1 + 3) + 8
+  assert 0.0 <= summary['final_test_accuracy'] <= 1.0

@@ -115,6 +115,19 @@ def pad_to_32(x: np.ndarray) -> np.ndarray:
   return np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
 
 
+def resize_to_32(x: np.ndarray) -> np.ndarray:
+  """Bilinearly resizes `[N, 28, 28, C]` images to `[N, 32, 32, C]`.
+
+  What the official BAFFLE code does to MNIST (torchvision's
+  `Resize((32, 32))`, bilinear with half-pixel centers as here).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if x.shape[1:3] != (28, 28):
+    raise ValueError(f'resize_to_32 expects 28x28 images, got {x.shape[1:3]}.')
+  return tf.image.resize(x, (32, 32), method='bilinear').numpy().astype(
+      x.dtype)
+
+
 def stratified_test_split(
     y: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +229,7 @@ def load_federated_digits(
     pad_to_32x32: bool = False,
     min_examples_per_client: int = 1,
     num_test_clients: int = 10,
+    resize_to_32x32: bool = False,
 ) -> FederatedDigits:
   """Loads an embedded digits dataset split into federated clients.
 
@@ -229,6 +243,8 @@ def load_federated_digits(
     test_seed: Seed of the held-out split; keep it fixed across experiments.
     pad_to_32x32: Zero-pad 28x28 images to 32x32 (LeNet's input size). Only
       valid for the `'mnist'` source.
+    resize_to_32x32: Bilinearly resize 28x28 images to 32x32 instead (the
+      official BAFFLE code's MNIST); not with `pad_to_32x32`.
     min_examples_per_client: Smallest allowed client (Dirichlet splits are
       redrawn until it holds).
     num_test_clients: Held-out clients the test set is dealt into (IID, by
@@ -244,9 +260,13 @@ def load_federated_digits(
     raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
   if num_test_clients < 1:
     raise ValueError(f'num_test_clients must be >= 1, got {num_test_clients}.')
+  if pad_to_32x32 and resize_to_32x32:
+    raise ValueError('pad_to_32x32 and resize_to_32x32 exclude each other.')
   x, y = load_raw_digits(source)
   if pad_to_32x32:
     x = pad_to_32(x)
+  if resize_to_32x32:
+    x = resize_to_32(x)
   train_idx, test_idx = stratified_test_split(y, test_fraction, test_seed)
   x_train, y_train = x[train_idx], y[train_idx]
   if dirichlet_alpha is None:

@@ -13,10 +13,30 @@ stateless random ops, and uploads only K float32 scores:
 The server aggregates the K-vectors (any `tff.aggregators` factory: the upload
 is tiny and linear, so secure sums and DP fit), regenerates the same z_k and
 rebuilds `g = (1/K) sum_k mean(d_k) z_k` (with delta_k = sigma z_k this is the
-paper's `(1/K) sum_k [dL_k / sigma] (delta_k / sigma)`), optionally clips it
-elementwise (the official code clamps to 0.3), and applies a server optimizer
+paper's `(1/K) sum_k [dL_k / sigma] (delta_k / sigma)`), optionally clamps it
+elementwise (`clip_value`), and applies a server optimizer
 (Adam 1e-2 by default, as in the official code), optionally keeping an EMA of
 the weights for evaluation.
+
+The official code's recipe (github FengHZ/BAFFLE) needs three more options:
+`client_clip_inf_norm` (each client rescales its own estimate to an inf-norm <=
+c, torch's `clip_grad_norm_(c, norm_type='inf')`, before averaging; the
+official code clips so, with c = 0.3, rather than clamping each element: a
+scalar per client, so it rescales the K scores and the upload stays K scalars),
+`weight_decay` (torch Adam's L2 term, `g + wd * w`) and an EMA updated every
+`ema_every` rounds with torch_ema's warm-up (`ema_decay_at`).
+
+Directions (`'fedsgd'`): with `directions='shared'` (the default, the paper's
+protocol) every client uses the round's K directions and uploads K scores,
+which any aggregator (secure sums, DP) can average: K directions per round.
+With `directions='per_client'` (what produced the official code's numbers) each
+client draws its own seed (the round seed folded with a fingerprint of its
+batch) and uploads it (8 bytes) with its K scores; the server rebuilds each
+client's estimate inside a `tff.federated_aggregate` whose accumulate
+regenerates that client's directions, so the upload stays K scalars + a seed
+and no client sends a model-sized vector: C x K directions per round (an
+estimate about sqrt(C) closer to the gradient), but the server sees each
+client's scores, so secure aggregation does not apply (refused).
 
 `mode='one_epoch'` is the paper's second mode (FedAvg-like): each client takes
 one forward-only step of its optimizer per local batch with the same
@@ -29,10 +49,16 @@ own metrics (updated with the loss pass at the unperturbed weights, which the
 forward estimator needs anyway; the central and jvp estimators pay one extra
 forward pass per step for it).
 
-Client memory stays close to inference: the K perturbed models are never held
-at once; a `tf.while_loop` regenerates z_k from `(seed, k)` at each iteration
-(`parallel_perturbations` lets a few iterations overlap, trading memory for
-speed). Server and client share `perturbation` so they agree bit for bit.
+Client memory stays close to inference with `parallel_perturbations=1`
+(the default): the K perturbed models are never held at once; a
+`tf.while_loop` regenerates z_k from `(seed, k)` at each iteration. With
+`parallel_perturbations=P > 1` the `forward` and `central` estimators
+evaluate P perturbed models per batched forward pass (the P weight sets
+stacked, `functional_models.stacked_predictions`: tff_fad's models run them
+as one grouped convolution per layer): fewer, larger passes for more memory,
+faster only where one pass leaves the hardware idle (on a 2-core CPU it is
+not: README, BAFFLE); `jvp` then lets P loop iterations overlap. Server and
+client share `perturbation` so they agree bit for bit.
 """
 
 import collections
@@ -43,10 +69,12 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fad import core as fad
+from tff_fad.core import local_ad
 from tff_fad.learning import functional_models as fm
 
 ESTIMATORS = ('forward', 'central', 'jvp')
 MODES = ('fedsgd', 'one_epoch')
+DIRECTIONS = ('shared', 'per_client')
 
 AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
                            tff.aggregators.WeightedAggregationFactory]
@@ -60,7 +88,9 @@ _STATE = tff.learning.templates.LearningAlgorithmState
 def validate_hparams(num_perturbations: int, sigma: float, estimator: str,
                      mode: str = 'fedsgd', clip_value: Optional[float] = None,
                      ema_decay: Optional[float] = None,
-                     parallel_perturbations: int = 1) -> None:
+                     parallel_perturbations: int = 1,
+                     client_clip_inf_norm: Optional[float] = None,
+                     weight_decay: float = 0.0, ema_every: int = 1) -> None:
   """Raises `ValueError` naming the first bad argument."""
   if not isinstance(num_perturbations, (int, np.integer)) or (
       num_perturbations <= 0):
@@ -79,6 +109,38 @@ def validate_hparams(num_perturbations: int, sigma: float, estimator: str,
   if parallel_perturbations < 1:
     raise ValueError('parallel_perturbations must be >= 1, got '
                      f'{parallel_perturbations!r}.')
+  if client_clip_inf_norm is not None and not client_clip_inf_norm > 0:
+    raise ValueError('client_clip_inf_norm must be > 0 or None, got '
+                     f'{client_clip_inf_norm!r}.')
+  if not weight_decay >= 0:
+    raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}.')
+  if ema_every < 1:
+    raise ValueError(f'ema_every must be >= 1, got {ema_every!r}.')
+
+
+def ema_decay_at(decay: float, num_updates, warmup: bool):
+  """The decay of the `num_updates`-th EMA update (1-based).
+
+  With `warmup`, torch_ema's `ExponentialMovingAverage(use_num_updates=True)`
+  (the official BAFFLE code's EMA): `min(decay, (1 + n) / (10 + n))`, so the
+  first updates follow the weights closely (2/11, 3/12, ...) and the decay
+  reaches `decay` after `(10 decay - 1) / (1 - decay)` updates (1,789 for
+  0.995). Without, `decay` throughout.
+  """
+  if not warmup:
+    return tf.constant(decay, tf.float32)
+  n = tf.cast(num_updates, tf.float32)
+  return tf.minimum(tf.constant(decay, tf.float32), (1.0 + n) / (10.0 + n))
+
+
+def inf_norm_scale(tensors: Tensors, max_norm: float) -> tf.Tensor:
+  """`min(1, max_norm / (max |t| + 1e-6))`, torch's inf-norm gradient clip.
+
+  `torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type='inf')`
+  multiplies every gradient by this: the direction is kept.
+  """
+  inf_norm = tf.reduce_max([tf.reduce_max(tf.abs(t)) for t in tensors])
+  return tf.minimum(1.0, max_norm / (inf_norm + 1e-6))
 
 
 def perturbation(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
@@ -102,6 +164,17 @@ def perturbation(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
   return fad.seeded_direction(seed, k, [specs])[0]
 
 
+def stacked_perturbations(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
+                          first_k: tf.Tensor, count: int) -> list[tf.Tensor]:
+  """Directions z_first_k ... z_(first_k + count - 1), stacked: `[count, *s]`.
+
+  The same values as `count` calls of `perturbation`.
+  """
+  per_direction = [perturbation(shapes, seed, first_k + i)
+                   for i in range(count)]
+  return [tf.stack(leaves) for leaves in zip(*per_direction)]
+
+
 def directional_derivative(loss_fn: LossFn, weights: Tensors,
                            tangents: Tensors) -> tuple[tf.Tensor, tf.Tensor]:
   """Returns `(L(w), <grad L(w), tangents>)` by forward-mode AD.
@@ -118,15 +191,14 @@ def directional_derivative(loss_fn: LossFn, weights: Tensors,
   # Fresh identities: the accumulator must watch the tensors that `loss_fn`
   # actually consumes, not outer tensors captured into a loop body.
   watched = [tf.identity(w) for w in weights]
-  with tf.autodiff.ForwardAccumulator(watched, list(tangents)) as acc:
-    loss = loss_fn(watched)
-  return loss, acc.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return local_ad.jvp(loss_fn, [watched], [list(tangents)])
 
 
 def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
                     num_perturbations: int, sigma: float, estimator: str,
                     parallel_perturbations: int = 1,
-                    base_loss: Optional[tf.Tensor] = None
+                    base_loss: Optional[tf.Tensor] = None,
+                    stacked_loss_fn: Optional[LossFn] = None
                     ) -> tuple[tf.Tensor, tf.Tensor]:
   """Computes a client's K scalar scores d_k with forward passes only.
 
@@ -137,10 +209,14 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     num_perturbations: K.
     sigma: Perturbation scale (unused by `'jvp'`).
     estimator: `'forward'`, `'central'` or `'jvp'`.
-    parallel_perturbations: Loop iterations allowed to run at once (1 keeps a
-      single perturbed model alive).
+    parallel_perturbations: P. With 1, one perturbed model at a time (memory
+      near inference). With P > 1, `'forward'` and `'central'` evaluate P
+      perturbed models (2P for `'central'`) per call of `stacked_loss_fn`;
+      `'jvp'` lets P loop iterations overlap.
     base_loss: `loss_fn(weights)` if the caller already has it (the forward
       estimator then makes K forward passes, not K + 1).
+    stacked_loss_fn: Maps stacked trainable weights (`[P, *shape]` each) to
+      the `[P]` losses; default `tf.vectorized_map` over `loss_fn`.
 
   Returns:
     `(scores, loss)`: float32 `[K]` and the loss at `w` (for `'central'`, the
@@ -151,6 +227,12 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     base_loss = loss_fn(weights)
   elif estimator != 'forward':
     base_loss = None
+  if parallel_perturbations > 1 and estimator != 'jvp':
+    if stacked_loss_fn is None:
+      stacked_loss_fn = lambda stacked: tf.vectorized_map(loss_fn, stacked)
+    return _stacked_scores(stacked_loss_fn, weights, seed, num_perturbations,
+                           sigma, estimator, parallel_perturbations,
+                           base_loss)
 
   def score(k):
     z = perturbation(shapes, seed, k)
@@ -167,13 +249,63 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     d, loss = score(k)
     return k + 1, scores.write(k, d), loss_sum + loss
 
-  _, scores, loss_sum = tf.while_loop(
-      lambda k, *_: k < num_perturbations, body,
-      (tf.constant(0), tf.TensorArray(tf.float32, size=num_perturbations),
-       tf.constant(0.0)),
-      parallel_iterations=parallel_perturbations)
+  # The loop starts once the unperturbed pass is done: run side by side, the
+  # two passes would hold two sets of activations.
+  with tf.control_dependencies([] if base_loss is None else [base_loss]):
+    _, scores, loss_sum = tf.while_loop(
+        lambda k, *_: k < num_perturbations, body,
+        (tf.constant(0), tf.TensorArray(tf.float32, size=num_perturbations),
+         tf.constant(0.0)),
+        parallel_iterations=parallel_perturbations)
   loss = base_loss if base_loss is not None else loss_sum / num_perturbations
   return scores.stack(), loss
+
+
+def _stacked_scores(stacked_loss_fn: LossFn, weights: Tensors,
+                    seed: tf.Tensor, num_perturbations: int, sigma: float,
+                    estimator: str, parallel_perturbations: int,
+                    base_loss: Optional[tf.Tensor]
+                    ) -> tuple[tf.Tensor, tf.Tensor]:
+  """`estimate_scores` for `'forward'`/`'central'`, P directions per pass.
+
+  A `tf.while_loop` over the K // P full chunks (one at a time), then one
+  smaller chunk for the K % P left.
+  """
+  shapes = [w.shape for w in weights]
+  chunk = min(parallel_perturbations, num_perturbations)
+  num_chunks, rest = divmod(num_perturbations, chunk)
+
+  def chunk_scores(first_k, count):
+    z = stacked_perturbations(shapes, seed, first_k, count)
+    if estimator == 'forward':
+      plus = stacked_loss_fn([w + sigma * t for w, t in zip(weights, z)])
+      return (plus - base_loss) / sigma, tf.zeros([])
+    # One pass over the 2P models w + sigma z and w - sigma z.
+    losses = stacked_loss_fn([
+        tf.concat([w + sigma * t, w - sigma * t], axis=0)
+        for w, t in zip(weights, z)])
+    plus, minus = losses[:count], losses[count:]
+    return (plus - minus) / (2.0 * sigma), tf.reduce_sum(plus + minus) / 2.0
+
+  def body(c, scores, loss_sum):
+    d, loss = chunk_scores(c * chunk, chunk)
+    return c + 1, scores.write(c, d), loss_sum + loss
+
+  with tf.control_dependencies([] if base_loss is None else [base_loss]):
+    _, scores, loss_sum = tf.while_loop(
+        lambda c, *_: c < num_chunks, body,
+        (tf.constant(0),
+         tf.TensorArray(tf.float32, size=num_chunks,
+                        element_shape=tf.TensorShape([chunk])),
+         tf.constant(0.0)),
+        parallel_iterations=1)
+  scores = scores.concat()
+  if rest:
+    d, loss = chunk_scores(tf.constant(num_chunks * chunk), rest)
+    scores, loss_sum = tf.concat([scores, d], axis=0), loss_sum + loss
+  loss = base_loss if base_loss is not None else loss_sum / num_perturbations
+  # The static shape [K] (TFF's sums need it; `concat` does not keep it).
+  return tf.reshape(scores, [num_perturbations]), loss
 
 
 def rebuild_gradient(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
@@ -215,11 +347,38 @@ def batch_loss_fn(model: tff.learning.models.FunctionalModel,
   return loss_fn
 
 
+def stacked_batch_loss_fn(model: tff.learning.models.FunctionalModel,
+                          non_trainable: Tensors, batch: Any) -> LossFn:
+  """Stacked trainable weights (`[P, *shape]` each) -> `[P]` losses on `batch`.
+
+  One batched pass (`functional_models.stacked_predictions`), training mode.
+  """
+  x, y = fm.batch_inputs(batch)
+
+  def loss_fn(stacked_trainable):
+    outputs = fm.stacked_predictions(
+        model, (tuple(stacked_trainable), tuple(non_trainable)), x, True)
+    return tf.vectorized_map(lambda output: model.loss(output, y), outputs)
+
+  return loss_fn
+
+
 def _loss_and_metrics(model, weights, batch, metrics_state):
   """The loss at `weights` and the metrics updated with the same pass."""
   loss, output, n = fm.batch_loss(model, weights, batch, training=True)
   return loss, fm.update_metrics(model, metrics_state, batch, output,
                                  loss), tf.cast(n, tf.float32)
+
+
+def _data_fingerprint(batch: Any) -> tf.Tensor:
+  """An int32 of a batch's inputs (the bits of their float32 sum).
+
+  Different clients must explore different directions; the data differ, so
+  a fingerprint of a batch decorrelates them reproducibly.
+  """
+  x, _ = fm.batch_inputs(batch)
+  return tf.bitcast(tf.reduce_sum(tf.cast(tf.nest.flatten(x)[0], tf.float32)),
+                    tf.int32)
 
 
 def build_client_work(
@@ -233,6 +392,9 @@ def build_client_work(
     parallel_perturbations: int = 1,
     client_weighting: tff.learning.ClientWeighting = (
         tff.learning.ClientWeighting.NUM_EXAMPLES),
+    client_clip_inf_norm: Optional[float] = None,
+    weight_decay: float = 0.0,
+    directions: str = 'shared',
 ) -> tff.Computation:
   """Builds the client's `tff.tensorflow.computation` (forward passes only).
 
@@ -243,10 +405,15 @@ def build_client_work(
   unfinalized metrics, updated with the loss pass at each step's weights.
 
   * `'fedsgd'`: on the client's first batch, `update` is the float32 `[K]`
-    scores.
+    scores; with `client_clip_inf_norm=c` they are multiplied by
+    `inf_norm_scale` of the client's own estimate (rebuilt from the seed:
+    K direction draws, no forward pass), so that estimate's inf-norm is
+    <= c. With `directions='per_client'`, `update` is
+    `OrderedDict(scores=[K], seed=int64[2])`: the client's own seed.
   * `'one_epoch'`: one `client_optimizer` step per batch along the clipped
-    estimate, with directions seeded by `(round seed, step, a fingerprint of
-    the client's data)` so clients do not share directions;
+    estimate (`clip_value` elementwise, then `client_clip_inf_norm`), plus
+    `weight_decay * w`, with directions seeded by `(round seed, step, a
+    fingerprint of the client's data)` so clients do not share directions;
     `update = w_start - w_end` (per trainable tensor). The optimizer starts
     fresh each round (TFF clients are stateless).
 
@@ -256,7 +423,8 @@ def build_client_work(
     The client computation.
   """
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
-                   None, parallel_perturbations)
+                   None, parallel_perturbations, client_clip_inf_norm,
+                   weight_decay)
   if client_optimizer is None:
     client_optimizer = tff.learning.optimizers.build_sgdm(0.1)
   weights_type = fm.weights_type(model)
@@ -276,6 +444,9 @@ def build_client_work(
     @tff.tensorflow.computation(weights_type, seed_type, data_type)
     def client_fedsgd(model_weights, seed, dataset):
       batch = dataset.take(1).get_single_element()
+      if directions == 'per_client':
+        seed = tf.random.experimental.stateless_fold_in(
+            seed, _data_fingerprint(batch))
       non_trainable = tuple(model_weights.non_trainable)
       loss, metrics, n = _loss_and_metrics(
           model, (tuple(model_weights.trainable), non_trainable), batch,
@@ -283,8 +454,17 @@ def build_client_work(
       scores, _ = estimate_scores(
           batch_loss_fn(model, non_trainable, batch),
           list(model_weights.trainable), seed, num_perturbations, sigma,
-          estimator, parallel_perturbations, base_loss=loss)
-      return client_result(scores, n, metrics)
+          estimator, parallel_perturbations, base_loss=loss,
+          stacked_loss_fn=stacked_batch_loss_fn(model, non_trainable, batch))
+      if client_clip_inf_norm is not None:
+        shapes = [w.shape for w in model_weights.trainable]
+        scores = scores * inf_norm_scale(
+            rebuild_gradient(shapes, seed, scores), client_clip_inf_norm)
+      result = client_result(scores, n, metrics)
+      if directions == 'per_client':
+        result['update'] = collections.OrderedDict(scores=result['update'],
+                                                   seed=seed)
+      return result
 
     return client_fedsgd
 
@@ -294,12 +474,8 @@ def build_client_work(
     start = tuple(tf.identity(w) for w in model_weights.trainable)
     non_trainable = tuple(model_weights.non_trainable)
     shapes = [w.shape for w in start]
-    first_x, _ = fm.batch_inputs(dataset.take(1).get_single_element())
-    # Different clients must explore different directions; the data differ,
-    # so a fingerprint of the first batch decorrelates them reproducibly.
-    salt = tf.bitcast(tf.reduce_sum(tf.cast(tf.nest.flatten(first_x)[0],
-                                            tf.float32)), tf.int32)
-    client_seed = tf.random.experimental.stateless_fold_in(seed, salt)
+    client_seed = tf.random.experimental.stateless_fold_in(
+        seed, _data_fingerprint(dataset.take(1).get_single_element()))
 
     def step(carry, batch):
       weights, optimizer_state, step_num, metrics, num_examples = carry
@@ -310,10 +486,16 @@ def build_client_work(
       scores, _ = estimate_scores(
           batch_loss_fn(model, non_trainable, batch), list(weights),
           step_seed, num_perturbations, sigma, estimator,
-          parallel_perturbations, base_loss=loss)
+          parallel_perturbations, base_loss=loss,
+          stacked_loss_fn=stacked_batch_loss_fn(model, non_trainable, batch))
       grads = rebuild_gradient(shapes, step_seed, scores)
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
+      if client_clip_inf_norm is not None:
+        scale = inf_norm_scale(grads, client_clip_inf_norm)
+        grads = [scale * g for g in grads]
+      if weight_decay:
+        grads = [g + weight_decay * w for g, w in zip(grads, weights)]
       optimizer_state, weights = client_optimizer.next(
           optimizer_state, weights, tuple(grads))
       return (weights, optimizer_state, step_num + 1, metrics,
@@ -327,6 +509,66 @@ def build_client_work(
                          num_examples, metrics)
 
   return client_one_epoch
+
+
+class _PerClientDirectionsMean:
+  """The weighted mean of the clients' estimates, each rebuilt from its seed.
+
+  The aggregation of `directions='per_client'`: a `tff.federated_aggregate`
+  whose accumulate regenerates one client's K directions from the seed it
+  uploaded and adds `weight * (1/K) sum_k scores[k] z_k`; report divides by
+  the total weight. Same `initialize`/`next` shape as a TFF aggregation
+  process (empty state and measurements).
+  """
+
+  def __init__(self, shapes, update_type):
+    self._shapes = shapes
+    acc_type = tff.StructType([
+        ('sum', tff.StructWithPythonType(
+            [tff.TensorType(np.float32, s) for s in shapes], tuple)),
+        ('weight', tff.TensorType(np.float32))])
+    value_type = tff.StructType([('update', update_type),
+                                 ('weight', tff.TensorType(np.float32))])
+
+    @tff.tensorflow.computation
+    def zero():
+      return collections.OrderedDict(
+          sum=tuple(tf.zeros(s) for s in shapes), weight=tf.constant(0.0))
+
+    @tff.tensorflow.computation(acc_type, value_type)
+    def accumulate(acc, value):
+      estimate = rebuild_gradient(shapes, value.update.seed,
+                                  value.update.scores)
+      return collections.OrderedDict(
+          sum=tuple(a + value.weight * g
+                    for a, g in zip(acc.sum, estimate)),
+          weight=acc.weight + value.weight)
+
+    @tff.tensorflow.computation(acc_type, acc_type)
+    def merge(a, b):
+      return collections.OrderedDict(
+          sum=tuple(x + y for x, y in zip(a.sum, b.sum)),
+          weight=a.weight + b.weight)
+
+    @tff.tensorflow.computation(acc_type)
+    def report(acc):
+      return tuple(tf.math.divide_no_nan(t, acc.weight) for t in acc.sum)
+
+    self._zero, self._accumulate = zero, accumulate
+    self._merge, self._report = merge, report
+    self.result_type = report.type_signature.result
+
+  def initialize(self):
+    return tff.federated_value((), tff.SERVER)
+
+  def next(self, state, value, weight):
+    result = tff.federated_aggregate(
+        tff.federated_zip(collections.OrderedDict(update=value,
+                                                  weight=weight)),
+        self._zero(), self._accumulate, self._merge, self._report)
+    return tff.templates.MeasuredProcessOutput(
+        state=state, result=result,
+        measurements=tff.federated_value((), tff.SERVER))
 
 
 def build_baffle(
@@ -346,6 +588,11 @@ def build_baffle(
     ema_decay: Optional[float] = None,
     parallel_perturbations: int = 1,
     seed: int = 0,
+    client_clip_inf_norm: Optional[float] = None,
+    weight_decay: float = 0.0,
+    ema_every: int = 1,
+    ema_warmup: bool = False,
+    directions: str = 'shared',
 ) -> tff.learning.templates.LearningProcess:
   """Builds BAFFLE as a `tff.learning.templates.LearningProcess`.
 
@@ -362,9 +609,10 @@ def build_baffle(
   3. `model_aggregator` reduces `{update}@CLIENTS -> update@SERVER`
      (weighted by `client_weighting` if the factory is weighted).
   4. The server rebuilds g from the seed (`'fedsgd'`) or takes the mean delta
-     (`'one_epoch'`), clips g (fedsgd only; one_epoch clips on clients), and
-     applies the server optimizer (skipped, as in TFF, if g is not finite);
-     EMA of the weights if `ema_decay` is set.
+     (`'one_epoch'`), clips g (fedsgd only; one_epoch clips on clients), adds
+     `weight_decay * w` (fedsgd; one_epoch's clients add it) and applies the
+     server optimizer (skipped, as in TFF, if g is not finite); EMA of the
+     weights if `ema_decay` is set, every `ema_every` rounds.
 
   Why not `compose_learning_process`: there the finalizer cannot see what the
   distributor broadcast, so the server would need a second round counter kept
@@ -389,10 +637,28 @@ def build_baffle(
     sigma: Perturbation scale of the finite differences.
     estimator: `'forward'`, `'central'` or `'jvp'` (forward-mode AD).
     mode: `'fedsgd'` (upload K scores) or `'one_epoch'` (upload deltas).
-    clip_value: Elementwise clamp of the gradient estimate, or None.
+    clip_value: Elementwise clamp of the (averaged) gradient estimate, or
+      None.
     ema_decay: If set, `get_model_weights` returns an EMA of the weights.
-    parallel_perturbations: Loop iterations over k allowed to overlap.
+    parallel_perturbations: P, perturbed models per batched forward pass
+      (`'forward'`, `'central'`; loop iterations allowed to overlap for
+      `'jvp'`); 1, the default, keeps one perturbed model in memory.
     seed: Base seed of the directions.
+    client_clip_inf_norm: If set, each client scales its own estimate to an
+      inf-norm <= this before averaging (the official code's
+      `clip_grad_norm_(0.3, norm_type='inf')`); the upload stays K scores.
+    weight_decay: L2 coefficient added to the gradient estimate
+      (`g + wd * w`, as torch's `Adam(weight_decay=...)`).
+    ema_every: Rounds between EMA updates (e.g. the rounds of an epoch:
+      the official code updates its EMA once per epoch).
+    ema_warmup: torch_ema's warm-up: the n-th EMA update uses
+      `ema_decay_at(ema_decay, n, True) = min(ema_decay, (1+n)/(10+n))`.
+    directions: `'shared'` (one seed per round, K scores per client,
+      compatible with secure sums and DP) or `'per_client'` (`'fedsgd'`
+      only: each client's own seed, uploaded with its K scores; the server
+      rebuilds and averages the clients' estimates in a
+      `tff.federated_aggregate`, weighted by `client_weighting`; no
+      `model_aggregator`).
 
   Returns:
     A `LearningProcess` with a `LearningAlgorithmState` (the server
@@ -406,7 +672,23 @@ def build_baffle(
     ValueError, TypeError: For bad arguments, naming them.
   """
   validate_hparams(num_perturbations, sigma, estimator, mode, clip_value,
-                   ema_decay, parallel_perturbations)
+                   ema_decay, parallel_perturbations, client_clip_inf_norm,
+                   weight_decay, ema_every)
+  if directions not in DIRECTIONS:
+    raise ValueError(f'directions must be one of {DIRECTIONS}, got '
+                     f'{directions!r}.')
+  per_client = directions == 'per_client'
+  if per_client and mode != 'fedsgd':
+    raise ValueError("directions='per_client' applies to mode='fedsgd' "
+                     "('one_epoch' clients already draw their own).")
+  if per_client and model_aggregator is not None:
+    raise ValueError(
+        "directions='per_client' takes no model_aggregator: the server "
+        "rebuilds each client's estimate from that client's K scores and "
+        'seed, so it must see them one by one; '
+        f'{type(model_aggregator).__name__} cannot apply (secure sums need '
+        'every client to use the same directions). Use '
+        "directions='shared' with it.")
   model = fm.resolve_model(model_fn, 'build_baffle')
   fm.check_client_weighting(client_weighting)
   client_optimizer = fm.resolve_optimizer(
@@ -421,13 +703,18 @@ def build_baffle(
 
   client_work = build_client_work(model, num_perturbations, sigma, estimator,
                                   mode, client_optimizer, clip_value,
-                                  parallel_perturbations, client_weighting)
+                                  parallel_perturbations, client_weighting,
+                                  client_clip_inf_norm, weight_decay,
+                                  directions)
   weights_type = fm.weights_type(model)
   shapes = [t.shape for t in weights_type.trainable]
   update_type = client_work.type_signature.result['update']
   weighted = isinstance(model_aggregator,
                         tff.aggregators.WeightedAggregationFactory)
-  if weighted:
+  if per_client:
+    aggregator = _PerClientDirectionsMean(shapes, update_type)
+    update_type = aggregator.result_type
+  elif weighted:
     aggregator = model_aggregator.create(update_type,
                                          tff.TensorType(np.float32))
   else:
@@ -461,9 +748,13 @@ def build_baffle(
                               tff.TensorType(np.int64, [2]))
   def server_update(weights, finalizer, update, this_round_seed):
     if mode == 'fedsgd':
-      grads = rebuild_gradient(shapes, this_round_seed, update)
+      grads = (list(update) if per_client
+               else rebuild_gradient(shapes, this_round_seed, update))
       if clip_value is not None:
         grads = [tf.clip_by_value(g, -clip_value, clip_value) for g in grads]
+      if weight_decay:
+        grads = [g + weight_decay * w
+                 for g, w in zip(grads, weights.trainable)]
     else:
       grads = list(update)
     grads = tuple(grads)
@@ -473,14 +764,21 @@ def build_baffle(
         lambda: (finalizer['optimizer'], tuple(weights.trainable)),
         lambda: server_optimizer.next(finalizer['optimizer'],
                                       tuple(weights.trainable), grads))
+    rounds_done = finalizer['round_num'] + 1
     if ema_decay is not None:
-      ema = tuple(ema_decay * e + (1.0 - ema_decay) * w
-                  for e, w in zip(finalizer['ema_weights'], trainable))
+      # The (rounds_done // ema_every)-th update, on rounds ema_every, 2 *
+      # ema_every, ...
+      decay = ema_decay_at(ema_decay, rounds_done // ema_every, ema_warmup)
+      old = tuple(finalizer['ema_weights'])
+      ema = tf.cond(
+          tf.equal(rounds_done % ema_every, 0),
+          lambda: tuple(decay * e + (1.0 - decay) * w
+                        for e, w in zip(old, trainable)),
+          lambda: old)
     else:
       ema = ()
     new_finalizer = collections.OrderedDict(
-        optimizer=optimizer_state, ema_weights=ema,
-        round_num=finalizer['round_num'] + 1)
+        optimizer=optimizer_state, ema_weights=ema, round_num=rounds_done)
     new_weights = tff.learning.models.ModelWeights(
         trainable=tuple(trainable), non_trainable=weights.non_trainable)
     return new_weights, new_finalizer, non_finite, tf.linalg.global_norm(
@@ -496,7 +794,7 @@ def build_baffle(
     client_seed = tff.federated_broadcast(this_round_seed)
     outputs = tff.federated_map(client_work,
                                 (client_weights, client_seed, client_data))
-    if weighted:
+    if weighted or per_client:
       agg = aggregator.next(state.aggregator, outputs['update'],
                             outputs['weight'])
     else:

@@ -106,6 +106,27 @@ def batch_inputs(batch: Any) -> tuple[Any, Any]:
                    f'{len(tf.nest.flatten(batch))} tensors.')
 
 
+def stacked_predictions(model: FunctionalModel, weights, x: Any,
+                        training: bool) -> Any:
+  """Predictions of P weight sets on one batch, `[P, B, ...]`.
+
+  `weights` is `(stacked_trainable, non_trainable)`, each trainable tensor
+  `[P, *shape]`. Uses the model's `predict_on_stacked_batch` if it has one
+  (tff_fad's `models.StackedFunctionalModel`: one batched pass), else
+  `tf.vectorized_map` over the sets with `predict_on_batch` (TF falls back
+  to a loop for ops it cannot vectorize, e.g. a convolution whose kernel
+  varies).
+  """
+  stacked_trainable, non_trainable = weights
+  if hasattr(model, 'predict_on_stacked_batch'):
+    return model.predict_on_stacked_batch(
+        (tuple(stacked_trainable), tuple(non_trainable)), x, training)
+  return tf.vectorized_map(
+      lambda trainable: model.predict_on_batch(
+          (tuple(trainable), tuple(non_trainable)), x, training),
+      tuple(stacked_trainable))
+
+
 def num_examples(batch_output: Any) -> tf.Tensor:
   """The batch size (int32), as TFF counts it: predictions' first dimension."""
   return tf.shape(tf.nest.flatten(batch_output)[0])[0]

@@ -7,13 +7,21 @@ with a pure `apply` a perturbed model is just another list of tensors, with no
 variable assignment and no model copies. `to_functional_model` wraps a
 `FunctionalNet` as a `tff.learning.models.FunctionalModel` for TFF.
 
+Every net here also has `apply_stacked(stacked_params, x)`: the logits of P
+parameter sets (each parameter with a leading axis of P) on one batch, in one
+batched pass. The P copies of a layer's activations sit side by side in the
+channel axis (`[B, H, W, P * C]`), so a convolution of all P copies is one
+grouped `tf.nn.conv2d` (P groups), the first layer reads the shared input
+once, GroupNorm's groups are P times as many, and the dense head is one
+batched matmul. BAFFLE evaluates its perturbed models so.
+
 Initialization follows PyTorch's defaults (BAFFLE's official code is PyTorch):
 weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); norm scales 1, shifts 0.
 """
 
 import collections
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -40,11 +48,16 @@ class FunctionalNet:
     name: Model name, e.g. `'lenet'`.
     param_specs: The parameters, in the order `apply` expects them.
     apply: `apply(params, x) -> logits`; `x` is float32 `[B, H, W, C]`.
+    apply_stacked: `apply_stacked(stacked_params, x) -> [P, B, classes]`
+      logits of P parameter sets at once (each parameter `[P, *shape]`), the
+      same values as P calls of `apply` up to float32 rounding; None if the
+      net has no batched form (`stacked_logits` then vectorizes `apply`).
   """
 
   name: str
   param_specs: tuple[ParamSpec, ...]
   apply: Callable[[Params, tf.Tensor], tf.Tensor]
+  apply_stacked: Optional[Callable[[Params, tf.Tensor], tf.Tensor]] = None
 
   @property
   def num_params(self) -> int:
@@ -80,6 +93,55 @@ def group_norm(x: tf.Tensor, scale: tf.Tensor, shift: tf.Tensor,
   mean, variance = tf.nn.moments(grouped, axes=[1, 2, 4], keepdims=True)
   grouped = (grouped - mean) * tf.math.rsqrt(variance + epsilon)
   return tf.reshape(grouped, [b, h, w, c]) * scale + shift
+
+
+def _num_stacked(stacked_params: Params) -> int:
+  """P, the leading dimension of stacked parameters (static)."""
+  return int(stacked_params[0].shape[0])
+
+
+def stacked_conv2d(x: tf.Tensor, kernels: tf.Tensor, stride: int,
+                   padding) -> tf.Tensor:
+  """P convolutions in one grouped `tf.nn.conv2d`.
+
+  Args:
+    x: `[B, H, W, C]` (one input shared by the P kernels, e.g. the images) or
+      `[B, H, W, P * C]` (P inputs side by side in the channel axis).
+    kernels: `[P, k, k, C, C_out]`.
+    stride: As `tf.nn.conv2d`.
+    padding: As `tf.nn.conv2d`.
+
+  Returns:
+    `[B, H', W', P * C_out]`: copy p's output is channels
+    `[p * C_out, (p + 1) * C_out)`.
+  """
+  p, k1, k2, c_in, c_out = kernels.shape
+  # [k, k, C, P * C_out]; with P * C input channels TF convolves P groups.
+  kernel = tf.reshape(tf.transpose(kernels, [1, 2, 3, 0, 4]),
+                      [k1, k2, c_in, p * c_out])
+  return tf.nn.conv2d(x, kernel, stride, padding)
+
+
+def stacked_channels(v: tf.Tensor) -> tf.Tensor:
+  """`[P, C]` per-channel parameters -> `[P * C]`, matching `stacked_conv2d`."""
+  return tf.reshape(v, [-1])
+
+
+def stacked_dense(x: tf.Tensor, kernels: tf.Tensor,
+                  biases: tf.Tensor) -> tf.Tensor:
+  """`[B, P * C]` features, `[P, C, O]` kernels -> `[P, B, O]` outputs."""
+  p, c, _ = kernels.shape
+  x = tf.reshape(x, [-1, p, c])
+  return tf.einsum('bpc,pco->pbo', x, kernels) + biases[:, tf.newaxis, :]
+
+
+def stacked_logits(net: FunctionalNet, stacked_params: Params,
+                   x: tf.Tensor) -> tf.Tensor:
+  """`[P, B, classes]` logits of P parameter sets (see `FunctionalNet`)."""
+  if net.apply_stacked is not None:
+    return net.apply_stacked(stacked_params, x)
+  return tf.vectorized_map(lambda params: net.apply(params, x),
+                           list(stacked_params))
 
 
 def _conv_specs(name: str, k: int, c_in: int, c_out: int,
@@ -144,7 +206,23 @@ def lenet(in_channels: int = 1, num_classes: int = 10,
     x = tf.reduce_mean(hardswish(x), axis=[1, 2])
     return tf.matmul(x, next(p)) + next(p)
 
-  return FunctionalNet('lenet', tuple(specs), apply)
+  def apply_stacked(params: Params, x: tf.Tensor) -> tf.Tensor:
+    num = _num_stacked(params)
+    p = iter(params)
+    x = stacked_conv2d(x, next(p), 1, [[0, 0], [2, 2], [2, 2], [0, 0]]
+                       ) + stacked_channels(next(p))
+    if norm:
+      x = group_norm(x, stacked_channels(next(p)), stacked_channels(next(p)),
+                     num * group_norm_groups)
+    x = tf.nn.max_pool2d(hardswish(x), 2, 2, 'VALID')
+    x = stacked_conv2d(x, next(p), 1, 'VALID') + stacked_channels(next(p))
+    if norm:
+      x = group_norm(x, stacked_channels(next(p)), stacked_channels(next(p)),
+                     num * group_norm_groups)
+    x = tf.reduce_mean(hardswish(x), axis=[1, 2])
+    return stacked_dense(x, next(p), next(p))
+
+  return FunctionalNet('lenet', tuple(specs), apply, apply_stacked)
 
 
 def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
@@ -216,7 +294,31 @@ def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
     x = tf.reduce_mean(norm_act(x, p), axis=[1, 2])
     return tf.matmul(x, next(p)) + next(p)
 
-  return FunctionalNet(f'wrn{depth}_{width}', tuple(specs), apply)
+  def apply_stacked(params: Params, x: tf.Tensor) -> tf.Tensor:
+    num = _num_stacked(params)
+    p = iter(params)
+
+    def stacked_norm_act(x):
+      if norm:
+        x = group_norm(x, stacked_channels(next(p)),
+                       stacked_channels(next(p)), num * group_norm_groups)
+      return hardswish(x)
+
+    x = stacked_conv2d(x, next(p), 1, 'SAME')
+    for _, _, _, stride, projection in plan:
+      y = stacked_norm_act(x)
+      shortcut_input = y if projection else x
+      y = stacked_conv2d(y, next(p), stride, 'SAME')
+      y = stacked_norm_act(y)
+      y = stacked_conv2d(y, next(p), 1, 'SAME')
+      if projection:
+        x = stacked_conv2d(shortcut_input, next(p), stride, 'SAME')
+      x = x + y
+    x = tf.reduce_mean(stacked_norm_act(x), axis=[1, 2])
+    return stacked_dense(x, next(p), next(p))
+
+  return FunctionalNet(f'wrn{depth}_{width}', tuple(specs), apply,
+                       apply_stacked)
 
 
 def linear(image_shape: Sequence[int], num_classes: int = 10) -> FunctionalNet:
@@ -234,7 +336,11 @@ def linear(image_shape: Sequence[int], num_classes: int = 10) -> FunctionalNet:
   def apply(params: Params, x: tf.Tensor) -> tf.Tensor:
     return tf.matmul(tf.reshape(x, [-1, num_features]), params[0]) + params[1]
 
-  return FunctionalNet('linear', specs, apply)
+  def apply_stacked(params: Params, x: tf.Tensor) -> tf.Tensor:
+    return tf.einsum('bf,pfo->pbo', tf.reshape(x, [-1, num_features]),
+                     params[0]) + params[1][:, tf.newaxis, :]
+
+  return FunctionalNet('linear', specs, apply, apply_stacked)
 
 
 MODEL_NAMES = ('lenet', 'wrn', 'linear')
@@ -291,12 +397,30 @@ def _accuracy_metric_fns():
   return initialize, update, finalize
 
 
+class StackedFunctionalModel(tff.learning.models.FunctionalModel):
+  """A `FunctionalModel` that also predicts for P weight sets in one pass.
+
+  `predict_on_stacked_batch((stacked_trainable, non_trainable), x, training)`
+  returns `[P, B, ...]` predictions, each trainable weight given as
+  `[P, *shape]`. Everything else is TFF's `FunctionalModel`; code that does
+  not know the method (TFF's own algorithms) sees a plain one.
+  """
+
+  def __init__(self, *, predict_on_stacked_batch_fn, **kwargs):
+    super().__init__(**kwargs)
+    self._predict_on_stacked_batch_fn = predict_on_stacked_batch_fn
+
+  def predict_on_stacked_batch(self, model_weights, x, training=True):
+    return self._predict_on_stacked_batch_fn(model_weights, x, training)
+
+
 def to_functional_model(net: FunctionalNet, image_shape: Sequence[int],
-                        seed: int = 0) -> tff.learning.models.FunctionalModel:
+                        seed: int = 0) -> StackedFunctionalModel:
   """Wraps `net` as a `tff.learning.models.FunctionalModel`.
 
   All parameters are trainable (the models have no non-trainable state).
-  Batches are `OrderedDict(x=float32[B, *image_shape], y=int32[B])`.
+  Batches are `OrderedDict(x=float32[B, *image_shape], y=int32[B])`. The
+  model also has `predict_on_stacked_batch` (`net`'s `stacked_logits`).
 
   Args:
     net: The network.
@@ -314,6 +438,11 @@ def to_functional_model(net: FunctionalNet, image_shape: Sequence[int],
     del training  # No dropout or batch norm.
     return net.apply(model_weights[0], x)
 
+  @tf.function
+  def predict_on_stacked_batch(model_weights, x, training=True):
+    del training  # No dropout or batch norm.
+    return stacked_logits(net, model_weights[0], x)
+
   def loss(output, label, sample_weight=None):
     del sample_weight  # Unused.
     return sparse_softmax_loss(output, label)
@@ -321,7 +450,8 @@ def to_functional_model(net: FunctionalNet, image_shape: Sequence[int],
   input_spec = collections.OrderedDict(
       x=tf.TensorSpec([None, *image_shape], tf.float32),
       y=tf.TensorSpec([None], tf.int32))
-  return tff.learning.models.FunctionalModel(
+  return StackedFunctionalModel(
+      predict_on_stacked_batch_fn=predict_on_stacked_batch,
       initial_weights=initial_weights,
       predict_on_batch_fn=predict_on_batch,
       loss_fn=loss,
