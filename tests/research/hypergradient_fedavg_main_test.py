@@ -88,3 +88,13 @@ def test_runs_are_reproducible_from_the_seed(tmp_path):
   for key in ('final_test_accuracy', 'final_central_test',
               'final_server_learning_rate', 'server_learning_rate_by_round'):
     assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-5), key
+
+
+def test_server_adam_rate_is_learned(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), server_optimizer='adam',
+                           server_lr=0.01, **TINY):
+    summary = hypergradient_main.run()
+  assert summary['server_optimizer'] == 'adam'
+  assert summary['initial_server_learning_rate'] == pytest.approx(0.01)
+  assert summary['final_server_learning_rate'] > 0
+  assert summary['final_server_learning_rate'] != pytest.approx(0.01)
