@@ -100,6 +100,76 @@ def test_batched_directions_use_the_custom_rule():
   np.testing.assert_allclose(tangents, directions @ expected_grad, rtol=RTOL)
 
 
+def _batched_dataset_loss(calls):
+  """`per_batch_loss` whose forward rule takes every direction at once,
+  counting how often its dataset loop is traced."""
+
+  def jvp_rule(primals, tangents, num_directions):
+    calls.append(num_directions)
+    w, dataset = primals
+    dw, _ = tangents  # [k, 2], or [2] for one direction.
+
+    def step(acc, batch):
+      with tf.GradientTape() as tape:
+        tape.watch(w)
+        loss = batch_loss(w, batch)
+      return acc[0] + loss, acc[1] + tf.linalg.matvec(
+          tf.reshape(dw, [-1, 2]), tape.gradient(loss, w))
+
+    total, tangent = dataset.reduce(
+        (0.0, tf.zeros([1 if num_directions is None else num_directions])),
+        step)
+    return total, tangent[0] if num_directions is None else tangent
+
+  return tff_fad.with_derivatives(dataset_loss, jvp=jvp_rule,
+                                  vjp=dataset_loss_vjp, batched_jvp=True)
+
+
+@pytest.mark.parametrize('k', [None, 3, 40])  # One, unrolled, tf.map_fn's.
+def test_a_batched_rule_runs_once_for_every_direction(k):
+  calls = []
+  batched = _batched_dataset_loss(calls)
+
+  @tff_fad.federated_computation(W, DATASETS)
+  def loss(w, data):
+    return tff_fad.federated_sum(tff_fad.federated_map(
+        batched, (tff_fad.federated_broadcast(w), data)))
+
+  data = _client_data()
+  expected_loss, expected_grad = _centralized(W0, data)
+  directions = np.random.default_rng(0).normal(
+      size=(2,) if k is None else (k, 2)).astype(np.float32)
+  value, tangents = tff_fad.jvp(loss, num_directions=k)(W0, data, directions)
+  assert calls == [k]  # Traced once, with all k directions.
+  assert value == pytest.approx(expected_loss, rel=RTOL)
+  np.testing.assert_allclose(tangents, directions @ expected_grad, rtol=RTOL,
+                             atol=1e-5)
+
+
+def test_a_batched_rule_gets_seeded_tangents_stacked():
+  calls = []
+  batched = _batched_dataset_loss(calls)
+
+  @tff_fad.federated_computation(W, DATASETS)
+  def loss(w, data):
+    return tff_fad.federated_sum(tff_fad.federated_map(
+        batched, (tff_fad.federated_broadcast(w), data)))
+
+  data = _client_data()
+  _, expected_grad = _centralized(W0, data)
+  seed = np.array([3, 5], np.int64)
+  _, tangents = tff_fad.jvp(loss, num_directions=4, tangent_seed=True)(
+      W0, data, seed)
+  directions = tff_fad.seeded_tangents(
+      tf.constant(seed), [tf.TensorSpec([2], tf.float32)], 4)[0].numpy()
+  assert calls == [4]
+  np.testing.assert_allclose(tangents, directions @ expected_grad, rtol=RTOL,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match='batched_jvp=True needs a jvp rule'):
+    tff_fad.with_derivatives(dataset_loss, vjp=dataset_loss_vjp,
+                             batched_jvp=True)
+
+
 def test_missing_rule_for_a_mode_is_named():
   forward_only = tff_fad.with_derivatives(dataset_loss, jvp=dataset_loss_jvp)
 
@@ -148,6 +218,45 @@ def test_stop_gradient_and_has_aux_in_forward_mode():
   report = tff_fad.communication_cost(jvp, 3)
   assert report.intrinsics == {'federated_broadcast': 1, 'federated_sum': 1}
   assert report.server_to_client_bytes_per_client == 16
+
+
+def _loss_and_scaled_w(w, batch):
+  """A loss and a value the caller only keeps as aux (a tuple output)."""
+  return batch_loss(w, batch), 3.0 * w
+
+
+@tff_fad.federated_computation(W, tff.FederatedType(BATCH, tff.CLIENTS))
+def loss_with_aux_from_the_same_call(w, data):
+  both = tff_fad.federated_map(_loss_and_scaled_w,
+                               (tff_fad.federated_broadcast(w), data))
+  # The aux member also goes through an aggregation with no rule.
+  return tff_fad.federated_sum(both[0]), tff_fad.federated_max(both[1])
+
+
+def test_forward_mode_computes_only_the_tangents_it_returns():
+  rng = np.random.default_rng(1)
+  data = [collections.OrderedDict(
+      x=rng.normal(size=(3, 2)).astype(np.float32),
+      y=rng.normal(size=3).astype(np.float32)) for _ in range(3)]
+  w = tf.Variable(W0)
+  with tf.GradientTape() as tape:
+    expected_loss = tf.add_n([batch_loss(w, b) for b in data])
+  expected_grad = tape.gradient(expected_loss, w).numpy()
+  jvp = tff_fad.jvp(loss_with_aux_from_the_same_call, has_aux=True)
+  direction = np.array([0.5, -1.0], np.float32)
+  value, tangent, largest = jvp(W0, data, direction)
+  assert value == pytest.approx(float(expected_loss), rel=RTOL)
+  assert tangent == pytest.approx(expected_grad @ direction, rel=RTOL)
+  np.testing.assert_allclose(largest, 3.0 * W0)
+  # The clients return the loss's tangent, not one for the aux member
+  # (a structural zero in its place), and the aux's federated_max, which
+  # has no derivative rule, is not differentiated.
+  (client_map,) = [n for n in jvp.program.nodes
+                   if n.primitive.name == 'federated_map']
+  assert str(client_map.output.member) == (
+      '<<float32,float32[2]>,<float32,float32>>')
+  with pytest.raises(tff_fad.NotDifferentiableError, match='federated_max'):
+    tff_fad.jvp(loss_with_aux_from_the_same_call)
 
 
 @pytest.mark.parametrize('mode', ('reverse', 'reverse_recompute'))

@@ -142,27 +142,41 @@ class LocalFunction:
       `None` tangents for inactive arguments; one direction.
     vjp_rule: `(primals, active, output_cotangent) -> input_cotangents`,
       `None` for inactive arguments.
+    batched_jvp: If True, `jvp_rule` is called once for every direction as
+      `jvp_rule(primals, tangents, num_directions=k)`: with k directions
+      every tangent leaf has a leading axis of size k (seeded tangents are
+      generated for it) and so must the output tangents (`k=None`: one
+      direction, no axis). Otherwise the rule is called once per direction,
+      each call redoing `fn`'s work.
   """
 
-  def __init__(self, fn, jvp_rule=None, vjp_rule=None):
+  def __init__(self, fn, jvp_rule=None, vjp_rule=None,
+               batched_jvp: bool = False):
     self.fn = fn
     self.jvp_rule = jvp_rule
     self.vjp_rule = vjp_rule
+    self.batched_jvp = batched_jvp
     self.__name__ = getattr(fn, '__name__', 'local_function')
 
   def __call__(self, *args):
     return self.fn(*args)
 
 
-def with_derivatives(fn, *, jvp=None, vjp=None) -> LocalFunction:
+def with_derivatives(fn, *, jvp=None, vjp=None,
+                     batched_jvp: bool = False) -> LocalFunction:
   """Attaches forward (`jvp`) and/or reverse (`vjp`) rules to `fn`.
 
   See `LocalFunction` for the rule signatures. A mode whose rule is missing
-  falls back to TF's AD, which is right for tensor-only functions.
+  falls back to TF's AD, which is right for tensor-only functions. With
+  `batched_jvp=True` the forward rule takes every direction at once (see
+  `LocalFunction.batched_jvp`): `fn`'s work then runs once for k directions
+  instead of k + 1 times.
   """
   if jvp is None and vjp is None:
     raise ValueError('with_derivatives needs a jvp rule, a vjp rule or both.')
-  return LocalFunction(fn, jvp, vjp)
+  if batched_jvp and jvp is None:
+    raise ValueError('batched_jvp=True needs a jvp rule.')
+  return LocalFunction(fn, jvp, vjp, batched_jvp=batched_jvp)
 
 
 def has_rule(fn, mode: str) -> bool:
@@ -173,7 +187,11 @@ def has_rule(fn, mode: str) -> bool:
 
 def _one_direction_jvp(fn, primals, tangents):
   if has_rule(fn, 'forward'):
-    outputs, output_tangents = fn.jvp_rule(primals, tangents)
+    if fn.batched_jvp:
+      outputs, output_tangents = fn.jvp_rule(primals, tangents,
+                                             num_directions=None)
+    else:
+      outputs, output_tangents = fn.jvp_rule(primals, tangents)
     return _as_tensors(outputs), (
         _as_tensors(output_tangents))
   watched, watched_tangents = _watched_pairs(primals, tangents)
@@ -292,6 +310,11 @@ class SeededTangent:
   def direction(self, index) -> Any:
     return seeded_direction(self.seed, index, self.likes)[self.position]
 
+  def stacked(self, num_directions: int) -> Any:
+    """Directions `0..k-1`, stacked on a leading axis (k model copies)."""
+    return seeded_tangents(self.seed, self.likes,
+                           num_directions)[self.position]
+
 
 def _direction(tangent, index):
   if tangent is None:
@@ -327,6 +350,12 @@ def jvp(
   primals = [_as_tensors(p) for p in primals]
   if num_directions is None:
     return _one_direction_jvp(fn, primals, tangents)
+  if has_rule(fn, 'forward') and fn.batched_jvp:
+    stacked = [t.stacked(num_directions) if isinstance(t, SeededTangent)
+               else t for t in tangents]
+    outputs, output_tangents = fn.jvp_rule(primals, stacked,
+                                           num_directions=num_directions)
+    return _as_tensors(outputs), _as_tensors(output_tangents)
 
   outputs = _as_tensors(fn(*primals))
   is_float = [_is_float(o) for o in tf.nest.flatten(outputs)]

@@ -218,6 +218,10 @@ class _SeededTangentLike(local_ad.SeededTangent):
     return local_ad.pack_ordered(
         self.like, local_ad.ordered_leaves(super().direction(index)))
 
+  def stacked(self, num_directions):
+    return local_ad.pack_ordered(
+        self.like, local_ad.ordered_leaves(super().stacked(num_directions)))
+
 
 def _is_seeded(x) -> bool:
   return isinstance(x, SeededDual) and x._tangent is None  # pylint: disable=protected-access
@@ -505,6 +509,15 @@ def _callable_name(fn) -> str:
   return getattr(fn, '__name__', type(fn).__name__)
 
 
+def _keep_positions(structure, positions, num_directions):
+  """A tuple or list `structure` with its members outside `positions`
+  replaced by structural zeros (same containers, nothing model-sized)."""
+  zero = lambda x: local_ad.structural_zero(num_directions)  # pylint: disable=unnecessary-lambda-assignment
+  return type(structure)(
+      v if i in positions else tf.nest.map_structure(zero, v)
+      for i, v in enumerate(structure))
+
+
 class _LocalFunction(Primitive):
   """Shared rules of `federated_map` (clients) and `federated_apply` (server)."""
 
@@ -564,7 +577,10 @@ class _LocalFunction(Primitive):
         )
     return ''
 
-  def jvp(self, inputs, active, num_directions, fn):
+  def jvp(self, inputs, active, num_directions, fn, needed_positions=None):
+    """`needed_positions`: compute only these members' tangents of a struct
+    output (the others are structural zeros, never read: see
+    `transforms.prune_tangents`)."""
     seeded = [on and _is_seeded(x) for x, on in zip(inputs, active)]
 
     def local_jvp(*args):
@@ -572,7 +588,12 @@ class _LocalFunction(Primitive):
       tangents = [
           x.local_tangent(a) if s else (a[1] if on else None)
           for a, x, on, s in zip(args, inputs, active, seeded)]
-      return local_ad.jvp(fn, primals, tangents, num_directions)
+      outputs, output_tangents = local_ad.jvp(fn, primals, tangents,
+                                              num_directions)
+      if needed_positions is not None:
+        output_tangents = _keep_positions(output_tangents, needed_positions,
+                                          num_directions)
+      return outputs, output_tangents
 
     args = [x.pair if s else (x.packed() if on else x)
             for x, on, s in zip(inputs, active, seeded)]
@@ -648,6 +669,15 @@ class Zip(_Structural):
   def primal(self, inputs, structure):
     return tff.federated_zip(tf.nest.pack_sequence_as(structure, inputs))
 
+  def jvp(self, inputs, active, num_directions, structure):
+    if not all(active) or any(_is_seeded(x) for x in inputs):
+      return super().jvp(inputs, active, num_directions, structure=structure)
+    # Zipped values and zipped tangents: no TF computation per client.
+    return Dual(
+        primal=apply(self, [x.primal() for x in inputs], structure=structure),
+        tangent=apply(self, [x.tangent() for x in inputs],
+                      structure=structure))
+
 
 class Select(_Structural):
   """`<..., key=T, ...>@P -> T@P`, TFF's own selection of a member."""
@@ -667,6 +697,15 @@ class Select(_Structural):
 
   def primal(self, inputs, key):
     return inputs[0][key]
+
+  def jvp(self, inputs, active, num_directions, key):
+    (x,) = inputs
+    if _is_seeded(x):
+      return super().jvp(inputs, active, num_directions, key=key)
+    # The tangent mirrors the value's structure: select from both, with no
+    # TF computation per client.
+    return Dual(primal=apply(self, [x.primal()], key=key),
+                tangent=apply(self, [x.tangent()], key=key))
 
 
 class StopGradient(Primitive):

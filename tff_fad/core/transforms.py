@@ -18,6 +18,7 @@ Accumulation modes:
                        need and clients recompute their forward values.
 """
 
+import collections
 import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -312,6 +313,41 @@ def activity(program: ir.Program, wrt: Sequence[int]):
   return active, needed_nodes
 
 
+def prune_tangents(nodes: Sequence[ir.Node], active, outputs):
+  """Forward mode computes only the tangents the `outputs` need.
+
+  Returns `(active values whose tangent is needed, {map/apply node: the
+  positions of its struct output whose tangents are needed})`. An active
+  value whose tangent nothing needs (e.g. local training results that only
+  go to `has_aux`'s aux) is computed as a primal. A local function whose
+  struct output is only read through selections computes the tangents of
+  the selected members alone, so a client does not return (and the runtime
+  does not move) tangents that are dropped.
+  """
+  needed = {v for v in tf.nest.flatten(outputs) if v in active}
+  consumers = collections.defaultdict(list)
+  for node in nodes:
+    for x in node.inputs:
+      consumers[x].append(node)
+  for node in reversed(nodes):
+    if node.output in needed and node.primitive.propagates_derivatives:
+      needed.update(x for x in node.inputs if x in active)
+  partial = {}
+  outputs = set(tf.nest.flatten(outputs))
+  for node in nodes:
+    users = consumers[node.output]
+    # Tuples only: their positions are the same in TFF and in Python.
+    if (node.output in needed and node.output not in outputs
+        and isinstance(node.primitive, primitives.Map) and users
+        and getattr(node.output.member, 'python_container', None) in (
+            tuple, list)
+        and all(isinstance(u.primitive, primitives.Select)
+                and isinstance(u.params['key'], int) for u in users)):
+      partial[node] = frozenset(
+          u.params['key'] for u in users if u.output in needed)
+  return needed, partial
+
+
 def _check_differentiable(nodes: Sequence[ir.Node], active, mode) -> None:
   for node in nodes:
     if not node.primitive.propagates_derivatives:
@@ -406,8 +442,14 @@ def _pack_outputs(program: ir.Program, leaf_values: Dict[ir.Value, Any]):
   return tf.nest.map_structure(lambda v: leaf_values[v], program.outputs)
 
 
-def _forward(program, nodes, args, tangents, active, num_directions):
-  """Emits the program forward; active values become `Dual`s."""
+def _forward(program, nodes, args, tangents, active, num_directions,
+             partial=None):
+  """Emits the program forward; active values become `Dual`s.
+
+  `partial` maps local-function nodes to the output positions whose
+  tangents are needed (`prune_tangents`).
+  """
+  partial = partial or {}
   env: Dict[ir.Value, Any] = {}
   for i, (parameter, arg) in enumerate(zip(program.parameters, args)):
     if i in tangents and isinstance(tangents[i], primitives.Dual):
@@ -420,8 +462,13 @@ def _forward(program, nodes, args, tangents, active, num_directions):
     inputs = [env[x] for x in node.inputs]
     if node.output in active:
       on = [isinstance(x, primitives.Dual) for x in inputs]
-      env[node.output] = node.primitive.jvp(
-          inputs, on, num_directions, **node.params)
+      if node in partial:
+        env[node.output] = node.primitive.jvp(
+            inputs, on, num_directions, needed_positions=partial[node],
+            **node.params)
+      else:
+        env[node.output] = node.primitive.jvp(
+            inputs, on, num_directions, **node.params)
     else:
       env[node.output] = primitives.apply(
           node.primitive, [primitives.primal_of(x) for x in inputs],
@@ -501,6 +548,7 @@ def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux,
   """
   main, aux = _split_aux(program, has_aux)
   active, nodes = activity(program, wrt)
+  active, partial = prune_tangents(nodes, active, main)
   _check_differentiable(nodes, active, 'forward')
   if tangent_seed is not None:
     specs = [_tensor_specs(program.parameter_types[i].member) for i in wrt]
@@ -509,7 +557,7 @@ def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux,
                               specs, position, num_directions)
         for position, i in enumerate(wrt)]
   env = _forward(program, nodes, args, dict(zip(wrt, tangents)), active,
-                 num_directions)
+                 num_directions, partial)
   values = tf.nest.map_structure(lambda v: primitives.primal_of(env[v]), main)
   out_tangents = tf.nest.map_structure(
       lambda v: env[v].tangent() if isinstance(env[v], primitives.Dual)
