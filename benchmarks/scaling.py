@@ -4,7 +4,10 @@ On the embedded digits (4,000 training images split IID into 1,000 clients of
 4 images, linear model, 7,850 parameters), one training round of
 
   * hypergradient FedAvg (forward mode: the hypergradient rides on the
-    round's broadcast), `tff_fad.learning.build_hypergradient_fed_avg`;
+    round's broadcast), `tff_fad.learning.build_hypergradient_fed_avg`, with
+    the default post-update loss of each client's first batch (its gradient
+    is the first local step's) and with `post_update_loss='all_batches'` (a
+    second pass over the client's data);
   * BAFFLE (K=`--K` perturbations, forward estimator, one batch per client),
     `tff_fad.learning.build_baffle`;
   * TFF's own `tff.learning.algorithms.build_weighted_fed_avg`, the baseline;
@@ -21,10 +24,11 @@ with 10, 100 and 1,000 clients per round, in five execution contexts:
     so only pinned workers show what splitting a round buys when each worker
     has a machine (here, a core) of its own.
 
-Each (algorithm, clients) pair builds its process and client data once; every
-context runs one warm-up round (compilation, executor set-up), then the
-contexts are timed in a fresh random order per repeat, `--repeats` rounds
-each, from the same state on the same clients. A figure is the median. The
+For each number of clients, every algorithm builds its process and client
+data once and runs one warm-up round in every context (compilation, executor
+set-up); then every (algorithm, context) pair is timed in a fresh random
+order per repeat, `--repeats` rounds each, from the same state on the same
+clients, so algorithms and contexts are compared side by side. A figure is the median. The
 ratios divide by TFF FedAvg's local time at the same number of clients (cost
 of the algorithm), and the 1-worker by the 2-worker time (gain from a second
 worker), unpinned and pinned. Client datasets are built in the driver and
@@ -65,7 +69,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds per variant.')
 _K = flags.DEFINE_integer('K', 100, 'BAFFLE perturbations.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Client batch size.')
 _ALGORITHMS = flags.DEFINE_list(
-    'algorithms', ['tff_fed_avg', 'hypergradient_fed_avg', 'baffle'],
+    'algorithms', ['tff_fed_avg', 'hypergradient_fed_avg',
+                   'hypergradient_fed_avg_all_batches', 'baffle'],
     'Algorithms to time.')
 _OUTPUT = flags.DEFINE_string('output', 'benchmarks/results/scaling.json',
                               'Where to write JSON.')
@@ -75,6 +80,10 @@ _BASELINE = 'tff_fed_avg'
 _CONTEXTS = (('local', 0, False), ('1 worker', 1, False),
              ('2 workers', 2, False), ('1 worker, 1 core', 1, True),
              ('2 workers, 1 core each', 2, True))
+_CONTEXT_NAMES = flags.DEFINE_list(
+    'contexts', [c[0] for c in _CONTEXTS],
+    f'Execution contexts to time, among {[c[0] for c in _CONTEXTS]}; '
+    "'local' is always timed (the ratios divide by it).")
 
 
 def _process(name: str, model):
@@ -82,8 +91,11 @@ def _process(name: str, model):
   if name == 'tff_fed_avg':
     return tff.learning.algorithms.build_weighted_fed_avg(
         model, client_optimizer_fn=sgd)
-  if name == 'hypergradient_fed_avg':
+  if name == 'hypergradient_fed_avg':  # The hypergradient of first batches.
     return hypergradient_fed_avg.build_hypergradient_fed_avg(model, sgd)
+  if name == 'hypergradient_fed_avg_all_batches':
+    return hypergradient_fed_avg.build_hypergradient_fed_avg(
+        model, sgd, post_update_loss='all_batches')
   if name == 'baffle':
     return baffle.build_baffle(model, num_perturbations=_K.value)
   raise ValueError(f'--algorithms: unknown {name!r}.')
@@ -111,21 +123,37 @@ def _time_round(process, state, data) -> float:
   return time.perf_counter() - start
 
 
-def measure(fed, model, contexts, name: str, clients_per_round: int,
+def measure(fed, model, contexts, names, clients_per_round: int,
             repeats: int, rng) -> dict:
-  """Median round seconds of `name` in each context."""
-  process = _process(name, model)
-  state = process.initialize()
-  data = _client_data(fed, name, clients_per_round)
-  for context in contexts.values():  # Warm-up.
-    with context():
-      _time_round(process, state, data)
+  """Median round seconds of each algorithm in each context.
+
+  Every (algorithm, context) pair is warmed up, then the pairs are timed in
+  a fresh random order per repeat, so the algorithms' ratios are measured
+  side by side.
+  """
+  runs = {}
+  for name in names:
+    process = _process(name, model)
+    runs[name] = (process, process.initialize(),
+                  _client_data(fed, name, clients_per_round))
+  pairs = [(name, label) for name in names for label in contexts]
+  for name, label in pairs:  # Warm-up.
+    with contexts[label]():
+      _time_round(*runs[name])
   times = collections.defaultdict(list)
   for _ in range(repeats):
-    for label in rng.permutation(list(contexts)):
+    for i in rng.permutation(len(pairs)):
+      name, label = pairs[i]
       with contexts[label]():
-        times[label].append(_time_round(process, state, data))
-  return {label: statistics.median(t) for label, t in times.items()}
+        times[name, label].append(_time_round(*runs[name]))
+  return {name: {label: statistics.median(times[name, label])
+                 for label in contexts} for name in names}
+
+
+def _ratio(seconds, numerator, denominator):
+  if numerator in seconds and denominator in seconds:
+    return seconds[numerator] / seconds[denominator]
+  return None
 
 
 def main(argv):
@@ -142,7 +170,13 @@ def main(argv):
   with contextlib.ExitStack() as started:
     stack = tff.framework.get_context_stack()
     contexts = collections.OrderedDict(local=contextlib.nullcontext)
+    unknown = set(_CONTEXT_NAMES.value) - {c[0] for c in _CONTEXTS}
+    if unknown:
+      raise app.UsageError(f'--contexts: unknown {sorted(unknown)}; choose '
+                           f'among {[c[0] for c in _CONTEXTS]}.')
     for label, num_workers, pinned in _CONTEXTS[1:]:
+      if label not in _CONTEXT_NAMES.value:
+        continue
       local = started.enter_context(local_workers.LocalWorkers(num_workers))
       if pinned:
         for i, pid in enumerate(local.pids):
@@ -152,32 +186,31 @@ def main(argv):
       context = workers.create_worker_context(local.addresses)
       contexts[label] = functools.partial(stack.install, context)
     for clients in [int(c) for c in _CLIENTS.value]:
-      baseline = None
       # The baseline first, so every row has its ratio.
-      for name in sorted(_ALGORITHMS.value, key=lambda n: n != _BASELINE):
-        seconds = measure(fed, model, contexts, name, clients,
-                          _REPEATS.value, rng)
-        if name == _BASELINE:
-          baseline = seconds['local']
+      names = sorted(_ALGORITHMS.value, key=lambda n: n != _BASELINE)
+      measured = measure(fed, model, contexts, names, clients,
+                         _REPEATS.value, rng)
+      baseline = measured.get(_BASELINE, {}).get('local')
+      for name in names:
+        seconds = measured[name]
         row = collections.OrderedDict(
             clients_per_round=clients, algorithm=name,
             seconds=seconds,
             over_tff_fed_avg_local=(
                 {k: v / baseline for k, v in seconds.items()}
                 if baseline else None),
-            speedup_2_over_1_worker=seconds['1 worker'] / seconds['2 workers'],
-            speedup_2_over_1_pinned_worker=(
-                seconds['1 worker, 1 core'] / seconds['2 workers, 1 core each']))
+            speedup_2_over_1_worker=_ratio(seconds, '1 worker', '2 workers'),
+            speedup_2_over_1_pinned_worker=_ratio(
+                seconds, '1 worker, 1 core', '2 workers, 1 core each'))
         rows.append(row)
-        print(f'{clients:>5} clients  {name:<22} ' + '  '.join(
-            f'{k} {v:7.3f} s' for k, v in seconds.items()) +
-              f'  (2 vs 1 worker: x{row["speedup_2_over_1_worker"]:.2f}, '
-              f'pinned x{row["speedup_2_over_1_pinned_worker"]:.2f})',
-              flush=True)
+        print(f'{clients:>5} clients  {name:<34} ' + '  '.join(
+            f'{k} {v:7.3f} s' for k, v in seconds.items()) + (
+                f'  (x{seconds["local"] / baseline:.2f} TFF FedAvg local)'
+                if baseline else ''), flush=True)
   result = dict(
       model=f'linear ({net.num_params:,} parameters)',
       num_clients=_NUM_CLIENTS.value, batch_size=_BATCH.value, K=_K.value,
-      repeats=_REPEATS.value, contexts=[c[0] for c in _CONTEXTS],
+      repeats=_REPEATS.value, contexts=list(contexts),
       machine=dict(cpus=os.cpu_count(), python=platform.python_version()),
       rows=rows)
   os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)

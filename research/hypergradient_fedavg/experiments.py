@@ -40,6 +40,10 @@ _STARTS = flags.DEFINE_list('hypergradient_starts', ['0.1', '3.0', '10.0'],
 _DECAYS = flags.DEFINE_list(
     'tangent_decays', ['0.0', '0.9'],
     'tangent_decay values of the hypergradient runs (--experiment=rates).')
+_POST_UPDATE_LOSSES = flags.DEFINE_list(
+    'post_update_losses', ['first_batch'],
+    '--post_update_loss values of the hypergradient runs '
+    '(--experiment=rates).')
 _TARGET = flags.DEFINE_float('target_accuracy', 0.8,
                              'Accuracy whose first round is reported.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (runs are averaged).')
@@ -71,8 +75,9 @@ def main(argv):
     configs = [dict(algorithm='fedavg', server_lr=float(r))
                for r in _FIXED.value] + [
                    dict(algorithm='hypergradient', server_lr=float(r),
-                        tangent_decay=float(d))
-                   for d in _DECAYS.value for r in _STARTS.value]
+                        tangent_decay=float(d), post_update_loss=loss)
+                   for d in _DECAYS.value for loss in _POST_UPDATE_LOSSES.value
+                   for r in _STARTS.value]
   else:
     configs = [dict(algorithm='hypergradient', weighting=w)
                for w in ('uniform', 'example_count', 'learned')]
@@ -87,9 +92,13 @@ def main(argv):
         runs.append(hypergradient_main.run())
     reached = [_first_round_reaching(s['accuracy_by_round'], _TARGET.value)
                for s in runs]
+    hypergradient = runs[0]['algorithm'] == 'hypergradient'
     rows.append(collections.OrderedDict(
         algorithm=runs[0]['algorithm'], weighting=runs[0]['weighting'],
+        server_optimizer=runs[0]['server_optimizer'],
         initial_server_lr=runs[0]['initial_server_learning_rate'],
+        post_update_loss=(runs[0]['flags']['post_update_loss']
+                          if hypergradient else None),
         tangent_decay=(runs[0]['flags']['tangent_decay']
                        if runs[0]['algorithm'] == 'hypergradient' else None),
         hyper_optimizer=(
@@ -100,12 +109,16 @@ def main(argv):
         final_test_accuracy=_mean(runs, 'final_test_accuracy'),
         rounds_to_target=reached,
         final_server_lr=_mean(runs, 'final_server_learning_rate'),
+        final_test_accuracy_per_seed=[s['final_test_accuracy'] for s in runs],
+        wall_seconds=_mean(runs, 'wall_time_seconds'),
+        seeds=[int(seed) for seed in _SEEDS.value],
         rounds=runs[0]['rounds']))
   lines = [
-      f'| algorithm | client weighting | server lr (initial) | '
-      'hyper-optimizer | tangent decay | final test accuracy | first round '
-      f'>= {_TARGET.value:.0%} | final server lr | final weight exponent |',
-      '|---|---|---|---|---|---|---|---|---|']
+      f'| algorithm | server optimizer | client weighting | server lr '
+      '(initial) | hyper-optimizer | tangent decay | post-update loss | final '
+      f'test accuracy | first round >= {_TARGET.value:.0%} | final server lr '
+      '| final weight exponent | s / run |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     name = ('FedAvg, fixed lr' if r['algorithm'] == 'fedavg'
             else 'hypergradient FedAvg')
@@ -115,11 +128,13 @@ def main(argv):
                 else f"{r['final_weight_exponent']:.3f}")
     decay = ('-' if r['tangent_decay'] is None
              else f"{r['tangent_decay']:g}")
-    lines.append(f"| {name} | {r['weighting']} | "
+    wall = '' if r['wall_seconds'] is None else f"{r['wall_seconds']:.0f}"
+    lines.append(f"| {name} | {r['server_optimizer']} | {r['weighting']} | "
                  f"{r['initial_server_lr']:g} | "
                  f"{r['hyper_optimizer'] or '-'} | {decay} | "
+                 f"{r['post_update_loss'] or '-'} | "
                  f"{r['final_test_accuracy']:.4f} | {reached} | "
-                 f"{r['final_server_lr']:.3f} | {exponent} |")
+                 f"{r['final_server_lr']:.3f} | {exponent} | {wall} |")
   table = '\n'.join(lines)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, 'table.md'), 'w') as f:

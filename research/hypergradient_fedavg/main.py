@@ -51,6 +51,12 @@ _TANGENT_DECAY = flags.DEFINE_float(
     'How much of d(model)/d(log lr) carries over to the next round, in '
     '[0, 1): 0 is the greedy one-step hypergradient; g looks back about '
     '1/(1-g) rounds.')
+_POST_UPDATE_LOSS = flags.DEFINE_enum(
+    'post_update_loss', 'first_batch',
+    list(hypergradient_fed_avg.POST_UPDATE_LOSSES),
+    "Loss the hypergradient differentiates: 'first_batch', each client's "
+    'first local batch, whose gradient the first local step computes anyway '
+    "(FedAvg's cost); 'all_batches', all its data (a second pass).")
 _WEIGHTING = flags.DEFINE_enum(
     'weighting', 'example_count', ['example_count', 'uniform', 'learned'],
     "Client weights of the update average: 'example_count' (FedAvg), "
@@ -149,12 +155,14 @@ def build_process(model):
         model, client_optimizer, server_optimizer,
         hyper_optimizer_fn=hyper_optimizer,
         initial_weight_exponent=_WEIGHT_EXPONENT.value,
-        tangent_decay=_TANGENT_DECAY.value)
+        tangent_decay=_TANGENT_DECAY.value,
+        post_update_loss=_POST_UPDATE_LOSS.value)
   return hypergradient_fed_avg.build_hypergradient_fed_avg(
       model, client_optimizer, server_optimizer,
       hyper_optimizer_fn=hyper_optimizer, client_weighting=_client_weighting(),
       model_aggregator=_aggregator(), mode=_MODE.value,
-      tangent_decay=_TANGENT_DECAY.value)
+      tangent_decay=_TANGENT_DECAY.value,
+      post_update_loss=_POST_UPDATE_LOSS.value)
 
 
 def run() -> dict[str, Any]:
@@ -233,6 +241,8 @@ def _run() -> dict[str, Any]:
       task=task.description,
       **test_summary,
       server_optimizer=_SERVER_OPTIMIZER.value,
+      post_update_loss=(_POST_UPDATE_LOSS.value
+                        if _ALGORITHM.value == 'hypergradient' else None),
       initial_server_learning_rate=_SERVER_LR.value,
       final_server_learning_rate=final_lr,
       weighting=_WEIGHTING.value,

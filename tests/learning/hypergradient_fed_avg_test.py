@@ -9,6 +9,7 @@ import tensorflow_federated as tff
 
 import tff_fad
 from tff_fad.data import digits
+from tff_fad.learning import functional_models as fm
 from tff_fad.learning import hypergradient_fed_avg as hg
 from tff_fad.learning import models
 
@@ -25,8 +26,18 @@ def setup():
   processes = {mode: hg.build_hypergradient_fed_avg(
       model, server_optimizer_fn=_sgd(0.5), mode=mode, tangent_decay=0.0)
                for mode in hg.MODES}
-  return collections.namedtuple('Setup', 'net model data processes')(
-      net, model, data, processes)
+  # The same with the post-update loss over all the clients' batches.
+  all_batches = {mode: hg.build_hypergradient_fed_avg(
+      model, server_optimizer_fn=_sgd(0.5), mode=mode, tangent_decay=0.0,
+      post_update_loss='all_batches') for mode in hg.MODES}
+  return collections.namedtuple(
+      'Setup', 'net model data processes all_batches')(
+          net, model, data, processes, all_batches)
+
+
+def _processes(setup, post_update_loss):
+  return (setup.processes if post_update_loss == 'first_batch'
+          else setup.all_batches)
 
 
 def _sgd(learning_rate):
@@ -60,33 +71,40 @@ def test_is_a_learning_process(setup):
                              setup.model.initial_weights[0][0])
 
 
+@pytest.mark.parametrize('post_update_loss', hg.POST_UPDATE_LOSSES)
 @pytest.mark.parametrize('mode', hg.MODES)
 def test_hypergradient_matches_finite_differences_of_post_update_loss(
-    setup, mode):
-  process = setup.processes[mode]
+    setup, mode, post_update_loss):
+  process = _processes(setup, post_update_loss)[mode]
   state = _after_rounds(process, setup.data, 1)
-  round_program = hg.build_round_program(setup.model, _sgd(0.1))
+  round_program = hg.build_round_program(
+      setup.model, _sgd(0.1), post_update_loss=post_update_loss)
   eps = 1e-2
 
-  def post_update_loss(log_lr):
+  def loss_at(log_lr):
     return round_program(_pair(state), np.float32(log_lr),
                          state.finalizer['pending'], _log_lr(state),
                          setup.data)[0]
 
-  finite_difference = (post_update_loss(_log_lr(state) + eps) -
-                       post_update_loss(_log_lr(state) - eps)) / (2 * eps)
+  finite_difference = (loss_at(_log_lr(state) + eps) -
+                       loss_at(_log_lr(state) - eps)) / (2 * eps)
   metrics = process.next(state, setup.data).metrics['hyperparameters']
   assert abs(finite_difference) > 1e-4  # A real signal, not 0 == 0.
   assert metrics['hypergradient'] == pytest.approx(finite_difference,
                                                    rel=2e-2)
   assert metrics['post_update_loss'] == pytest.approx(
-      post_update_loss(_log_lr(state)), rel=1e-5)
+      loss_at(_log_lr(state)), rel=1e-5)
+  # ... which is the clients' loss at the round's model, computed centrally.
+  assert metrics['post_update_loss'] == pytest.approx(_post_update_loss(
+      setup.model, _pair(state), setup.data, post_update_loss), rel=1e-5)
 
 
-def test_forward_and_reverse_modes_agree(setup):
-  state = _after_rounds(setup.processes['forward'], setup.data, 1)
-  forward = setup.processes['forward'].next(state, setup.data)
-  reverse = setup.processes['reverse'].next(state, setup.data)
+@pytest.mark.parametrize('post_update_loss', hg.POST_UPDATE_LOSSES)
+def test_forward_and_reverse_modes_agree(setup, post_update_loss):
+  processes = _processes(setup, post_update_loss)
+  state = _after_rounds(processes['forward'], setup.data, 1)
+  forward = processes['forward'].next(state, setup.data)
+  reverse = processes['reverse'].next(state, setup.data)
   assert forward.metrics['hyperparameters']['hypergradient'] == (
       pytest.approx(reverse.metrics['hyperparameters']['hypergradient'],
                     rel=1e-4))
@@ -95,6 +113,57 @@ def test_forward_and_reverse_modes_agree(setup):
   tf.nest.map_structure(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
       forward.state.finalizer['pending'], reverse.state.finalizer['pending'])
+
+
+def test_first_batch_loss_rides_on_local_training(setup):
+  """The fused client function trains exactly as local training does and
+  reports the first batch's loss; its forward rule's tangent is the first
+  step's gradient along the tangent, its reverse rule that gradient."""
+  weighting = tff.learning.ClientWeighting.NUM_EXAMPLES
+  fused = hg.build_training_with_first_batch_loss(setup.model, _sgd(0.1),
+                                                  weighting)
+  train = fm.build_local_training(setup.model, _sgd(0.1), weighting)
+  weights = tuple(tuple(tf.constant(w) for w in part)
+                  for part in setup.model.initial_weights)
+  rng = np.random.default_rng(0)
+  tangent = (tuple(tf.constant(rng.normal(size=w.shape), tf.float32)
+                   for w in weights[0]),
+             tuple(tf.zeros_like(w) for w in weights[1]))
+  dataset = setup.data[0]
+  (loss_sum, count), outputs = fused(weights, dataset)
+  tf.nest.map_structure(np.testing.assert_array_equal, outputs,
+                        train(weights, dataset))
+  x, y = fm.batch_inputs(next(iter(dataset)))
+  with tf.GradientTape() as tape:
+    tape.watch(weights[0])
+    loss = setup.model.loss(
+        output=setup.model.predict_on_batch(weights, x, training=True),
+        label=y)
+  gradient = tape.gradient(loss, weights[0])
+  n = float(len(y))
+  assert count == n
+  assert float(loss_sum) == pytest.approx(float(loss) * n, rel=1e-6)
+  ((_, _), jvp_outputs), ((d_loss_sum, _), d_outputs) = fused.jvp_rule(
+      [weights, dataset], [tangent, None], num_directions=None)
+  tf.nest.map_structure(np.testing.assert_array_equal, jvp_outputs, outputs)
+  for t in tf.nest.flatten(d_outputs):
+    np.testing.assert_array_equal(t, np.zeros_like(t))
+  expected = n * sum(float(tf.reduce_sum(g * t))
+                     for g, t in zip(gradient, tangent[0]))
+  assert float(d_loss_sum) == pytest.approx(expected, rel=1e-5)
+  d_weights, d_dataset = fused.vjp_rule(
+      [weights, dataset], [True, False],
+      ((tf.constant(2.0), tf.constant(0.0)),
+       tf.nest.map_structure(tf.zeros_like, outputs)))
+  assert d_dataset is None
+  for got, g in zip(d_weights[0], gradient):
+    np.testing.assert_allclose(got, 2.0 * n * g, rtol=1e-5, atol=1e-7)
+
+
+def test_both_post_update_losses_communicate_the_same(setup):
+  for mode in hg.MODES:
+    assert tff_fad.communication_cost(setup.processes[mode].next, 3) == (
+        tff_fad.communication_cost(setup.all_batches[mode].next, 3))
 
 
 @pytest.fixture(scope='module')
@@ -216,6 +285,7 @@ def test_communication_cost_of_the_modes(setup):
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(mode='sideways'), 'mode must be one of'),
+    (dict(post_update_loss='last_batch'), 'post_update_loss must be one of'),
     (dict(server_optimizer_fn=_sgd(0.0)),
      'initial server learning rate must be > 0'),
     (dict(server_optimizer_fn=tff.learning.optimizers.build_adamw(0.1)),
@@ -376,10 +446,13 @@ _SERVER_OPTIMIZERS = {
 }
 
 
-def _post_update_loss(model, weights, data):
-  """The clients' example-weighted mean loss at `weights`, centrally."""
+def _post_update_loss(model, weights, data, post_update_loss='first_batch'):
+  """The clients' example-weighted mean loss at `weights`, centrally: over
+  each client's first batch or all its batches."""
   total, count = 0.0, 0
   for dataset in data:
+    if post_update_loss == 'first_batch':
+      dataset = dataset.take(1)
     for batch in dataset:
       x, y = (batch['x'], batch['y']) if isinstance(batch, dict) else batch
       predictions = model.predict_on_batch(weights, x, training=False)
@@ -401,10 +474,12 @@ def _tff_fedopt_two_rounds(model, data, optimizer, lr, second_lr):
   return (tuple(weights.trainable), tuple(weights.non_trainable))
 
 
-@pytest.mark.parametrize('mode', hg.MODES)
-@pytest.mark.parametrize('optimizer', list(_SERVER_OPTIMIZERS))
+@pytest.mark.parametrize('optimizer, mode, post_update_loss', [
+    (optimizer, mode, 'first_batch') for optimizer in _SERVER_OPTIMIZERS
+    for mode in hg.MODES] + [('sgdm', 'forward', 'all_batches'),
+                             ('adam', 'reverse', 'all_batches')])
 def test_hypergradient_of_any_server_optimizer_matches_finite_differences(
-    setup, optimizer, mode):
+    setup, optimizer, mode, post_update_loss):
   """d post-update loss / d log lr against TFF's FedOpt at lr +- eps.
 
   Round 3 reports the loss at the model after two rounds of the optimizer
@@ -416,13 +491,15 @@ def test_hypergradient_of_any_server_optimizer_matches_finite_differences(
   process = hg.build_hypergradient_fed_avg(
       setup.model, client_optimizer_fn=_sgd(0.1),
       server_optimizer_fn=_SERVER_OPTIMIZERS[optimizer](lr),
-      hyper_optimizer_fn=_sgd(0.0), mode=mode, tangent_decay=0.0)
+      hyper_optimizer_fn=_sgd(0.0), mode=mode, tangent_decay=0.0,
+      post_update_loss=post_update_loss)
   state = _after_rounds(process, setup.data, 2)
   metrics = process.next(state, setup.data).metrics['hyperparameters']
   # The loss at the model after two rounds is TFF's FedOpt's.
   at_lr = _tff_fedopt_two_rounds(setup.model, setup.data, optimizer, lr, lr)
   assert metrics['post_update_loss'] == pytest.approx(
-      _post_update_loss(setup.model, at_lr, setup.data), rel=1e-5)
+      _post_update_loss(setup.model, at_lr, setup.data, post_update_loss),
+      rel=1e-5)
   for w, tff_w in zip(_pair(state)[0], at_lr[0]):
     np.testing.assert_allclose(w, tff_w, rtol=2e-5, atol=2e-6)
   # Greedy: only the second step's rate moves; d/d log lr by central finite
@@ -432,7 +509,7 @@ def test_hypergradient_of_any_server_optimizer_matches_finite_differences(
       setup.model,
       _tff_fedopt_two_rounds(setup.model, setup.data, optimizer, lr,
                              lr * np.exp(sign * eps)),
-      setup.data) for sign in (1, -1))
+      setup.data, post_update_loss) for sign in (1, -1))
   finite_difference = (plus - minus) / (2 * eps)
   assert abs(finite_difference) > 1e-4
   assert metrics['hypergradient'] == pytest.approx(finite_difference,

@@ -30,20 +30,27 @@ def test_rates_grid_averages_seeds_and_labels_each_row(tmp_path):
     experiments.main(['experiments'])
   with open(os.path.join(out, 'table.json')) as f:
     rows = json.load(f)
-  assert [(r['algorithm'], r['initial_server_lr'], r['tangent_decay'],
-           r['hyper_optimizer']) for r in rows] == [
-               ('fedavg', 1.0, None, None),
-               ('hypergradient', 0.1, 0.0, 'Adam 0.2, beta_1 0'),
-               ('hypergradient', 0.1, 0.9, 'Adam 0.2, beta_1 0')]
+  assert [(r['algorithm'], r['server_optimizer'], r['initial_server_lr'],
+           r['tangent_decay'], r['post_update_loss'], r['hyper_optimizer'])
+          for r in rows] == [
+              ('fedavg', 'sgd', 1.0, None, None, None),
+              ('hypergradient', 'sgd', 0.1, 0.0, 'first_batch',
+               'Adam 0.2, beta_1 0'),
+              ('hypergradient', 'sgd', 0.1, 0.9, 'first_batch',
+               'Adam 0.2, beta_1 0')]
   summaries = {}
   for seed in ('0', '1'):
     run_dir = os.path.join(
-        out, f'algorithmhypergradient_server_lr0.1_tangent_decay0.9_seed{seed}')
+        out, 'algorithmhypergradient_server_lr0.1_tangent_decay0.9_'
+        f'post_update_lossfirst_batch_seed{seed}')
     with open(os.path.join(run_dir, 'summary.json')) as f:
       summaries[seed] = json.load(f)
   assert rows[2]['final_test_accuracy'] == pytest.approx(
       (summaries['0']['final_test_accuracy'] +
        summaries['1']['final_test_accuracy']) / 2)
+  assert rows[2]['final_test_accuracy_per_seed'] == [
+      summaries[seed]['final_test_accuracy'] for seed in ('0', '1')]
+  assert rows[2]['wall_seconds'] > 0
   # Target 0: every run reaches it at the initial evaluation, per seed.
   assert all(r['rounds_to_target'] == [0, 0] for r in rows)
   # Round 1 has no pending step and round 2 no earlier one: the greedy and
@@ -51,11 +58,14 @@ def test_rates_grid_averages_seeds_and_labels_each_row(tmp_path):
   assert rows[1]['final_server_lr'] != rows[2]['final_server_lr']
   with open(os.path.join(out, 'table.md')) as f:
     lines = f.read().splitlines()
-  assert lines[0].startswith('| algorithm | client weighting | server lr '
-                             '(initial) | hyper-optimizer | tangent decay |')
-  assert lines[2].startswith('| FedAvg, fixed lr | example_count | 1 | - | - |')
-  assert lines[4].startswith('| hypergradient FedAvg | example_count | 0.1 | '
-                             'Adam 0.2, beta_1 0 | 0.9 | ')
+  assert lines[0].startswith(
+      '| algorithm | server optimizer | client weighting | server lr '
+      '(initial) | hyper-optimizer | tangent decay | post-update loss |')
+  assert lines[2].startswith(
+      '| FedAvg, fixed lr | sgd | example_count | 1 | - | - | - |')
+  assert lines[4].startswith(
+      '| hypergradient FedAvg | sgd | example_count | 0.1 | '
+      'Adam 0.2, beta_1 0 | 0.9 | first_batch | ')
   assert len(lines) == 5
 
 

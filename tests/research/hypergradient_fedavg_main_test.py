@@ -62,9 +62,10 @@ def test_bad_flags_are_named(tmp_path, flag, value, message):
 
 def test_learned_weighting_run(tmp_path):
   with flagsaver.flagsaver(output_dir=str(tmp_path), weighting='learned',
-                           **TINY):
+                           post_update_loss='all_batches', **TINY):
     summary = hypergradient_main.run()
   assert summary['weighting'] == 'learned'
+  assert summary['post_update_loss'] == 'all_batches'
   assert summary['final_weight_exponent'] is not None
   assert summary['communication_per_round']['round_trips'] == 1
   assert set(summary['server_learning_rate_by_round']) == {'1', '2'}

@@ -196,9 +196,11 @@ def check_client_weighting(client_weighting) -> None:
                     f'{client_weighting!r}.')
 
 
-def build_local_training(model: FunctionalModel,
-                         optimizer: tff.learning.optimizers.Optimizer,
-                         client_weighting: tff.learning.ClientWeighting):
+def build_local_training(
+    model: FunctionalModel,
+    optimizer: tff.learning.optimizers.Optimizer,
+    client_weighting: tff.learning.ClientWeighting,
+    first_batch: Optional[Callable[[tf.Tensor, tf.Tensor, Any], Any]] = None):
   """`(weights, dataset) -> OrderedDict(update, weight, metrics)`.
 
   One pass of `optimizer` over the dataset, as TFF's FedAvg client does it:
@@ -206,36 +208,58 @@ def build_local_training(model: FunctionalModel,
   the same pass's output, `update = initial - final` trainable weights, all
   zeros (and weight 0, metrics reset) if any value is not finite.
   `weights` is the `(trainable, non_trainable)` pair a FunctionalModel takes.
+
+  With `first_batch`, the function returns `(outputs, first)` where `first`
+  is `first_batch(loss, num_examples, gradients)` of the first batch: its
+  mean training loss, example count (float32) and the loss gradient at
+  `weights`, which the first local step computes anyway (zeros of the same
+  structure for an empty dataset). The local steps are the same either way.
   """
 
   def local_training(weights, dataset):
     trainable, non_trainable = weights
     specs = tf.nest.map_structure(tf.TensorSpec.from_tensor,
                                   tuple(tf.nest.flatten(trainable)))
+    if first_batch is None:
+      no_batch = ()
+    else:
+      no_batch = tf.nest.map_structure(tf.zeros_like, first_batch(
+          tf.constant(0.0), tf.constant(0.0),
+          tf.nest.map_structure(tf.zeros_like, trainable)))
 
     def step(carry, batch):
-      local, opt_state, metrics_state, count = carry
+      local, opt_state, metrics_state, count, first = carry
       with tf.GradientTape() as tape:
         tape.watch(local)
         loss, output, n = batch_loss(model, (local, non_trainable), batch,
                                      training=True)
       gradients = tape.gradient(loss, local)
+      if first_batch is not None:
+        # tf.where, not tf.cond: a cond in the loop body costs more per
+        # client than the few values it would save computing.
+        is_first = tf.equal(count, 0)
+        first = tf.nest.map_structure(
+            lambda new, old: tf.where(is_first, new, old),
+            first_batch(loss, tf.cast(n, tf.float32), gradients), first)
       opt_state, local = optimizer.next(opt_state, local, gradients)
       metrics_state = update_metrics(model, metrics_state, batch, output,
                                      loss)
-      return local, opt_state, metrics_state, count + tf.cast(n, tf.int64)
+      return (local, opt_state, metrics_state, count + tf.cast(n, tf.int64),
+              first)
 
-    local, _, metrics_state, count = dataset.reduce(
+    local, _, metrics_state, count, first = dataset.reduce(
         (trainable, optimizer.initialize(specs),
-         model.initialize_metrics_state(), tf.constant(0, tf.int64)), step)
+         model.initialize_metrics_state(), tf.constant(0, tf.int64),
+         no_batch), step)
     update = tf.nest.map_structure(tf.subtract, trainable, local)
     update, non_finite = zero_if_non_finite(update)
     metrics_state = tf.cond(
         non_finite > 0, model.initialize_metrics_state, lambda: metrics_state)
-    return collections.OrderedDict(
+    outputs = collections.OrderedDict(
         update=update,
         weight=client_weight(client_weighting, non_finite, count),
         metrics=metrics_state)
+    return outputs if first_batch is None else (outputs, first)
 
   return local_training
 

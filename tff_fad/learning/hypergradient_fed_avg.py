@@ -48,10 +48,15 @@ w.r.t. `(model, log_lr)` with the carried tangent as the model's direction:
     round trip; the server contracts it with dw_t/dlog_lr.
   `communication_cost(process.next, n)` reports both, from the computation.
 
-Local training is TFF's FedAvg client update (`functional_models`) from
-`stop_gradient(w_t)`, so training never has to be differentiated. Client data
-are datasets, so the post-update loss brings per-batch derivative rules
-(`with_derivatives`).
+Local training is TFF's FedAvg client update (`functional_models`), treated
+as constant in `w_t`, so training never has to be differentiated. The loss
+is, by default (`post_update_loss='first_batch'`), each client's first local
+batch's: the first local step computes its gradient at `w_t` anyway, so one
+client call trains and returns the loss with its tangent (a dot product),
+and a round costs about what TFF's FedAvg round costs.
+`post_update_loss='all_batches'` evaluates the loss over all the client's
+data in a second pass. Client data are datasets, so both bring per-batch
+derivative rules (`with_derivatives`).
 
 The processes are TFF-shaped: the state is a
 `tff.learning.templates.LearningAlgorithmState` (the rate, the pending update
@@ -71,17 +76,23 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tff_fad import core as fad
+from tff_fad.core import local_ad
 from tff_fad.learning import functional_models as fm
 
 AggregationFactory = Union[tff.aggregators.UnweightedAggregationFactory,
                            tff.aggregators.WeightedAggregationFactory]
 MODES = ('forward', 'reverse')
+# Which post-update loss the hypergradient differentiates (`_post_update_loss_and_training`).
+POST_UPDATE_LOSSES = ('first_batch', 'all_batches')
 _STATE = tff.learning.templates.LearningAlgorithmState
 
 
-def _check_args(mode, tangent_decay):
+def _check_args(mode, tangent_decay, post_update_loss):
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+  if post_update_loss not in POST_UPDATE_LOSSES:
+    raise ValueError(f'post_update_loss must be one of {POST_UPDATE_LOSSES}, '
+                     f'got {post_update_loss!r}.')
   if not 0.0 <= tangent_decay < 1.0:
     raise ValueError('tangent_decay must be in [0, 1) (0: greedy one-step '
                      f'hypergradient), got {tangent_decay!r}.')
@@ -189,6 +200,74 @@ def build_post_update_loss(model: tff.learning.models.FunctionalModel):
   return fad.with_derivatives(loss_sum, jvp=jvp_rule, vjp=vjp_rule)
 
 
+def build_training_with_first_batch_loss(
+    model: tff.learning.models.FunctionalModel,
+    client_optimizer: tff.learning.optimizers.Optimizer,
+    client_weighting: tff.learning.ClientWeighting):
+  """`(model_weights, dataset) -> ((loss_sum, num_examples), outputs)`.
+
+  Local training (`functional_models.build_local_training`'s outputs) and
+  the summed training loss of the first batch at `model_weights`, with
+  rules that reuse the gradient the first local step computes: the forward
+  rule's loss tangent is `<gradient, tangent>` (a dot product, no second
+  pass over the data), the reverse rule recomputes that one batch's
+  gradient. Training counts as constant in `model_weights` (zero tangents,
+  cotangents ignored), as the module docstring explains.
+  """
+
+  def first_loss(loss, n, unused_gradients):
+    return loss * n, n
+
+  train = fm.build_local_training(model, client_optimizer, client_weighting,
+                                  first_batch=first_loss)
+
+  def training_with_first_batch_loss(weights, dataset):
+    outputs, first = train(weights, dataset)
+    return first, outputs
+
+  def jvp_rule(primals, tangents, num_directions):
+    weights, dataset = primals
+    # Non-trainable weights are not moved by training's tangents here.
+    d_trainable = tangents[0][0]
+    directions = [] if num_directions is None else [num_directions]
+
+    def first_loss_and_tangent(loss, n, gradients):
+      d_loss = sum(
+          tf.reduce_sum(tf.reshape(g * t, directions + [-1]), axis=-1)
+          for g, t in zip(tf.nest.flatten(gradients),
+                          tf.nest.flatten(d_trainable)))
+      return loss * n, n, d_loss * n
+
+    outputs, (loss_sum, count, d_loss_sum) = fm.build_local_training(
+        model, client_optimizer, client_weighting,
+        first_batch=first_loss_and_tangent)(weights, dataset)
+    return ((loss_sum, count), outputs), (
+        (d_loss_sum, tf.zeros(directions)),
+        local_ad.zeros_like_tangent(outputs, num_directions))
+
+  def vjp_rule(primals, active, cotangent):
+    (trainable, non_trainable), dataset = primals
+
+    def gradient_sum(acc, batch):
+      with tf.GradientTape() as tape:
+        tape.watch(trainable)
+        loss, _, n = fm.batch_loss(model, (trainable, non_trainable), batch,
+                                   training=True)
+        loss_sum = loss * tf.cast(n, tf.float32)
+      return tf.nest.map_structure(tf.add, acc,
+                                   tape.gradient(loss_sum, trainable))
+
+    d_trainable = dataset.take(1).reduce(
+        tf.nest.map_structure(tf.zeros_like, trainable), gradient_sum)
+    d_weights = (tf.nest.map_structure(lambda g: cotangent[0][0] * g,
+                                       d_trainable),
+                 tf.nest.map_structure(tf.zeros_like, non_trainable))
+    return [d_weights if active[0] else None, None]
+
+  return fad.with_derivatives(training_with_first_batch_loss, jvp=jvp_rule,
+                              vjp=vjp_rule, batched_jvp=True)
+
+
 def server_optimizer_learning_rate(
     server_optimizer: tff.learning.optimizers.Optimizer) -> float:
   """The starting rate of any FedOpt server optimizer (SGD(M), Adam, ...).
@@ -257,22 +336,34 @@ def _current_model(model_weights, log_lr, pending, stored_log_lr):
 
 
 def _post_update_loss_and_training(model, client_optimizer, client_weighting,
-                                   at_clients, data):
-  """The clients' loss at the broadcast model, and their local training."""
-  post_update_loss = build_post_update_loss(model)
-  local_training = fm.build_local_training(model, client_optimizer,
-                                           client_weighting)
-  loss_and_count = fad.federated_sum(
-      fad.federated_map(post_update_loss, (at_clients, data)))
+                                   post_update_loss, at_clients, data):
+  """The clients' loss at the broadcast model, and their local training.
+
+  `post_update_loss='first_batch'`: one client call, the loss of each
+  client's first batch, whose gradient local training computes anyway;
+  'all_batches': the loss over all the client's data, a second pass.
+  """
+  if post_update_loss == 'first_batch':
+    loss_and_outputs = fad.federated_map(
+        build_training_with_first_batch_loss(model, client_optimizer,
+                                             client_weighting),
+        (at_clients, data))
+    loss_and_count, client_outputs = loss_and_outputs[0], loss_and_outputs[1]
+  else:
+    loss_and_count = fad.federated_map(build_post_update_loss(model),
+                                       (at_clients, data))
+    client_outputs = fad.federated_map(
+        fm.build_local_training(model, client_optimizer, client_weighting),
+        (fad.stop_gradient(at_clients), data))
   loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
-                             loss_and_count)
-  client_outputs = fad.federated_map(
-      local_training, (fad.stop_gradient(at_clients), data))
+                             fad.federated_sum(loss_and_count))
   return loss, client_outputs
 
 
-def build_round_program(model, client_optimizer,
-                        client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES):
+def build_round_program(
+    model, client_optimizer,
+    client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+    post_update_loss='first_batch'):
   """The differentiable part of one round, as a tff_fad program.
 
   `(model@S, log_lr@S, pending@S, stored_log_lr@S, data{Seq}@C) ->
@@ -295,7 +386,7 @@ def build_round_program(model, client_optimizer,
     weights = fad.federated_apply(
         _current_model, (model_weights, log_lr, pending, stored_log_lr))
     loss, client_outputs = _post_update_loss_and_training(
-        model, client_optimizer, client_weighting,
+        model, client_optimizer, client_weighting, post_update_loss,
         fad.federated_broadcast(weights), data)
     return loss, (weights, client_outputs)
 
@@ -429,7 +520,8 @@ def _round_metrics(train, aggregator, update_non_finite, hyperparameters):
 
 
 def _resolve_common(builder, model_fn, client_optimizer_fn, server_optimizer_fn,
-                    hyper_optimizer_fn, tangent_decay, mode='forward'):
+                    hyper_optimizer_fn, tangent_decay, post_update_loss,
+                    mode='forward'):
   model = fm.resolve_model(model_fn, builder)
   client_optimizer = fm.resolve_optimizer(
       client_optimizer_fn, 'client_optimizer_fn', _default_client_optimizer)
@@ -437,7 +529,7 @@ def _resolve_common(builder, model_fn, client_optimizer_fn, server_optimizer_fn,
       server_optimizer_fn, 'server_optimizer_fn', _default_server_optimizer)
   hyper_optimizer = fm.resolve_optimizer(
       hyper_optimizer_fn, 'hyper_optimizer_fn', default_hyper_optimizer)
-  _check_args(mode, tangent_decay)
+  _check_args(mode, tangent_decay, post_update_loss)
   return model, client_optimizer, server_optimizer, hyper_optimizer
 
 
@@ -453,6 +545,7 @@ def build_hypergradient_fed_avg(
     metrics_aggregator: Optional[fm.MetricsAggregator] = None,
     mode: str = 'forward',
     tangent_decay: float = 0.9,
+    post_update_loss: str = 'first_batch',
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg whose server learning rate is learned by Federated AD.
 
@@ -487,6 +580,9 @@ def build_hypergradient_fed_avg(
     tangent_decay: In [0, 1): how much of dw/dlog_lr carries over to the
       next round (module docstring). 0 is the greedy one-step
       hypergradient; the default 0.9 looks back about 10 rounds.
+    post_update_loss: 'first_batch' (each client's first local batch, whose
+      gradient local training computes anyway: FedAvg's cost) or
+      'all_batches' (all its data, a second pass).
 
   Returns:
     A `tff.learning.templates.LearningProcess` whose state is a
@@ -494,7 +590,8 @@ def build_hypergradient_fed_avg(
     holds the model's metrics) plus `hyperparameters`:
     `server_learning_rate` (used this round), `hypergradient`
     (d loss / d log lr) and `post_update_loss` (the clients' loss at the
-    round's model, before local training). `get_hparams(state)['finalizer']
+    round's model, before local training: over their first batches or all
+    their data, per `post_update_loss`). `get_hparams(state)['finalizer']
     ['learning_rate']` is the learned rate; `set_hparams` sets it.
 
   Raises:
@@ -505,7 +602,8 @@ def build_hypergradient_fed_avg(
   model, client_optimizer, server_optimizer, hyper_optimizer = (
       _resolve_common('build_hypergradient_fed_avg', model_fn,
                       client_optimizer_fn, server_optimizer_fn,
-                      hyper_optimizer_fn, tangent_decay, mode))
+                      hyper_optimizer_fn, tangent_decay, post_update_loss,
+                      mode))
   lr0 = server_optimizer_learning_rate(server_optimizer)
   fm.check_client_weighting(client_weighting)
   model_aggregator = model_aggregator or tff.aggregators.MeanFactory()
@@ -517,7 +615,7 @@ def build_hypergradient_fed_avg(
                     f'{type(model_aggregator).__name__}.')
 
   round_program = build_round_program(model, client_optimizer,
-                                      client_weighting)
+                                      client_weighting, post_update_loss)
   # d loss/d log_lr = dL/dw . (decay * dm/d log_lr - lr * pending): the
   # derivative w.r.t. the stored model carries the earlier rounds' steps.
   wrt = ('model_weights', 'log_lr')
@@ -638,7 +736,8 @@ def build_hypergradient_fed_avg(
       get_hparams_fn=get_hparams, set_hparams_fn=set_hparams)
 
 
-def build_learned_weighting_round_program(model, client_optimizer):
+def build_learned_weighting_round_program(model, client_optimizer,
+                                          post_update_loss='first_batch'):
   """A round whose update is a weighted mean with learnable client weights.
 
   Client i's aggregation weight is `n_i ** exponent` (n_i its example count;
@@ -668,7 +767,7 @@ def build_learned_weighting_round_program(model, client_optimizer):
         _current_model, (model_weights, log_lr, pending, stored_log_lr))
     loss, client_outputs = _post_update_loss_and_training(
         model, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES,
-        fad.federated_broadcast(weights), data)
+        post_update_loss, fad.federated_broadcast(weights), data)
     mixing = fad.federated_map(
         aggregation_weight,
         (client_outputs['weight'], fad.federated_broadcast(exponent)))
@@ -687,6 +786,7 @@ def build_learned_weighting_fed_avg(
     initial_weight_exponent: float = 0.0,
     metrics_aggregator: Optional[fm.MetricsAggregator] = None,
     tangent_decay: float = 0.9,
+    post_update_loss: str = 'first_batch',
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg that learns its server learning rate and its client weighting.
 
@@ -718,6 +818,7 @@ def build_learned_weighting_fed_avg(
     metrics_aggregator: As in `build_hypergradient_fed_avg`.
     tangent_decay: In [0, 1): how much of dw/d(log_lr, exponent) carries
       over to the next round, as in `build_hypergradient_fed_avg`.
+    post_update_loss: As in `build_hypergradient_fed_avg`.
 
   Returns:
     A `tff.learning.templates.LearningProcess` shaped as
@@ -729,13 +830,13 @@ def build_learned_weighting_fed_avg(
   model, client_optimizer, server_optimizer, hyper_optimizer = (
       _resolve_common('build_learned_weighting_fed_avg', model_fn,
                       client_optimizer_fn, server_optimizer_fn,
-                      hyper_optimizer_fn, tangent_decay))
+                      hyper_optimizer_fn, tangent_decay, post_update_loss))
   lr0 = initial_server_learning_rate(server_optimizer)
   if not np.isfinite(initial_weight_exponent):
     raise ValueError('initial_weight_exponent must be finite, got '
                      f'{initial_weight_exponent!r}.')
-  round_program = build_learned_weighting_round_program(model,
-                                                        client_optimizer)
+  round_program = build_learned_weighting_round_program(
+      model, client_optimizer, post_update_loss)
   directions = 2  # d/d log_lr and d/d exponent.
   differentiated = fad.jvp(round_program,
                            wrt=('model_weights', 'log_lr', 'exponent'),
