@@ -11,7 +11,7 @@ cost of one round) to --output_dir. `--algorithm=fedavg` runs TFF's own
 import collections
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
@@ -21,6 +21,8 @@ import tensorflow_federated as tff
 import tff_fad
 from research import experiment
 from research import run_dir
+from tff_fad import aggregation
+from tff_fad.learning import functional_models
 from tff_fad.learning import hypergradient_fed_avg
 from tff_fad.learning import models
 
@@ -57,6 +59,18 @@ _POST_UPDATE_LOSS = flags.DEFINE_enum(
     "Loss the hypergradient differentiates: 'first_batch', each client's "
     'first local batch, whose gradient the first local step computes anyway '
     "(FedAvg's cost); 'all_batches', all its data (a second pass).")
+# Differential privacy of the learned rate (with --aggregator=dp).
+_DP_LOSS_CLIP = flags.DEFINE_float(
+    'dp_loss_clip', 5.0,
+    "With --aggregator=dp: clip of each client's post-update loss, "
+    'aggregated by DP-Gaussian with --dp_noise_multiplier.')
+_DP_HYPERGRADIENT_CLIP = flags.DEFINE_float(
+    'dp_hypergradient_clip', 1.0,
+    "With --aggregator=dp: clip of each client's d loss / d log lr, "
+    'aggregated by its own DP-Gaussian release.')
+_DP_DELTA = flags.DEFINE_float(
+    'dp_delta', 1e-5, 'With --aggregator=dp: the delta of the reported '
+    '(epsilon, delta).')
 _WEIGHTING = flags.DEFINE_enum(
     'weighting', 'example_count', ['example_count', 'uniform', 'learned'],
     "Client weights of the update average: 'example_count' (FedAvg), "
@@ -89,7 +103,8 @@ _LR_KEY = 'hyperparameters/server_learning_rate'
 def validate_flags() -> None:
   """Raises ValueError naming the first bad flag."""
   positive = [_SERVER_LR, _CLIENT_LR, _CLIENT_EPOCHS, _BATCH_SIZE, _ROUNDS,
-              _CLIENTS_PER_ROUND, _NUM_CLIENTS, _EVAL_EVERY, _DP_CLIP]
+              _CLIENTS_PER_ROUND, _NUM_CLIENTS, _EVAL_EVERY, _DP_CLIP,
+              _DP_LOSS_CLIP, _DP_HYPERGRADIENT_CLIP]
   for flag in positive:
     if not flag.value > 0:
       raise ValueError(f'--{flag.name} must be > 0, got {flag.value!r}.')
@@ -100,6 +115,8 @@ def validate_flags() -> None:
     if not 0 <= flag.value < 1:
       raise ValueError(f'--{flag.name} must be in [0, 1), got '
                        f'{flag.value!r}.')
+  if not 0 < _DP_DELTA.value < 1:
+    raise ValueError(f'--dp_delta must be in (0, 1), got {_DP_DELTA.value!r}.')
   if _OUTPUT_DIR.value is None:
     raise ValueError('--output_dir is required.')
   experiment.validate_task_flags()
@@ -112,13 +129,44 @@ def validate_flags() -> None:
         'split over workers allows one aggregation. Use --fad_mode=forward.')
 
 
+def _dp_gaussian(clip: float):
+  return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+      noise_multiplier=_DP_NOISE.value,
+      clients_per_round=float(_CLIENTS_PER_ROUND.value), clip=clip)
+
+
 def _aggregator():
   if _AGGREGATOR.value == 'dp':
-    return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
-        noise_multiplier=_DP_NOISE.value,
-        clients_per_round=float(_CLIENTS_PER_ROUND.value),
-        clip=_DP_CLIP.value)
+    return _dp_gaussian(_DP_CLIP.value)
   return tff.aggregators.MeanFactory()
+
+
+def _private_aggregators() -> dict[str, Any]:
+  """Under --aggregator=dp, every other release of client data: the loss
+  and its derivative through their own DP-Gaussian factories, and no
+  training metrics."""
+  if _AGGREGATOR.value != 'dp':
+    return {}
+  return dict(loss_aggregator=_dp_gaussian(_DP_LOSS_CLIP.value),
+              hypergradient_aggregator=_dp_gaussian(
+                  _DP_HYPERGRADIENT_CLIP.value),
+              metrics_aggregator=functional_models.release_no_metrics)
+
+
+def privacy(model) -> Optional[aggregation.PrivacyReport]:
+  """The run's (epsilon, delta) under --aggregator=dp, else None."""
+  if _AGGREGATOR.value != 'dp':
+    return None
+  private = _private_aggregators()
+  return hypergradient_fed_avg.round_privacy_report(
+      model, tff.learning.optimizers.build_sgdm(_CLIENT_LR.value),
+      model_aggregator=_aggregator(),
+      loss_aggregator=private['loss_aggregator'],
+      hypergradient_aggregator=private['hypergradient_aggregator'],
+      post_update_loss=_POST_UPDATE_LOSS.value,
+      client_weighting=_client_weighting(), metrics_released=False,
+      sampling_rate=_CLIENTS_PER_ROUND.value / _NUM_CLIENTS.value,
+      rounds=_ROUNDS.value, delta=_DP_DELTA.value)
 
 
 def _client_weighting():
@@ -162,7 +210,7 @@ def build_process(model):
       hyper_optimizer_fn=hyper_optimizer, client_weighting=_client_weighting(),
       model_aggregator=_aggregator(), mode=_MODE.value,
       tangent_decay=_TANGENT_DECAY.value,
-      post_update_loss=_POST_UPDATE_LOSS.value)
+      post_update_loss=_POST_UPDATE_LOSS.value, **_private_aggregators())
 
 
 def run() -> dict[str, Any]:
@@ -171,6 +219,11 @@ def run() -> dict[str, Any]:
   if _ALGORITHM.value == 'fedavg' and _AGGREGATOR.value == 'dp':
     raise ValueError('--aggregator=dp is supported with '
                      '--algorithm=hypergradient only.')
+  if _AGGREGATOR.value == 'dp' and _MODE.value != 'forward':
+    raise ValueError(
+        '--aggregator=dp needs --fad_mode=forward: in reverse mode each '
+        "client would upload its model-sized loss gradient, which no DP "
+        'aggregator here covers.')
   if _WEIGHTING.value == 'learned' and (
       _ALGORITHM.value != 'hypergradient' or _AGGREGATOR.value != 'mean' or
       _MODE.value != 'forward'):
@@ -213,6 +266,12 @@ def _run() -> dict[str, Any]:
   if task.note:
     print(f'Note: {task.note}', flush=True)
   print(f'Communication per round: {cost}', flush=True)
+  report = privacy(task.model)
+  if report is not None:
+    print(report, flush=True)
+    print(f'({report.epsilon:.4g}, {report.delta:g})-DP over '
+          f'{report.rounds} rounds; training metrics are not released.',
+          flush=True)
   state, resumed_from = experiment.train(
       process, select, output_dir=output_dir, rounds=_ROUNDS.value,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
@@ -257,6 +316,13 @@ def _run() -> dict[str, Any]:
           client_to_server_bytes_per_client=(
               cost.client_to_server_bytes_per_client),
           round_trips=cost.round_trips),
+      privacy=None if report is None else collections.OrderedDict(
+          epsilon=report.epsilon, delta=report.delta,
+          sampling_rate=report.sampling_rate, rounds=report.rounds,
+          noise_multiplier=_DP_NOISE.value,
+          effective_noise_multiplier=report.effective_noise_multiplier,
+          releases_per_round=[
+              f'{r.kind} {r.mechanism}: {r.node}' for r in report.releases]),
       server_learning_rate_by_round={str(r): history[r][_LR_KEY]
                                      for r in lr_rounds},
       resumed_from_round=resumed_from,

@@ -514,3 +514,95 @@ def test_hypergradient_of_any_server_optimizer_matches_finite_differences(
   assert abs(finite_difference) > 1e-4
   assert metrics['hypergradient'] == pytest.approx(finite_difference,
                                                    rel=2e-2, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# DP: every release of client data that steers the rate is a DP release.
+
+
+def _dp(clip, noise=0.5):
+  return tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+      noise_multiplier=noise, clients_per_round=3.0, clip=clip)
+
+
+def test_dp_round_releases_only_through_dp_aggregators(setup):
+  private = dict(model_aggregator=_dp(1.0), loss_aggregator=_dp(5.0),
+                 hypergradient_aggregator=_dp(0.5))
+  report = hg.round_privacy_report(
+      setup.model, _sgd(0.1), metrics_released=False, sampling_rate=0.3,
+      rounds=20, delta=1e-5, **private)
+  assert [(r.kind, r.mechanism) for r in report.releases] == [
+      ('value', 'dp'), ('tangent', 'dp'), ('value', 'dp')]
+  assert report.non_private_releases == []
+  assert 0 < report.epsilon < float('inf')
+  # The derivative program the process runs aggregates client data only
+  # through the loss's DP point (the update goes to the model aggregator).
+  loss_point = hg._loss_point(private['model_aggregator'],
+                              private['loss_aggregator'],
+                              private['hypergradient_aggregator'], 'forward')
+  round_program = hg.build_round_program(setup.model, _sgd(0.1),
+                                         loss_point=loss_point)
+  found = tff_fad.aggregation.releases(round_program, 'forward',
+                                       ('model_weights', 'log_lr'))
+  assert {r.mechanism for r in found} == {'dp'} and len(found) == 2
+  # Released metrics are named as what breaks the guarantee.
+  leaky = hg.round_privacy_report(setup.model, _sgd(0.1), sampling_rate=0.3,
+                                  rounds=20, delta=1e-5, **private)
+  assert leaky.epsilon == float('inf')
+  assert [r.node for r in leaky.non_private_releases] == [
+      'client_work/train metrics (metrics_aggregator)']
+
+
+def test_dp_process_without_noise_is_the_clients_mean_loss(setup):
+  """With zero noise and clips that never bind, the private loss is the
+  uniform mean of the clients' first-batch losses and its derivative that
+  of the same (private) round program."""
+  private = dict(model_aggregator=_dp(1e6, 0.0),
+                 loss_aggregator=_dp(1e6, 0.0),
+                 hypergradient_aggregator=_dp(1e6, 0.0))
+  process = hg.build_hypergradient_fed_avg(
+      setup.model, _sgd(0.1), _sgd(0.5), tangent_decay=0.0,
+      metrics_aggregator=fm.release_no_metrics, **private)
+  state = _after_rounds(process, setup.data, 1)
+  output = process.next(state, setup.data)
+  metrics = output.metrics
+  assert metrics['client_work']['train'] == collections.OrderedDict()
+  assert set(metrics['aggregator']) == {'model_update', 'post_update_loss'}
+  expected = np.mean([_post_update_loss(setup.model, _pair(state), [d])
+                      for d in setup.data])
+  hyper = metrics['hyperparameters']
+  assert hyper['post_update_loss'] == pytest.approx(expected, rel=1e-5)
+  loss_point = hg._loss_point(private['model_aggregator'],
+                              private['loss_aggregator'],
+                              private['hypergradient_aggregator'], 'forward')
+  round_program = hg.build_round_program(setup.model, _sgd(0.1),
+                                         loss_point=loss_point)
+  eps = 1e-2
+
+  def loss_at(log_lr):
+    return round_program(_pair(state), np.float32(log_lr),
+                         state.finalizer['pending'], _log_lr(state),
+                         state.aggregator['post_update_loss'],
+                         setup.data)[0]
+
+  finite_difference = (loss_at(_log_lr(state) + eps) -
+                       loss_at(_log_lr(state) - eps)) / (2 * eps)
+  assert abs(finite_difference) > 1e-4
+  assert hyper['hypergradient'] == pytest.approx(finite_difference, rel=2e-2)
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(model_aggregator=_dp(1.0)), ValueError,
+     'model_aggregator is differentially private.*loss_aggregator'),
+    (dict(loss_aggregator=_dp(1.0)), ValueError,
+     'loss_aggregator and hypergradient_aggregator go together'),
+    (dict(loss_aggregator=_dp(1.0), hypergradient_aggregator=_dp(1.0),
+          mode='reverse'), ValueError, "needs mode='forward'"),
+    (dict(loss_aggregator=tff.aggregators.MeanFactory(),
+          hypergradient_aggregator=_dp(1.0)), TypeError,
+     'loss_aggregator must be a tff.aggregators.UnweightedAggregationFactory'),
+])
+def test_private_losses_are_required_and_checked(setup, kwargs, error,
+                                                 message):
+  with pytest.raises(error, match=message):
+    hg.build_hypergradient_fed_avg(setup.model, **kwargs)

@@ -99,3 +99,29 @@ def test_server_adam_rate_is_learned(tmp_path):
   assert summary['initial_server_learning_rate'] == pytest.approx(0.01)
   assert summary['final_server_learning_rate'] > 0
   assert summary['final_server_learning_rate'] != pytest.approx(0.01)
+
+
+def test_dp_run_reports_the_epsilon_of_its_releases(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), aggregator='dp',
+                           dp_noise_multiplier=1.0, **TINY):
+    summary = hypergradient_main.run()
+    expected = hypergradient_main.privacy(
+        hypergradient_main.experiment.load_task(pad_digits_to_32x32=False)
+        .model)
+  privacy = json.loads((tmp_path / 'summary.json').read_text())['privacy']
+  assert privacy == summary['privacy']
+  assert privacy['epsilon'] == pytest.approx(expected.epsilon)
+  assert 0 < privacy['epsilon'] < float('inf')
+  assert privacy['sampling_rate'] == pytest.approx(3 / 6)
+  assert privacy['rounds'] == 2
+  # The loss, its derivative and the model update; no training metrics.
+  assert len(privacy['releases_per_round']) == 3
+  assert all(' dp: ' in r for r in privacy['releases_per_round'])
+
+
+def test_dp_needs_forward_mode(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), aggregator='dp',
+                           fad_mode='reverse'):
+    with pytest.raises(ValueError, match='--aggregator=dp needs '
+                       '--fad_mode=forward'):
+      hypergradient_main.run()

@@ -153,6 +153,14 @@ def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
   return found
 
 
+def factory_release(name: str, factory: Any, value_type: Any,
+                    kind: str = 'value') -> Release:
+  """The release of one aggregation of client data by a `tff.aggregators`
+  factory outside a tff_fad program (e.g. a learning process's model update
+  aggregator), for `privacy_report(..., extra_releases=...)`."""
+  return _factory_release(name, kind, factory, tff.types.to_type(value_type))
+
+
 def _factory_release(line, kind, factory, value_type) -> Release:
   event = factory_dp_event(factory, value_type)
   if event is not None:
@@ -265,7 +273,8 @@ class PrivacyReport:
 
 def privacy_report(comp: transforms.FederatedComputation, *,
                    sampling_rate: float, rounds: int, delta: float,
-                   mode: str = 'primal', wrt: Any = 0) -> PrivacyReport:
+                   mode: str = 'primal', wrt: Any = 0,
+                   extra_releases: Sequence[Release] = ()) -> PrivacyReport:
   """(epsilon, delta) for `rounds` runs of `comp` (or a derivative of it).
 
   Args:
@@ -277,6 +286,8 @@ def privacy_report(comp: transforms.FederatedComputation, *,
     mode: 'primal', 'forward', 'reverse' or 'reverse_recompute': which
       computation runs each round (the primal, a jvp, a vjp/grad).
     wrt: The differentiated argument(s).
+    extra_releases: Releases of the same round made outside `comp` (see
+      `factory_release`), accounted with it.
 
   Returns:
     A `PrivacyReport`.
@@ -292,7 +303,7 @@ def privacy_report(comp: transforms.FederatedComputation, *,
     raise ValueError(f'rounds must be a positive int, found {rounds!r}.')
   if not 0 < delta < 1:
     raise ValueError(f'delta must be in (0, 1), found {delta}.')
-  found = releases(comp, mode, wrt)
+  found = releases(comp, mode, wrt) + list(extra_releases)
   events = [r.event for r in found if r.mechanism == 'dp']
   multipliers = []
   for event in events:

@@ -290,3 +290,16 @@ def aggregate_metrics(metrics_aggregator: Optional[MetricsAggregator],
   metrics_aggregator = (metrics_aggregator or
                         tff.learning.metrics.sum_then_finalize)
   return metrics_aggregator(model.finalize_metrics)(client_metrics)
+
+
+def release_no_metrics(metric_finalizers):
+  """A `metrics_aggregator` that releases nothing: under DP, plain sums of
+  the clients' training metrics would be unaccounted releases of their
+  data. The round's `client_work/train` metrics are then empty."""
+  del metric_finalizers
+
+  def aggregate(client_metrics):
+    del client_metrics
+    return tff.federated_value(collections.OrderedDict(), tff.SERVER)
+
+  return aggregate

@@ -75,6 +75,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fad import aggregation
 from tff_fad import core as fad
 from tff_fad.core import local_ad
 from tff_fad.learning import functional_models as fm
@@ -336,12 +337,18 @@ def _current_model(model_weights, log_lr, pending, stored_log_lr):
 
 
 def _post_update_loss_and_training(model, client_optimizer, client_weighting,
-                                   post_update_loss, at_clients, data):
+                                   post_update_loss, at_clients, data,
+                                   loss_point=None, loss_state=None):
   """The clients' loss at the broadcast model, and their local training.
 
   `post_update_loss='first_batch'`: one client call, the loss of each
   client's first batch, whose gradient local training computes anyway;
   'all_batches': the loss over all the client's data, a second pass.
+  Without `loss_point` the loss is the example-weighted mean (a plain sum of
+  loss sums and counts); with it, each client's mean loss goes through the
+  point's aggregator (e.g. DP: clipped and noised, its derivative by the
+  point's tangent aggregator) and `(loss, client outputs, (state,
+  measurements))` is returned.
   """
   if post_update_loss == 'first_batch':
     loss_and_outputs = fad.federated_map(
@@ -355,15 +362,22 @@ def _post_update_loss_and_training(model, client_optimizer, client_weighting,
     client_outputs = fad.federated_map(
         fm.build_local_training(model, client_optimizer, client_weighting),
         (fad.stop_gradient(at_clients), data))
-  loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
-                             fad.federated_sum(loss_and_count))
-  return loss, client_outputs
+  if loss_point is None:
+    loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
+                               fad.federated_sum(loss_and_count))
+    return loss, client_outputs
+  client_loss = fad.federated_map(lambda t: t[0] / tf.maximum(t[1], 1.0),
+                                  loss_and_count)
+  aggregate = aggregation.aggregate_with_factory(client_loss, loss_state,
+                                                 loss_point)
+  return aggregate.result, client_outputs, (aggregate.state,
+                                            aggregate.measurements)
 
 
 def build_round_program(
     model, client_optimizer,
     client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
-    post_update_loss='first_batch'):
+    post_update_loss='first_batch', loss_point=None):
   """The differentiable part of one round, as a tff_fad program.
 
   `(model@S, log_lr@S, pending@S, stored_log_lr@S, data{Seq}@C) ->
@@ -373,8 +387,31 @@ def build_round_program(
   called with log_lr = stored_log_lr). `model` and `w_t` are
   `(trainable, non_trainable)` pairs; the client outputs are
   `functional_models.build_local_training`'s.
+
+  With `loss_point` (an `aggregation.AggregationPoint` for the clients' mean
+  losses, e.g. DP) the program takes the point's state after
+  `stored_log_lr` and the aux adds `(new state, measurements)`.
   """
   pair_type = _pair_type(model)
+  if loss_point is not None:
+
+    @fad.federated_computation(
+        tff.FederatedType(pair_type, tff.SERVER),
+        tff.FederatedType(np.float32, tff.SERVER),
+        tff.FederatedType(pair_type[0], tff.SERVER),
+        tff.FederatedType(np.float32, tff.SERVER),
+        loss_point.state_type,
+        tff.FederatedType(fm.data_type(model), tff.CLIENTS))
+    def private_round_program(model_weights, log_lr, pending, stored_log_lr,
+                              loss_state, data):
+      weights = fad.federated_apply(
+          _current_model, (model_weights, log_lr, pending, stored_log_lr))
+      loss, client_outputs, loss_aggregate = _post_update_loss_and_training(
+          model, client_optimizer, client_weighting, post_update_loss,
+          fad.federated_broadcast(weights), data, loss_point, loss_state)
+      return loss, (weights, client_outputs, loss_aggregate)
+
+    return private_round_program
 
   @fad.federated_computation(
       tff.FederatedType(pair_type, tff.SERVER),
@@ -533,6 +570,42 @@ def _resolve_common(builder, model_fn, client_optimizer_fn, server_optimizer_fn,
   return model, client_optimizer, server_optimizer, hyper_optimizer
 
 
+def _is_differentially_private(factory) -> bool:
+  return isinstance(factory, tff.aggregators.DifferentiallyPrivateFactory)
+
+
+def _loss_point(model_aggregator, loss_aggregator, hypergradient_aggregator,
+                mode) -> Optional[aggregation.AggregationPoint]:
+  """The aggregation point of the post-update losses, or None (plain)."""
+  if (loss_aggregator is None) != (hypergradient_aggregator is None):
+    raise ValueError(
+        'loss_aggregator and hypergradient_aggregator go together: the loss '
+        'and its derivative are both releases of client data.')
+  if loss_aggregator is None:
+    if _is_differentially_private(model_aggregator):
+      raise ValueError(
+          'model_aggregator is differentially private, but the post-update '
+          'loss and its derivative, which steer the learning rate, would be '
+          'released as plain sums of client data. Pass loss_aggregator and '
+          'hypergradient_aggregator (e.g. tff.aggregators.'
+          'DifferentiallyPrivateFactory.gaussian_fixed with their own '
+          'clips).')
+    return None
+  for name, f in (('loss_aggregator', loss_aggregator),
+                  ('hypergradient_aggregator', hypergradient_aggregator)):
+    if not isinstance(f, tff.aggregators.UnweightedAggregationFactory):
+      raise TypeError(f'{name} must be a tff.aggregators.'
+                      f'UnweightedAggregationFactory, got {f!r}.')
+  if mode != 'forward':
+    raise ValueError(
+        f"loss_aggregator needs mode='forward' (got {mode!r}): reverse mode "
+        'would release each client\'s model-sized loss gradient, which these '
+        'aggregators do not cover.')
+  return aggregation.AggregationPoint(
+      loss_aggregator, np.float32, tangent_factory=hypergradient_aggregator,
+      name='post_update_loss')
+
+
 def build_hypergradient_fed_avg(
     model_fn: fm.ModelArg,
     client_optimizer_fn: Optional[fm.OptimizerArg] = None,
@@ -546,6 +619,10 @@ def build_hypergradient_fed_avg(
     mode: str = 'forward',
     tangent_decay: float = 0.9,
     post_update_loss: str = 'first_batch',
+    loss_aggregator: Optional[
+        tff.aggregators.UnweightedAggregationFactory] = None,
+    hypergradient_aggregator: Optional[
+        tff.aggregators.UnweightedAggregationFactory] = None,
 ) -> tff.learning.templates.LearningProcess:
   """FedAvg whose server learning rate is learned by Federated AD.
 
@@ -583,6 +660,16 @@ def build_hypergradient_fed_avg(
     post_update_loss: 'first_batch' (each client's first local batch, whose
       gradient local training computes anyway: FedAvg's cost) or
       'all_batches' (all its data, a second pass).
+    loss_aggregator: With `hypergradient_aggregator`, aggregates the
+      clients' mean post-update losses (instead of a plain example-weighted
+      mean), e.g. `tff.aggregators.DifferentiallyPrivateFactory.
+      gaussian_fixed(z, clients_per_round, clip)`: each client's loss is
+      clipped and the sum noised, so the rate is steered by DP releases.
+      Required when `model_aggregator` is differentially private (the
+      round's every use of client data is then DP; `round_privacy_report`
+      accounts it). Forward mode only.
+    hypergradient_aggregator: Aggregates the losses' derivatives w.r.t. log
+      lr (the loss's tangent: a separate release, with its own clip).
 
   Returns:
     A `tff.learning.templates.LearningProcess` whose state is a
@@ -614,8 +701,11 @@ def build_hypergradient_fed_avg(
     raise TypeError('model_aggregator must be a tff.aggregators factory, got '
                     f'{type(model_aggregator).__name__}.')
 
+  loss_point = _loss_point(model_aggregator, loss_aggregator,
+                           hypergradient_aggregator, mode)
   round_program = build_round_program(model, client_optimizer,
-                                      client_weighting, post_update_loss)
+                                      client_weighting, post_update_loss,
+                                      loss_point)
   # d loss/d log_lr = dL/dw . (decay * dm/d log_lr - lr * pending): the
   # derivative w.r.t. the stored model carries the earlier rounds' steps.
   wrt = ('model_weights', 'log_lr')
@@ -627,10 +717,10 @@ def build_hypergradient_fed_avg(
 
   trainable_type = _pair_type(model)[0]
   if weighted:
-    aggregation = model_aggregator.create(trainable_type,
-                                          tff.TensorType(np.float32))
+    model_aggregation = model_aggregator.create(trainable_type,
+                                                tff.TensorType(np.float32))
   else:
-    aggregation = model_aggregator.create(trainable_type)
+    model_aggregation = model_aggregator.create(trainable_type)
   log_lr0 = float(np.log(lr0))
 
   @tff.tensorflow.computation
@@ -652,8 +742,12 @@ def build_hypergradient_fed_avg(
   @tff.federated_computation
   def initialize():
     values = tff.federated_eval(initial_values, tff.SERVER)
-    return _learning_algorithm_state(values[0], aggregation.initialize(),
-                                     values[1])
+    aggregator_state = model_aggregation.initialize()
+    if loss_point is not None:
+      aggregator_state = tff.federated_zip(collections.OrderedDict(
+          model_update=aggregator_state,
+          post_update_loss=loss_point.initialize()))
+    return _learning_algorithm_state(values[0], aggregator_state, values[1])
 
   state_type = initialize.type_signature.result
   state_member = state_type.member
@@ -702,7 +796,15 @@ def build_hypergradient_fed_avg(
   def next_fn(state, client_data):
     inputs = tff.federated_map(round_inputs, state)
     log_lr, pending = state.finalizer['log_lr'], state.finalizer['pending']
-    if mode == 'forward':
+    model_update_state = state.aggregator
+    if loss_point is not None:
+      model_update_state = state.aggregator['model_update']
+      loss, hypergradient, (weights, client_outputs, loss_aggregate) = (
+          differentiated(inputs[0], log_lr, pending, log_lr,
+                         state.aggregator['post_update_loss'], client_data,
+                         inputs[1],
+                         tff.federated_value(np.float32(1.0), tff.SERVER)))
+    elif mode == 'forward':
       loss, hypergradient, (weights, client_outputs) = differentiated(
           inputs[0], log_lr, pending, log_lr, client_data, inputs[1],
           tff.federated_value(np.float32(1.0), tff.SERVER))
@@ -712,18 +814,27 @@ def build_hypergradient_fed_avg(
       hypergradient = tff.federated_map(hypergradient_of, (
           tff.federated_zip(gradients), inputs[1]))
     if weighted:
-      aggregate = aggregation.next(state.aggregator, client_outputs['update'],
-                                   client_outputs['weight'])
+      aggregate = model_aggregation.next(
+          model_update_state, client_outputs['update'],
+          client_outputs['weight'])
     else:
-      aggregate = aggregation.next(state.aggregator, client_outputs['update'])
+      aggregate = model_aggregation.next(model_update_state,
+                                         client_outputs['update'])
+    aggregator_state, measurements = aggregate.state, aggregate.measurements
+    if loss_point is not None:
+      aggregator_state = tff.federated_zip(collections.OrderedDict(
+          model_update=aggregate.state, post_update_loss=loss_aggregate[0]))
+      measurements = tff.federated_zip(collections.OrderedDict(
+          model_update=aggregate.measurements,
+          post_update_loss=loss_aggregate[1]))
     train = fm.aggregate_metrics(metrics_aggregator, model,
                                  client_outputs['metrics'])
     updated = tff.federated_map(server_update, (
         state.finalizer, weights, aggregate.result, hypergradient))
-    new_state = _learning_algorithm_state(updated[0], aggregate.state,
+    new_state = _learning_algorithm_state(updated[0], aggregator_state,
                                           updated[1])
     metrics = _round_metrics(
-        train, aggregate.measurements, updated[2], collections.OrderedDict(
+        train, measurements, updated[2], collections.OrderedDict(
             server_learning_rate=updated[3], hypergradient=hypergradient,
             post_update_loss=loss))
     return tff.learning.templates.LearningProcessOutput(new_state, metrics)
@@ -734,6 +845,51 @@ def build_hypergradient_fed_avg(
   return tff.learning.templates.LearningProcess(
       initialize, next_fn, get_model_weights, set_model_weights,
       get_hparams_fn=get_hparams, set_hparams_fn=set_hparams)
+
+
+def round_privacy_report(
+    model_fn: fm.ModelArg,
+    client_optimizer_fn: Optional[fm.OptimizerArg] = None,
+    *,
+    model_aggregator: AggregationFactory,
+    loss_aggregator: tff.aggregators.UnweightedAggregationFactory,
+    hypergradient_aggregator: tff.aggregators.UnweightedAggregationFactory,
+    post_update_loss: str = 'first_batch',
+    client_weighting: tff.learning.ClientWeighting = (
+        tff.learning.ClientWeighting.NUM_EXAMPLES),
+    metrics_released: bool = True,
+    sampling_rate: float,
+    rounds: int,
+    delta: float,
+) -> aggregation.PrivacyReport:
+  """(epsilon, delta) of `rounds` rounds of `build_hypergradient_fed_avg`
+  with these aggregators (forward mode).
+
+  Every release of client data in a round: the post-update loss and its
+  tangent (read off the round's derivative program, so nothing it
+  aggregates is missed), the model update (`model_aggregator`), and the
+  clients' training metrics unless `metrics_released=False` (the process
+  built with `metrics_aggregator=functional_models.release_no_metrics`).
+  Plain releases make epsilon infinite and are named in the report.
+  """
+  model = fm.resolve_model(model_fn, 'round_privacy_report')
+  client_optimizer = fm.resolve_optimizer(
+      client_optimizer_fn, 'client_optimizer_fn', _default_client_optimizer)
+  loss_point = _loss_point(model_aggregator, loss_aggregator,
+                           hypergradient_aggregator, 'forward')
+  round_program = build_round_program(model, client_optimizer,
+                                      client_weighting, post_update_loss,
+                                      loss_point)
+  extra = [aggregation.factory_release('model_update (model_aggregator)',
+                                       model_aggregator,
+                                       _pair_type(model)[0])]
+  if metrics_released:
+    extra.append(aggregation.Release(
+        'client_work/train metrics (metrics_aggregator)', 'value', 'plain'))
+  return aggregation.privacy_report(
+      round_program, mode='forward', wrt=('model_weights', 'log_lr'),
+      sampling_rate=sampling_rate, rounds=rounds, delta=delta,
+      extra_releases=extra)
 
 
 def build_learned_weighting_round_program(model, client_optimizer,
