@@ -316,8 +316,8 @@ def activity(program: ir.Program, wrt: Sequence[int]):
 def prune_tangents(nodes: Sequence[ir.Node], active, outputs):
   """Forward mode computes only the tangents the `outputs` need.
 
-  Returns `(active values whose tangent is needed, {map/apply node: the
-  positions of its struct output whose tangents are needed})`. An active
+  Returns `(active values whose tangent is needed, {client map node: the
+  positions of its tuple output whose tangents are needed})`. An active
   value whose tangent nothing needs (e.g. local training results that only
   go to `has_aux`'s aux) is computed as a primal. A local function whose
   struct output is only read through selections computes the tangents of
