@@ -10,7 +10,8 @@ run it under strong label skew (e.g. --dirichlet_alpha=0.1).
 
 Writes a markdown table (final test accuracy, first round reaching
 --target_accuracy, final server learning rate / weight exponent) to
---output_dir/table.md, plus table.json and each run's outputs.
+--output_dir/table.md, plus table.json, each run's outputs and (rates) the
+learned rates by round, learned_rates.png (`plot_learned_rates`).
 
   python -m research.hypergradient_fedavg.experiments --experiment=rates \
       --output_dir out/rates
@@ -26,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from absl.testing import flagsaver
+import numpy as np
 
 import tff_fad
 from research import experiment
@@ -62,6 +64,58 @@ def _mean(summaries, key):
   return None if None in values else sum(values) / len(values)
 
 
+def plot_learned_rates(run_dirs, path: str) -> None:
+  """One panel per server optimizer: the learned rate of every hypergradient
+  run by round (one line per seed, a colour per starting rate), the fixed
+  rates of the FedAvg runs as dotted lines (the best by final accuracy in
+  black)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # No display; write a file.
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  runs = collections.defaultdict(list)
+  for run_dir in run_dirs:
+    with open(os.path.join(run_dir, 'summary.json')) as f:
+      summary = json.load(f)
+    runs[summary['server_optimizer']].append(summary)
+  fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4),
+                           squeeze=False)
+  for ax, (optimizer, summaries) in zip(axes[0], sorted(runs.items())):
+    fixed = collections.defaultdict(list)
+    for s in summaries:
+      if s['algorithm'] == 'fedavg':
+        fixed[s['initial_server_learning_rate']].append(
+            s['final_test_accuracy'])
+    best = max(fixed, key=lambda r: sum(fixed[r]) / len(fixed[r]),
+               default=None)
+    for rate in sorted(fixed):
+      ax.axhline(rate, linestyle=':', color='black' if rate == best
+                 else 'gray', linewidth=1.5 if rate == best else 0.8)
+    starts = sorted({s['initial_server_learning_rate'] for s in summaries
+                     if s['algorithm'] == 'hypergradient'})
+    colours = plt.get_cmap('viridis')(np.linspace(0, 0.85, max(len(starts),
+                                                                1)))
+    for s in summaries:
+      if s['algorithm'] != 'hypergradient':
+        continue
+      colour = colours[starts.index(s['initial_server_learning_rate'])]
+      by_round = sorted((int(r), v) for r, v in
+                        s['server_learning_rate_by_round'].items())
+      ax.plot([r for r, _ in by_round], [v for _, v in by_round],
+              color=colour, linewidth=1,
+              label=f"from {s['initial_server_learning_rate']:g}, seed "
+              f"{s['flags']['seed']}")
+    ax.set_yscale('log')
+    ax.set_xlabel('round')
+    ax.set_ylabel('server learning rate')
+    ax.set_title(f'server {optimizer}: learned rates; fixed grid dotted '
+                 '(best: black)', fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -81,12 +135,13 @@ def main(argv):
   else:
     configs = [dict(algorithm='hypergradient', weighting=w)
                for w in ('uniform', 'example_count', 'learned')]
-  rows = []
+  rows, run_dirs = [], []
   for config in configs:
     runs = []
     for seed in _SEEDS.value:
       name = '_'.join(f'{k}{v}' for k, v in config.items())
       run_dir = os.path.join(output_dir, f'{name}_seed{seed}')
+      run_dirs.append(run_dir)
       with flagsaver.flagsaver(seed=int(seed), output_dir=run_dir,
                                eval_every=1, **config):
         runs.append(hypergradient_main.run())
@@ -141,6 +196,8 @@ def main(argv):
     f.write(table + '\n')
   with open(os.path.join(output_dir, 'table.json'), 'w') as f:
     json.dump(rows, f, indent=2)
+  if _EXPERIMENT.value == 'rates':
+    plot_learned_rates(run_dirs, os.path.join(output_dir, 'learned_rates.png'))
   print(table)
   tff_fad.runtime.shutdown_local_workers()
 

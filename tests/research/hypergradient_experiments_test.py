@@ -56,6 +56,7 @@ def test_rates_grid_averages_seeds_and_labels_each_row(tmp_path):
   # Round 1 has no pending step and round 2 no earlier one: the greedy and
   # carried rates part in round 3.
   assert rows[1]['final_server_lr'] != rows[2]['final_server_lr']
+  assert os.path.getsize(os.path.join(out, 'learned_rates.png')) > 0
   with open(os.path.join(out, 'table.md')) as f:
     lines = f.read().splitlines()
   assert lines[0].startswith(
