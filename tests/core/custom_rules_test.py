@@ -101,8 +101,8 @@ def test_batched_directions_use_the_custom_rule():
 
 
 def _batched_dataset_loss(calls):
-  """`per_batch_loss` whose forward rule takes every direction at once,
-  counting how often its dataset loop is traced."""
+  """`federated_dataset_loss` whose client function's forward rule takes
+  every direction at once, counting how often its dataset loop is traced."""
 
   def jvp_rule(primals, tangents, num_directions):
     calls.append(num_directions)
@@ -121,19 +121,21 @@ def _batched_dataset_loss(calls):
         step)
     return total, tangent[0] if num_directions is None else tangent
 
-  return tff_fad.with_derivatives(dataset_loss, jvp=jvp_rule,
-                                  vjp=dataset_loss_vjp, batched_jvp=True)
-
-
-@pytest.mark.parametrize('k', [None, 3, 40])  # One, unrolled, tf.map_fn's.
-def test_a_batched_rule_runs_once_for_every_direction(k):
-  calls = []
-  batched = _batched_dataset_loss(calls)
+  batched = tff_fad.with_derivatives(dataset_loss, jvp=jvp_rule,
+                                     vjp=dataset_loss_vjp, batched_jvp=True)
 
   @tff_fad.federated_computation(W, DATASETS)
   def loss(w, data):
     return tff_fad.federated_sum(tff_fad.federated_map(
         batched, (tff_fad.federated_broadcast(w), data)))
+
+  return loss
+
+
+@pytest.mark.parametrize('k', [None, 3, 40])  # One, unrolled, tf.map_fn's.
+def test_a_batched_rule_runs_once_for_every_direction(k):
+  calls = []
+  loss = _batched_dataset_loss(calls)
 
   data = _client_data()
   expected_loss, expected_grad = _centralized(W0, data)
@@ -148,12 +150,7 @@ def test_a_batched_rule_runs_once_for_every_direction(k):
 
 def test_a_batched_rule_gets_seeded_tangents_stacked():
   calls = []
-  batched = _batched_dataset_loss(calls)
-
-  @tff_fad.federated_computation(W, DATASETS)
-  def loss(w, data):
-    return tff_fad.federated_sum(tff_fad.federated_map(
-        batched, (tff_fad.federated_broadcast(w), data)))
+  loss = _batched_dataset_loss(calls)
 
   data = _client_data()
   _, expected_grad = _centralized(W0, data)
