@@ -162,3 +162,24 @@ def test_termination_signals_raise_and_keep_existing_handlers():
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def test_a_worker_started_from_a_background_job_stops_on_sigint():
+  """A shell starts background jobs (`make test &`) with SIGINT ignored and
+  exec keeps that: TFF's worker then ignored the SIGINT that stops it, and
+  restarting the local context waited for it forever."""
+  code = textwrap.dedent('''
+      import shutil
+      import signal
+      signal.signal(signal.SIGINT, signal.SIG_IGN)  # As in a background job.
+      from tff_fad import runtime
+      child = runtime.popen_dying_with_parent([shutil.which('sleep'), '60'])
+      import time
+      time.sleep(0.5)  # Exec'd into sleep.
+      child.send_signal(signal.SIGINT)
+      print(child.wait(timeout=20))
+  ''')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == str(-signal.SIGINT)

@@ -134,6 +134,9 @@ def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
 # as the parent, and forgets a request made after the parent died: hence the
 # parent pid (argv[1]) checked after it. (Popen's preexec_fn would do the
 # same but can deadlock in a process with threads, as TensorFlow's is.)
+# SIGINT, TFF's stop signal, is reset to its default: a shell starts
+# background jobs with SIGINT ignored, exec keeps that, and a worker that
+# ignores SIGINT never stops when asked.
 _EXEC_DYING_WITH_PARENT = (
     'import ctypes, os, signal, sys\n'
     'try:\n'
@@ -142,7 +145,18 @@ _EXEC_DYING_WITH_PARENT = (
     '  pass\n'
     'if os.getppid() != int(sys.argv[1]):\n'
     '  sys.exit(1)\n'
+    'signal.signal(signal.SIGINT, signal.SIG_DFL)\n'
     'os.execv(sys.argv[2], sys.argv[2:])\n')
+
+
+def _stop(process: subprocess.Popen, timeout_seconds: float = 5.0) -> None:
+  """SIGINT (TFF's way), then SIGKILL if `process` is still alive."""
+  process.send_signal(signal.SIGINT)
+  try:
+    process.wait(timeout=timeout_seconds)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
 
 
 def popen_dying_with_parent(argv: Sequence[str], **kwargs) -> subprocess.Popen:
@@ -174,8 +188,7 @@ class _LocalWorker:
       return self._stub
     # Gone (e.g. stopped by shutdown_local_workers) or broken: start another.
     if self._process is not None and self._process.poll() is None:
-      self._process.send_signal(signal.SIGINT)
-      self._process.wait()
+      _stop(self._process)
     port = portpicker.pick_unused_port()
     # A session of its own: a terminal's Ctrl-C reaches Python only, which
     # stops the worker after its clean-up instead of losing it mid-call.
