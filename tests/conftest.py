@@ -1,6 +1,23 @@
 """Suite-wide pytest hooks for tff_fad's tests."""
 
+import signal
+
 from tff_fad import runtime
+
+
+def pytest_configure(config):
+  """Lets TFF's own workers stop when the suite runs as a background job.
+
+  A shell starts background jobs (`make test &`) with SIGINT ignored, and
+  children exec'd from Python inherit that. TFF stops the worker of a
+  context it replaces (the tests switch contexts) with SIGINT and waits for
+  it without a timeout, so the suite hung there. With Python's handler
+  installed, exec'd children start with SIGINT at its default. (tff_fad's
+  own local context resets it in its worker shim.)
+  """
+  del config  # Unused.
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session, exitstatus):
