@@ -344,11 +344,12 @@ def _post_update_loss_and_training(model, client_optimizer, client_weighting,
   `post_update_loss='first_batch'`: one client call, the loss of each
   client's first batch, whose gradient local training computes anyway;
   'all_batches': the loss over all the client's data, a second pass.
-  Without `loss_point` the loss is the example-weighted mean (a plain sum of
-  loss sums and counts); with it, each client's mean loss goes through the
-  point's aggregator (e.g. DP: clipped and noised, its derivative by the
-  point's tangent aggregator) and `(loss, client outputs, (state,
-  measurements))` is returned.
+  Returns `(loss, client outputs, loss aggregate)`. Without `loss_point` the
+  loss is the example-weighted mean (a plain sum of loss sums and counts)
+  and the loss aggregate is None; with it, each client's mean loss goes
+  through the point's aggregator (e.g. DP: clipped and noised, its
+  derivative by the point's tangent aggregator) and the loss aggregate is
+  the point's `(new state, measurements)`.
   """
   if post_update_loss == 'first_batch':
     loss_and_outputs = fad.federated_map(
@@ -365,7 +366,7 @@ def _post_update_loss_and_training(model, client_optimizer, client_weighting,
   if loss_point is None:
     loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
                                fad.federated_sum(loss_and_count))
-    return loss, client_outputs
+    return loss, client_outputs, None
   client_loss = fad.federated_map(lambda t: t[0] / tf.maximum(t[1], 1.0),
                                   loss_and_count)
   aggregate = aggregation.aggregate_with_factory(client_loss, loss_state,
@@ -393,41 +394,38 @@ def build_round_program(
   `stored_log_lr` and the aux adds `(new state, measurements)`.
   """
   pair_type = _pair_type(model)
-  if loss_point is not None:
+  head = [tff.FederatedType(pair_type, tff.SERVER),
+          tff.FederatedType(np.float32, tff.SERVER),
+          tff.FederatedType(pair_type[0], tff.SERVER),
+          tff.FederatedType(np.float32, tff.SERVER)]
+  data_type = tff.FederatedType(fm.data_type(model), tff.CLIENTS)
 
-    @fad.federated_computation(
-        tff.FederatedType(pair_type, tff.SERVER),
-        tff.FederatedType(np.float32, tff.SERVER),
-        tff.FederatedType(pair_type[0], tff.SERVER),
-        tff.FederatedType(np.float32, tff.SERVER),
-        loss_point.state_type,
-        tff.FederatedType(fm.data_type(model), tff.CLIENTS))
-    def private_round_program(model_weights, log_lr, pending, stored_log_lr,
-                              loss_state, data):
-      weights = fad.federated_apply(
-          _current_model, (model_weights, log_lr, pending, stored_log_lr))
-      loss, client_outputs, loss_aggregate = _post_update_loss_and_training(
-          model, client_optimizer, client_weighting, post_update_loss,
-          fad.federated_broadcast(weights), data, loss_point, loss_state)
-      return loss, (weights, client_outputs, loss_aggregate)
-
-    return private_round_program
-
-  @fad.federated_computation(
-      tff.FederatedType(pair_type, tff.SERVER),
-      tff.FederatedType(np.float32, tff.SERVER),
-      tff.FederatedType(pair_type[0], tff.SERVER),
-      tff.FederatedType(np.float32, tff.SERVER),
-      tff.FederatedType(fm.data_type(model), tff.CLIENTS))
-  def round_program(model_weights, log_lr, pending, stored_log_lr, data):
+  def one_round(model_weights, log_lr, pending, stored_log_lr, data,
+                loss_state=None):
     weights = fad.federated_apply(
         _current_model, (model_weights, log_lr, pending, stored_log_lr))
-    loss, client_outputs = _post_update_loss_and_training(
+    loss, client_outputs, loss_aggregate = _post_update_loss_and_training(
         model, client_optimizer, client_weighting, post_update_loss,
-        fad.federated_broadcast(weights), data)
-    return loss, (weights, client_outputs)
+        fad.federated_broadcast(weights), data, loss_point, loss_state)
+    if loss_aggregate is None:
+      return loss, (weights, client_outputs)
+    return loss, (weights, client_outputs, loss_aggregate)
 
-  return round_program
+  if loss_point is None:
+
+    @fad.federated_computation(*head, data_type)
+    def round_program(model_weights, log_lr, pending, stored_log_lr, data):
+      return one_round(model_weights, log_lr, pending, stored_log_lr, data)
+
+    return round_program
+
+  @fad.federated_computation(*head, loss_point.state_type, data_type)
+  def private_round_program(model_weights, log_lr, pending, stored_log_lr,
+                            loss_state, data):
+    return one_round(model_weights, log_lr, pending, stored_log_lr, data,
+                     loss_state)
+
+  return private_round_program
 
 
 def _zeros_like_trainable(model, leading=()):
@@ -796,18 +794,15 @@ def build_hypergradient_fed_avg(
   def next_fn(state, client_data):
     inputs = tff.federated_map(round_inputs, state)
     log_lr, pending = state.finalizer['log_lr'], state.finalizer['pending']
-    model_update_state = state.aggregator
+    model_update_state, loss_state = state.aggregator, []
     if loss_point is not None:
       model_update_state = state.aggregator['model_update']
-      loss, hypergradient, (weights, client_outputs, loss_aggregate) = (
-          differentiated(inputs[0], log_lr, pending, log_lr,
-                         state.aggregator['post_update_loss'], client_data,
-                         inputs[1],
+      loss_state = [state.aggregator['post_update_loss']]
+    if mode == 'forward':
+      loss, hypergradient, (weights, client_outputs, *loss_aggregate) = (
+          differentiated(inputs[0], log_lr, pending, log_lr, *loss_state,
+                         client_data, inputs[1],
                          tff.federated_value(np.float32(1.0), tff.SERVER)))
-    elif mode == 'forward':
-      loss, hypergradient, (weights, client_outputs) = differentiated(
-          inputs[0], log_lr, pending, log_lr, client_data, inputs[1],
-          tff.federated_value(np.float32(1.0), tff.SERVER))
     else:
       (loss, (weights, client_outputs)), gradients = differentiated(
           inputs[0], log_lr, pending, log_lr, client_data)
@@ -822,6 +817,7 @@ def build_hypergradient_fed_avg(
                                          client_outputs['update'])
     aggregator_state, measurements = aggregate.state, aggregate.measurements
     if loss_point is not None:
+      (loss_aggregate,) = loss_aggregate  # (new state, measurements).
       aggregator_state = tff.federated_zip(collections.OrderedDict(
           model_update=aggregate.state, post_update_loss=loss_aggregate[0]))
       measurements = tff.federated_zip(collections.OrderedDict(
@@ -921,7 +917,7 @@ def build_learned_weighting_round_program(model, client_optimizer,
                     data):
     weights = fad.federated_apply(
         _current_model, (model_weights, log_lr, pending, stored_log_lr))
-    loss, client_outputs = _post_update_loss_and_training(
+    loss, client_outputs, _ = _post_update_loss_and_training(
         model, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES,
         post_update_loss, fad.federated_broadcast(weights), data)
     mixing = fad.federated_map(
