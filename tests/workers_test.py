@@ -83,6 +83,11 @@ def _builders():
       'hypergradient_forward': lambda m: (
           hypergradient_fed_avg.build_hypergradient_fed_avg(
               m, sgd, tff.learning.optimizers.build_sgdm(0.3))),
+      # Two stages: the round's aggregations, then the backward sweep's.
+      'hypergradient_reverse': lambda m: (
+          hypergradient_fed_avg.build_hypergradient_fed_avg(
+              m, sgd, tff.learning.optimizers.build_sgdm(0.3),
+              mode='reverse')),
       'learned_weighting': lambda m: (
           hypergradient_fed_avg.build_learned_weighting_fed_avg(
               m, sgd, tff.learning.optimizers.build_sgdm(0.3))),
@@ -101,7 +106,8 @@ def _builders():
 # hyper-optimizer's, which has no momentum to average them out, in the
 # learned rate and exponent (1e-5 against steps of about 0.1). Both still
 # catch a wrong merge.
-_TOLERANCE = {'hypergradient_forward': 1e-5, 'learned_weighting': 1e-5,
+_TOLERANCE = {'hypergradient_forward': 1e-5, 'hypergradient_reverse': 1e-5,
+              'learned_weighting': 1e-5,
               'baffle_forward': 1e-4, 'tff_weighted_fed_avg': 1e-6}
 
 
@@ -148,15 +154,37 @@ def test_workers_compute_their_parts_at_the_same_time(two_workers):
   assert min(ends) - max(starts) > 0.5, spans  # They overlap.
 
 
-def test_reverse_mode_round_is_refused_by_name(two_workers, digits_setup):
+def test_a_worker_killed_in_the_second_stage_is_named_and_the_round_reruns(
+    digits_setup):
   model, round_data = digits_setup
   process = hypergradient_fed_avg.build_hypergradient_fed_avg(
       model, mode='reverse')
-  state = process.initialize()
-  with workers.worker_context(two_workers.addresses):
-    with pytest.raises(workers.NotMergeableError,
-                       match="Reverse-mode derivatives.*mode='forward'"):
-      process.next(state, round_data(1))
+  state = process.next(process.initialize(), round_data(1)).state
+  expected = process.next(state, round_data(2))
+  with local_workers.LocalWorkers(2) as local:
+    context = workers.create_worker_context(local.addresses)
+    stages_run = []
+    run_stage = context._invoke_stage  # pylint: disable=protected-access
+
+    def kill_before_the_second_stage(comp, arg):
+      stages_run.append(comp)
+      if len(stages_run) == 2:
+        os.kill(local.pids[1], signal.SIGKILL)
+      return run_stage(comp, arg)
+
+    context._invoke_stage = kill_before_the_second_stage  # pylint: disable=protected-access
+    with tff.framework.get_context_stack().install(context):
+      with pytest.raises(workers.WorkerUnavailableError,
+                         match='stopped responding') as e:
+        process.next(state, round_data(2))
+  assert e.value.address == local.addresses[1]
+  assert len(stages_run) == 2
+  # The state the round started from is intact: with the workers back, the
+  # round runs again from it and gives the one-process result.
+  with local_workers.LocalWorkers(2) as local:
+    with workers.worker_context(local.addresses):
+      rerun = process.next(state, round_data(2))
+  _assert_states_close(rerun, expected, _TOLERANCE['hypergradient_reverse'])
 
 
 def test_a_dead_worker_is_named_instead_of_hanging(digits_setup):

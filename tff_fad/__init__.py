@@ -37,9 +37,9 @@ _EXPORTS = {
     **{name: 'tff_fad.aggregation' for name in _AGGREGATION},
 }
 # Subpackages: learning algorithms (tff_fad.learning.build_...), data, and
-# execution on several TFF workers.
+# execution on several TFF workers (computations cut into stages).
 _SUBMODULES = ('aggregation', 'core', 'data', 'learning', 'local_workers',
-               'workers')
+               'stages', 'workers')
 
 
 def __getattr__(name: str) -> Any:

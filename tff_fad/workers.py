@@ -5,22 +5,29 @@ TFF ships its C++ executor service in the tensorflow-federated wheel
 execution context spreads one computation over several of them: it splits
 the `CLIENTS`-placed arguments into one part per worker, runs the computation
 up to its aggregation on each part, merges the partial aggregates and runs
-the rest (the server update) once. tff_fad uses exactly that machinery
+the rest (the server update) once. tff_fad uses that machinery
 (`tff.framework.MergeableCompExecutionContext` with TFF's own
-`compile_to_mergeable_comp_form`); this module only connects to the workers,
-names them in errors, and refuses what cannot be split.
+`compile_to_mergeable_comp_form`); this module connects to the workers,
+names them in errors, cuts computations of several aggregation layers into
+stages, and splits each argument's clients itself (TFF 0.87's splitter gives
+every worker the same clients when the argument's last member is
+server-placed).
 
-What can be spread over workers: a computation whose aggregations do not
-depend on one another (broadcast -> client work -> aggregation -> server
-work), e.g. one round of hypergradient FedAvg in forward mode (the
-hypergradient rides on the round's broadcast), learned client weighting,
-BAFFLE, TFF's own `build_weighted_fed_avg`, and the primal or forward-mode
-(`jvp`) program of a single-round tff_fad program. What cannot: a derivative
-in 'reverse' or 'reverse_recompute' mode (its backward sweep broadcasts the
-cotangent of an aggregate and aggregates again), programs of several rounds,
-and secure sums (only TFF's test context runs them); invoking one raises
-`NotMergeableError`. Computations without aggregation (initialization,
-`get_model_weights`) run on one worker.
+Every computation can be spread over workers. One with a single layer of
+aggregation (broadcast -> client work -> aggregation -> server work: one
+round of FedAvg, BAFFLE, hypergradient FedAvg in forward mode) runs as TFF
+runs it. One with several layers (a reverse-mode derivative, whose backward
+sweep broadcasts the cotangent of an aggregate and aggregates again; a
+program of several rounds; a Hessian-vector product) is cut into stages of
+one layer each (`tff_fad.stages`); each stage is split over the workers and
+merged, and the server values later stages need are carried between stages
+through this process. Client values are not kept between stages: a stage
+recomputes what it needs from the client data (sent to the workers once per
+stage, as TFF does for any call), so a stateful `'reverse'` derivative runs
+as `'reverse_recompute'` does. Secure sums cannot run on workers (only TFF's
+test context runs them): invoking one raises `NotMergeableError`.
+Computations without aggregation (initialization, `get_model_weights`) run on
+one worker.
 
 Trust boundary: workers serve unauthenticated gRPC on all interfaces (see
 `tff_fad.local_workers`). `parse_addresses` refuses non-loopback addresses
@@ -35,11 +42,17 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import grpc
 import tensorflow_federated as tff
+# The mergeable context's invocation of one compiled form, and its argument
+# value, are not exported in TFF 0.87.
+from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as tff_mergeable
 
+from tff_fad import stages
+from tff_fad.core import cost
+from tff_fad.core import transforms
 from tff_fad.local_workers import LocalWorkers
 from tff_fad.local_workers import parse_addresses
 from tff_fad.local_workers import TRUST_WARNING
@@ -193,13 +206,109 @@ def _compile_to_mergeable(comp):
   except Exception as e:  # TFF raises several types for the same cause.
     reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise NotMergeableError(
-        'Cannot split this computation over several workers: it needs one '
-        'layer of aggregation that no other aggregation depends on '
-        '(broadcast -> client work -> aggregation -> server work). '
-        'Reverse-mode derivatives and multi-round programs aggregate, '
-        "broadcast and aggregate again: use mode='forward', or run without "
-        f'workers. Its type: {comp.type_signature.parameter} -> ... '
+        'Cannot split this computation over several workers: one of its '
+        'stages (broadcast -> client work -> aggregation -> server work) '
+        'does not compile to TFF\'s mergeable form. Run it without workers. '
+        f'Its type: {comp.type_signature.parameter} -> ... '
         f'(TFF: {type(e).__name__}: {reason[:300]})') from e
+
+
+def _split_clients(value: Any, type_spec: tff.Type,
+                   num_parts: int) -> List[Any]:
+  """`value` with its clients cut into consecutive parts, one per worker.
+
+  Every `CLIENTS`-placed member is cut at the same client indices; all other
+  members are repeated in each part. (TFF 0.87's own splitter takes the
+  client index from the last member of a structure, so an argument whose
+  last member is server-placed, such as a tangent or cotangent after the
+  client data, gave every worker the first part of the clients.)
+  """
+  counts = set()
+
+  def count(v, t):
+    if isinstance(t, tff.StructType):
+      for (_, x), (_, u) in zip(tff.structure.iter_elements(
+          tff.structure.from_container(v)), tff.structure.iter_elements(t)):
+        count(x, u)
+    elif (isinstance(t, tff.FederatedType) and t.placement is tff.CLIENTS
+          and not t.all_equal):
+      counts.add(len(v))
+
+  count(value, type_spec)
+  if len(counts) > 1:
+    raise ValueError('The client-placed arguments have different numbers of '
+                     f'clients: {sorted(counts)}.')
+  num_clients = counts.pop() if counts else None
+  if num_clients is None:
+    return [value] * num_parts
+  if num_clients == 0:
+    return [value]
+  num_parts = min(num_parts, num_clients)
+  bounds = [num_clients * i // num_parts for i in range(num_parts + 1)]
+
+  def part(v, t, start, stop):
+    if isinstance(t, tff.StructType):
+      elements = zip(tff.structure.iter_elements(
+          tff.structure.from_container(v)), tff.structure.iter_elements(t))
+      return tff.structure.Struct([(name, part(x, u, start, stop))
+                                   for (_, x), (name, u) in elements])
+    if (isinstance(t, tff.FederatedType) and t.placement is tff.CLIENTS
+        and not t.all_equal):
+      return list(v)[start:stop]
+    return v
+
+  return [part(value, type_spec, a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class _SplitArgument(tff_mergeable.MergeableCompExecutionContextValue):
+
+  def __init__(self, value: Any, type_spec: tff.Type, num_parts: int):  # pylint: disable=super-init-not-called
+    self._type_signature = type_spec
+    self._partitioned_value = _split_clients(value, type_spec, num_parts)
+
+
+class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
+  """TFF's mergeable context, for computations of any number of stages.
+
+  Each computation is cut at its aggregations (`tff_fad.stages`); each stage
+  is split over the workers and merged as TFF does for a computation with one
+  aggregation, and the server values later stages need are carried between
+  them through the driver.
+  """
+
+  def __init__(self, async_contexts, num_subrounds: Optional[int]):
+    super().__init__(async_contexts, compiler_fn=_compile_to_mergeable,
+                     num_subrounds=num_subrounds)
+    self._stages = {}
+
+  def stages_of(self, comp: tff.Computation) -> List[stages.Stage]:
+    if comp not in self._stages:
+      secure = transforms.SECURE_INTRINSICS & set(cost.intrinsics_used(comp))
+      if secure:
+        raise NotMergeableError(
+            f'{sorted(secure)[0]} cannot run on TFF workers: TFF\'s runtime '
+            'does not implement secure sums (only its test context simulates '
+            'them). Run without workers, inside '
+            '`with tff_fad.secure_simulation_context():`.')
+      self._stages[comp] = stages.split_into_stages(comp)
+    return self._stages[comp]
+
+  def invoke(self, comp, arg=None):
+    if isinstance(comp, tff_mergeable.MergeableCompForm):
+      return self._invoke_stage(comp, arg)
+    return stages.run_stages(self.stages_of(comp), arg, self._invoke_stage)
+
+  def _invoke_stage(self, comp, arg):
+    if isinstance(comp, tff.Computation):
+      comp = self._compiler_pipeline.compile(comp)
+    if arg is not None:
+      arg = _SplitArgument(arg, comp.up_to_merge.type_signature.parameter,
+                           self._num_subrounds)
+    result = self._async_runner.run_coro_and_return_result(
+        tff_mergeable._invoke_mergeable_comp_form(  # pylint: disable=protected-access
+            comp, arg, self._async_execution_contexts))
+    return tff.types.type_to_py_container(
+        result, comp.after_merge.type_signature.result)
 
 
 def create_worker_context(
@@ -227,9 +336,7 @@ def create_worker_context(
   addresses = parse_addresses(addresses, allow_remote=allow_remote)
   contexts = [_async_worker_context(a, _connect(a, connect_timeout_seconds))
               for a in addresses]
-  return tff.framework.MergeableCompExecutionContext(
-      contexts, compiler_fn=_compile_to_mergeable,
-      num_subrounds=num_subrounds)
+  return _StagedWorkerContext(contexts, num_subrounds=num_subrounds)
 
 
 @contextlib.contextmanager

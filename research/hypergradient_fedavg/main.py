@@ -121,12 +121,6 @@ def validate_flags() -> None:
     raise ValueError('--output_dir is required.')
   experiment.validate_task_flags()
   experiment.validate_execution_flags()
-  if experiment.WORKERS.value and _MODE.value == 'reverse' and (
-      _ALGORITHM.value == 'hypergradient'):
-    raise ValueError(
-        '--fad_mode=reverse cannot run on --workers: its second sweep '
-        'aggregates the cotangents of the first aggregation, and a round '
-        'split over workers allows one aggregation. Use --fad_mode=forward.')
 
 
 def _dp_gaussian(clip: float):

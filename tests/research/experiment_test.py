@@ -62,14 +62,6 @@ def test_remote_workers_need_the_opt_in_flag():
     experiment.validate_execution_flags()
 
 
-def test_reverse_mode_hypergradient_is_refused_on_workers(tmp_path):
-  with flagsaver.flagsaver(output_dir=str(tmp_path), fad_mode='reverse',
-                           workers=['127.0.0.1:8000']):
-    with pytest.raises(ValueError, match='--fad_mode=reverse cannot run on '
-                       '--workers'):
-      hypergradient_main.run()
-
-
 def test_worker_failure_exits_naming_it_and_how_to_resume(tmp_path, capsys):
   # The saved state a run leaves after round 4.
   loop = asyncio.new_event_loop()  # asyncio.run would unset TFF's loop.

@@ -8,6 +8,7 @@ from absl.testing import flagsaver
 import pytest
 
 from research.hypergradient_fedavg import main as hypergradient_main
+from tff_fad import local_workers
 
 FLAGS = flags.FLAGS
 
@@ -36,6 +37,24 @@ def test_hypergradient_run_writes_outputs(tmp_path):
   rows = (tmp_path / 'metrics.csv').read_text().splitlines()
   assert rows[0].startswith('round,')
   assert len(rows) == 1 + 3  # Header, the initial evaluation, two rounds.
+
+
+def test_reverse_mode_on_two_workers_gives_the_one_process_run(tmp_path):
+  flags_ = dict(TINY, rounds=3, fad_mode='reverse')
+  with flagsaver.flagsaver(output_dir=str(tmp_path / 'one_process'),
+                           **flags_):
+    expected = hypergradient_main.run()
+  with local_workers.LocalWorkers(2) as local:
+    with flagsaver.flagsaver(output_dir=str(tmp_path / 'workers'),
+                             workers=local.addresses, **flags_):
+      actual = hypergradient_main.run()
+  rates = actual['server_learning_rate_by_round']
+  assert set(rates) == {'1', '2', '3'}
+  for round_num, rate in expected['server_learning_rate_by_round'].items():
+    assert rates[round_num] == pytest.approx(rate, rel=1e-5)
+  assert actual['final_test_accuracy'] == pytest.approx(
+      expected['final_test_accuracy'], abs=1e-3)
+  assert actual['communication_per_round']['round_trips'] == 2
 
 
 def test_fixed_rate_fedavg_baseline_runs(tmp_path):

@@ -1,0 +1,229 @@
+"""Programs of several aggregation stages, on several TFF workers.
+
+`tff_fad.stages` cuts a computation at its aggregations; `tff_fad.workers`
+runs each stage split over the workers. Every derivative mode, multi-round
+programs and composed transforms are compared with one process (float64:
+only the order of the additions differs).
+"""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import tff_fad
+from tff_fad import aggregation
+from tff_fad import local_workers
+from tff_fad import stages
+from tff_fad import workers
+from tff_fad.core import cost
+
+RTOL = 1e-12
+
+# ----------------------------------------------------------------------------
+# The README's least squares, and two FedAvg rounds then the loss; float64.
+
+W_TYPE = tff.FederatedType(tff.TensorType(np.float64, [2]), tff.SERVER)
+EXAMPLE = collections.OrderedDict(
+    x=tff.TensorType(np.float64, [2]), y=tff.TensorType(np.float64))
+
+
+def squared_error(w, example):
+  return 0.5 * (tf.reduce_sum(w * example['x']) - example['y']) ** 2
+
+
+@tff_fad.federated_computation(W_TYPE, tff.FederatedType(EXAMPLE, tff.CLIENTS))
+def least_squares(w, data):
+  return tff_fad.federated_mean(
+      tff_fad.federated_map(squared_error,
+                            (tff_fad.federated_broadcast(w), data)))
+
+
+BATCH = collections.OrderedDict(
+    x=tff.TensorType(np.float64, [4, 2]), y=tff.TensorType(np.float64, [4]))
+
+
+def batch_loss(w, batch):
+  return 0.5 * tf.reduce_mean((tf.linalg.matvec(batch['x'], w)
+                               - batch['y']) ** 2)
+
+
+def local_delta(w, batch):
+  """Two local gradient steps at rate 0.3; the model delta."""
+  local = w
+  for _ in range(2):
+    with tf.GradientTape() as tape:
+      tape.watch(local)
+      loss = batch_loss(local, batch)
+    local = local - 0.3 * tape.gradient(loss, local)
+  return w - local
+
+
+@tff_fad.federated_computation(W_TYPE,
+                               tff.FederatedType(np.float64, tff.SERVER),
+                               tff.FederatedType(BATCH, tff.CLIENTS))
+def two_rounds_then_loss(w, lr, data):
+  for _ in range(2):
+    deltas = tff_fad.federated_map(local_delta,
+                                   (tff_fad.federated_broadcast(w), data))
+    w = tff_fad.federated_apply(lambda w, lr, d: w - lr * d,
+                                (w, lr, tff_fad.federated_mean(deltas)))
+  return tff_fad.federated_mean(
+      tff_fad.federated_map(batch_loss, (tff_fad.federated_broadcast(w), data)))
+
+
+def _values(num_clients=5):
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=2)
+  examples = [collections.OrderedDict(x=rng.normal(size=2),
+                                      y=np.float64(rng.normal()))
+              for _ in range(num_clients)]
+  batches = [collections.OrderedDict(x=rng.normal(size=(4, 2)),
+                                     y=rng.normal(size=4))
+             for _ in range(num_clients)]
+  return w, examples, batches, rng.normal(size=2)
+
+
+W, EXAMPLES, BATCHES, V = _values()
+LR = 0.8
+
+
+def _programs():
+  """(name, program, arguments) for each kind of program the tests run."""
+  programs = [('least_squares', least_squares, (W, EXAMPLES)),
+              ('least_squares/jvp', tff_fad.jvp(least_squares),
+               (W, EXAMPLES, V)),
+              ('two_rounds', two_rounds_then_loss, (W, LR, BATCHES)),
+              ('two_rounds/jvp[w, lr]',
+               tff_fad.jvp(two_rounds_then_loss, wrt=('w', 'lr')),
+               (W, LR, BATCHES, V, 0.5))]
+  for mode in tff_fad.MODES:
+    programs += [
+        (f'least_squares/value_and_grad[{mode}]',
+         tff_fad.value_and_grad(least_squares, mode=mode), (W, EXAMPLES)),
+        (f'two_rounds/value_and_grad[{mode}, w and lr]',
+         tff_fad.value_and_grad(two_rounds_then_loss, wrt=('w', 'lr'),
+                                mode=mode), (W, LR, BATCHES)),
+        (f'two_rounds/jvp(grad[{mode}])',
+         tff_fad.jvp(tff_fad.grad(two_rounds_then_loss, wrt='w', mode=mode),
+                     wrt='w'), (W, LR, BATCHES, V)),
+    ]
+  return programs
+
+
+PROGRAMS = _programs()
+
+
+def _assert_close(actual, expected):
+  flat_actual, flat_expected = tf.nest.flatten(actual), tf.nest.flatten(
+      expected)
+  assert len(flat_actual) == len(flat_expected)
+  for a, e in zip(flat_actual, flat_expected):
+    np.testing.assert_allclose(a, e, rtol=RTOL, atol=1e-14)
+
+
+@pytest.fixture(scope='module')
+def two_workers():
+  with local_workers.LocalWorkers(2) as local:
+    yield local
+
+
+# ----------------------------------------------------------------------------
+# Stages.
+
+
+@pytest.mark.parametrize('name, program, args', PROGRAMS,
+                         ids=[n for n, _, _ in PROGRAMS])
+def test_one_stage_per_round_trip_each_with_one_aggregation_layer(
+    name, program, args):
+  del name, args
+  program_cost = cost.communication_cost(program, num_clients=5)
+  per_stage = stages.communication_cost_per_stage(program, num_clients=5)
+  assert len(per_stage) == program_cost.round_trips
+  assert all(stage.round_trips == 1 for stage in per_stage)
+  # Each stage uploads what the program uploads in that round trip.
+  assert sum(s.client_to_server_bytes_per_client for s in per_stage) == (
+      program_cost.client_to_server_bytes_per_client)
+  assert sum(s.server_to_client_bytes_per_client for s in per_stage) >= (
+      program_cost.server_to_client_bytes_per_client)
+
+
+def test_stages_carry_only_server_values():
+  gradient = tff_fad.grad(two_rounds_then_loss, wrt='w', mode='reverse')
+  split = stages.split_into_stages(gradient)
+  # Two rounds and the loss, then the backward sweep through each of them.
+  assert len(split) == 6
+  assert split[0].carried_in == () and split[-1].carried_out == ()
+  for before, after in zip(split, split[1:]):
+    assert before.carried_out == after.carried_in
+    carried = after.computation.type_signature.parameter[1]
+    assert all(t.placement is tff.SERVER for t in carried)
+
+
+def test_a_one_stage_program_is_not_rewritten():
+  (stage,) = stages.split_into_stages(least_squares)
+  assert stage.computation is least_squares.primal
+
+
+def test_stateful_reverse_recomputes_client_values_in_its_second_stage():
+  # Workers keep no client values between calls: the backward sweep's stage
+  # broadcasts w again and recomputes, as reverse_recompute does.
+  per_stage = {
+      mode: stages.communication_cost_per_stage(
+          tff_fad.grad(least_squares, mode=mode), num_clients=5)
+      for mode in ('reverse', 'reverse_recompute')}
+  assert per_stage['reverse'] == per_stage['reverse_recompute']
+  assert per_stage['reverse'][1].intrinsics['federated_broadcast'] == 2
+
+
+# ----------------------------------------------------------------------------
+# Two workers vs one process.
+
+
+@pytest.mark.parametrize('name, program, args', PROGRAMS,
+                         ids=[n for n, _, _ in PROGRAMS])
+def test_two_workers_give_the_one_process_result(name, program, args,
+                                                 two_workers):
+  del name
+  expected = program(*args)
+  with workers.worker_context(two_workers.addresses):
+    actual = program(*args)
+  _assert_close(actual, expected)
+
+
+def test_each_worker_gets_its_own_clients_when_the_last_argument_is_server_placed(
+    two_workers):
+  # TFF 0.87's mergeable context gave every worker the first part of the
+  # clients when a server-placed argument (here the tangent) came last.
+  program = tff_fad.jvp(least_squares)
+  per_client = [program(W, [example], V) for example in EXAMPLES]
+  with workers.worker_context(two_workers.addresses):
+    value, tangent = program(W, EXAMPLES, V)
+  assert value == pytest.approx(np.mean([v for v, _ in per_client]), rel=RTOL)
+  assert tangent == pytest.approx(np.mean([t for _, t in per_client]),
+                                  rel=RTOL)
+
+
+def test_more_parts_than_workers_and_fewer_clients_than_parts(two_workers):
+  program = tff_fad.value_and_grad(two_rounds_then_loss, wrt=('w', 'lr'),
+                                   mode='reverse')
+  expected = program(W, LR, BATCHES[:3])
+  with workers.worker_context(two_workers.addresses, num_subrounds=5):
+    _assert_close(program(W, LR, BATCHES[:3]), expected)
+
+
+def test_secure_sums_are_refused_on_workers_by_name(two_workers):
+  d_type = tff.FederatedType(np.float32, tff.CLIENTS)
+
+  @tff_fad.federated_computation(d_type)
+  def secure_total(d):
+    return aggregation.federated_secure_sum(d, clip_range=(-1.0, 1.0),
+                                            num_clients_bound=10)
+
+  with workers.worker_context(two_workers.addresses):
+    with pytest.raises(workers.NotMergeableError,
+                       match='federated_secure_sum_bitwidth cannot run on TFF '
+                       'workers.*secure_simulation_context'):
+      secure_total([0.5, 0.25])
