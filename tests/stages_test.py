@@ -19,6 +19,9 @@ from tff_fad import local_workers
 from tff_fad import stages
 from tff_fad import workers
 from tff_fad.core import cost
+# The building blocks of a stage, to find which client computations it runs.
+from tensorflow_federated.python.core.impl.compiler import building_blocks as bb
+from tensorflow_federated.python.core.impl.compiler import transformation_utils
 
 RTOL = 1e-12
 
@@ -165,6 +168,65 @@ def test_stages_carry_only_server_values():
 def test_a_one_stage_program_is_not_rewritten():
   (stage,) = stages.split_into_stages(least_squares)
   assert stage.computation is least_squares.primal
+
+
+def _loss_and_step(w, example):
+  w = tf.identity(w, name='forward_pass_marker')
+  return squared_error(w, example), 2.0 * w
+
+
+def _loss_and_step_vjp(primals, active, cotangent):
+  w, example = primals
+  ct_loss, ct_step = cotangent
+  residual = tf.reduce_sum(w * example['x']) - example['y']
+  return [ct_loss * residual * example['x'] + 2.0 * ct_step if active[0]
+          else None, None]
+
+
+loss_and_step = tff_fad.with_derivatives(_loss_and_step,
+                                         vjp=_loss_and_step_vjp)
+
+
+@tff_fad.federated_computation(W_TYPE, tff.FederatedType(EXAMPLE, tff.CLIENTS))
+def loss_and_mean_step(w, data):
+  both = tff_fad.federated_map(loss_and_step,
+                               (tff_fad.federated_broadcast(w), data))
+  return tff_fad.federated_mean(both[0]), tff_fad.federated_mean(both[1])
+
+
+def _client_calls_of_the_forward_pass(comp) -> int:
+  """Calls, over all stages, of a TF computation running `_loss_and_step`."""
+  calls = 0
+
+  def count(block):
+    nonlocal calls
+    if isinstance(block, bb.CompiledComputation) and (
+        b'forward_pass_marker' in block.proto.SerializeToString()):
+      calls += 1
+    return block, False
+
+  for stage in stages.split_into_stages(comp):
+    transformation_utils.transform_postorder(
+        stage.computation.to_building_block(), count)
+  return calls
+
+
+@pytest.mark.parametrize('mode', ['reverse', 'reverse_recompute'])
+def test_the_backward_stage_does_not_rerun_a_client_function_it_only_indexes(
+    mode):
+  # The transpose of selecting the loss from the client function's output
+  # needs the output's type, not its value: the backward stage must not run
+  # the function again (here a loss; in hypergradient FedAvg a whole local
+  # training) just to build zeros for the member that was not selected.
+  gradient = tff_fad.grad(loss_and_mean_step, has_aux=True, mode=mode)
+  assert _client_calls_of_the_forward_pass(loss_and_mean_step) == 1
+  assert _client_calls_of_the_forward_pass(gradient) == 1
+  (value, step), g = tff_fad.value_and_grad(
+      loss_and_mean_step, has_aux=True, mode=mode)(W, EXAMPLES)
+  del value, step
+  expected = np.mean([(W @ e['x'] - e['y']) * e['x'] for e in EXAMPLES],
+                     axis=0)
+  np.testing.assert_allclose(g, expected, rtol=RTOL)
 
 
 def test_stateful_reverse_recomputes_client_values_in_its_second_stage():

@@ -707,6 +707,30 @@ class Select(_Structural):
     return Dual(primal=apply(self, [x.primal()], key=key),
                 tangent=apply(self, [x.tangent()], key=key))
 
+  def forward_with_residuals(self, inputs, active, key):
+    # The transpose needs the input's type, not its value: reading the value
+    # would make clients keep it between the sweeps, or compute it again
+    # (in 'reverse_recompute', and in each stage on workers), e.g. a whole
+    # local training whose loss alone is differentiated.
+    return apply(self, inputs, key=key), inputs[0].type_signature.member
+
+  def transpose(self, cotangent, inputs, residuals, active, key):
+    zeros_type = fad_types.tangent_type(residuals)
+    container = getattr(zeros_type, 'python_container', None)
+    if hasattr(container, '__attrs_attrs__') or not all(
+        tff.types.is_shape_fully_defined(t.shape)
+        for t in fad_types.tensor_leaves(zeros_type)):
+      # Zeros need static shapes; attrs classes are not rebuilt here.
+      return super().transpose(cotangent, inputs, residuals, active, key=key)
+
+    def scatter(ct):
+      zeros = tff.types.structure_from_tensor_type_tree(
+          lambda t: tf.zeros(t.shape, t.dtype), zeros_type)
+      return _with_member(zeros, key, ct)
+
+    scatter.__name__ = f'transpose_select[{key!r}]'
+    return [local_call(scatter, [cotangent])]
+
 
 class StopGradient(Primitive):
   """Identity on values; derivatives do not flow through it."""
@@ -933,6 +957,22 @@ def select(value: ir.Value, key) -> ir.Value:
   if isinstance(key, int):
     key %= len(names)
   return bind(SELECT, [value], key=key)
+
+
+def _with_member(structure, key, value):
+  """`structure` (a dict, namedtuple, tuple or list) with its member `key`
+  (a name or a position) set to `value`."""
+  if isinstance(structure, dict):
+    name = key if isinstance(key, str) else list(structure)[key]
+    updated = type(structure)(structure)
+    updated[name] = value
+    return updated
+  if hasattr(structure, '_fields'):  # A namedtuple.
+    name = key if isinstance(key, str) else structure._fields[key]
+    return structure._replace(**{name: value})
+  items = list(structure)
+  items[key] = value
+  return type(structure)(items)
 
 
 def _index(structure, key):
