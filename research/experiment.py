@@ -95,8 +95,9 @@ OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Output directory.')
 # Scale and fault tolerance.
 WORKERS = flags.DEFINE_list(
     'workers', [], 'host:port of running TFF worker services; each round\'s '
-    'clients are split over them (TFF\'s mergeable execution). Empty: the '
-    'local runtime. Trust boundary: ' + workers.TRUST_WARNING + ' Only '
+    'clients are split over them (TFF\'s mergeable execution; a round with '
+    'several aggregation layers, e.g. --fad_mode=reverse, runs in stages). '
+    'Empty: the local runtime. Trust boundary: ' + workers.TRUST_WARNING + ' Only '
     'loopback addresses are accepted without --allow_remote_workers. '
     '`python -m tff_fad.local_workers run -n 2 -- <this command>` starts local '
     'workers in a private network namespace and passes this flag.')
