@@ -17,14 +17,14 @@ BAZEL ?= bazel
 BAZEL_ARGS ?=
 
 .PHONY: help venv test demo demo-workers bench bench-core bench-baffle \
-	bench-scaling lock bazel bazel-setup bazel-test clean
+	bench-scaling bench-stages lock bazel bazel-setup bazel-test clean
 
 help:
 	@echo "make demo        run the main job (research/hypergradient_fedavg/main.py) on embedded data"
 	@echo "                 (outputs in $(DEMO_OUT); extra flags via DEMO_ARGS=...)"
 	@echo "make test        run the whole pytest suite"
 	@echo "make demo-workers  the demo with each round split over 2 local TFF workers"
-	@echo "make bench       all benchmarks (bench-core, bench-baffle, bench-scaling)"
+	@echo "make bench       all benchmarks (bench-core, bench-baffle, bench-scaling, bench-stages)"
 	@echo "make bazel-test  install Bazel if missing and run 'bazel test //...'"
 	@echo "make lock        recompile requirements/requirements.lock"
 	@echo "make clean       remove .venv, .bazel-local and Bazel outputs"
@@ -48,7 +48,7 @@ demo-workers: venv
 	    --output_dir=$(DEMO_OUT)_workers $(DEMO_ARGS)
 
 # Long-running measurements (results are reported in the README).
-bench: bench-core bench-baffle bench-scaling
+bench: bench-core bench-baffle bench-scaling bench-stages
 
 bench-core: venv
 	$(PY) -m benchmarks.core_modes --repeats=21 \
@@ -60,6 +60,13 @@ bench-baffle: venv
 
 bench-scaling: venv
 	$(PY) -m benchmarks.scaling --output=benchmarks/results/scaling.json
+
+# Programs of several aggregation stages on 1 vs 2 pinned workers.
+bench-stages: venv
+	$(PY) -m benchmarks.scaling --clients_per_round=100,1000 --repeats=5 \
+	    --contexts=local,1_worker_pinned,2_workers_pinned \
+	    --algorithms=tff_fed_avg,hypergradient_fed_avg,hypergradient_fed_avg_reverse,fed_avg_2_rounds_gradient,client_tensors_only,client_datasets_only \
+	    --output=benchmarks/results/scaling_stages.json
 
 # Recompile the lock (uv is installed in .venv by the bootstrap). Relative
 # paths keep the command recorded in the lock's header reproducible. uv also

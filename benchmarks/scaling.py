@@ -10,7 +10,16 @@ On the embedded digits (4,000 training images split IID into 1,000 clients of
     second pass over the client's data);
   * BAFFLE (K=`--K` perturbations, forward estimator, one batch per client),
     `tff_fad.learning.build_baffle`;
+  * hypergradient FedAvg in reverse mode (`hypergradient_fed_avg_reverse`):
+    the backward sweep is a second aggregation, so on workers the round runs
+    as two stages (`tff_fad.stages`);
+  * the gradient of the 2-round FedAvg loss w.r.t. the initial model
+    (`fed_avg_2_rounds_gradient`, 'reverse_recompute': six stages), with
+    each client's 4 images as one tensor batch and two local steps;
   * TFF's own `tff.learning.algorithms.build_weighted_fed_avg`, the baseline;
+  * a call that only receives the clients' data and counts the clients
+    (`client_tensors_only`, `client_datasets_only`): what each stage pays to
+    send the client data to the workers again;
 
 with 10, 100 and 1,000 clients per round, in five execution contexts:
 
@@ -36,6 +45,7 @@ sent to the workers with the computation, as in TFF simulations; the driver
 shares the machine's cores with the workers.
 
   python -m benchmarks.scaling   # writes benchmarks/results/scaling.json
+  make bench-stages   # programs in stages: benchmarks/results/scaling_stages.json
 """
 
 import collections
@@ -58,6 +68,7 @@ from tff_fad import data as fad_data
 from tff_fad import local_workers
 from tff_fad import workers
 from tff_fad.learning import baffle
+from tff_fad.learning import functional_models as fm
 from tff_fad.learning import hypergradient_fed_avg
 from tff_fad.learning import models
 
@@ -71,38 +82,128 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Client batch size.')
 _ALGORITHMS = flags.DEFINE_list(
     'algorithms', ['tff_fed_avg', 'hypergradient_fed_avg',
                    'hypergradient_fed_avg_all_batches', 'baffle'],
-    'Algorithms to time.')
+    'Algorithms to time, among those above and '
+    'hypergradient_fed_avg_reverse, fed_avg_2_rounds_gradient, '
+    'client_tensors_only, client_datasets_only.')
 _OUTPUT = flags.DEFINE_string('output', 'benchmarks/results/scaling.json',
                               'Where to write JSON.')
 
 _BASELINE = 'tff_fed_avg'
-# (label, workers, each pinned to one core); 'local' is TFF's default context.
-_CONTEXTS = (('local', 0, False), ('1 worker', 1, False),
-             ('2 workers', 2, False), ('1 worker, 1 core', 1, True),
-             ('2 workers, 1 core each', 2, True))
+# (label, flag name, workers, each pinned to one core); 'local' is TFF's
+# default context.
+_CONTEXTS = (('local', 'local', 0, False), ('1 worker', '1_worker', 1, False),
+             ('2 workers', '2_workers', 2, False),
+             ('1 worker, 1 core', '1_worker_pinned', 1, True),
+             ('2 workers, 1 core each', '2_workers_pinned', 2, True))
 _CONTEXT_NAMES = flags.DEFINE_list(
-    'contexts', [c[0] for c in _CONTEXTS],
-    f'Execution contexts to time, among {[c[0] for c in _CONTEXTS]}; '
+    'contexts', [c[1] for c in _CONTEXTS],
+    f'Execution contexts to time, among {[c[1] for c in _CONTEXTS]}; '
     "'local' is always timed (the ratios divide by it).")
 
 
-def _process(name: str, model):
+def _tensor_data_type(model):
+  """Each client's images as one tensor batch (see `_client_data`)."""
+  num_features = int(np.prod(model.initial_weights[0][0].shape[:-1]))
+  return tff.FederatedType(collections.OrderedDict(
+      x=tff.TensorType(np.float32, [None, num_features]),
+      y=tff.TensorType(np.int32, [None])), tff.CLIENTS)
+
+
+def _count_clients(data_type):
+  """A call that receives the client data and only counts the clients."""
+
+  @tff.federated_computation(data_type)
+  def count_clients(data):
+    one = tff.tensorflow.computation(lambda _: tf.constant(1),
+                                     data_type.member)
+    return tff.federated_sum(tff.federated_map(one, data))
+
+  return count_clients
+
+
+def _two_rounds_gradient(model):
+  """The gradient of the 2-round FedAvg loss w.r.t. the initial model.
+
+  Client data as tensors (each client's images as one batch), so the whole
+  program is differentiable; two local gradient steps at rate 0.05; server
+  rate 1.
+  """
+  initial = tuple(np.asarray(w, np.float32) for w in model.initial_weights[0])
+  w_type = tff.FederatedType(
+      tuple(tff.TensorType(np.float32, w.shape) for w in initial), tff.SERVER)
+  data_type = _tensor_data_type(model)
+
+  def loss(w, batch):
+    logits = batch['x'] @ w[0] + w[1]
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        batch['y'], logits))
+
+  def local_delta(w, batch):
+    local = w
+    for _ in range(2):
+      with tf.GradientTape() as tape:
+        tape.watch(local)
+        value = loss(local, batch)
+      local = tf.nest.map_structure(lambda p, g: p - 0.05 * g, local,
+                                    tape.gradient(value, local))
+    return tf.nest.map_structure(tf.subtract, w, local)
+
+  @tff_fad.federated_computation(w_type, data_type)
+  def two_rounds_then_loss(w, data):
+    for _ in range(2):
+      deltas = tff_fad.federated_map(local_delta,
+                                     (tff_fad.federated_broadcast(w), data))
+      w = tff_fad.federated_apply(
+          lambda w, d: tf.nest.map_structure(tf.subtract, w, d),
+          (w, tff_fad.federated_mean(deltas)))
+    return tff_fad.federated_mean(
+        tff_fad.federated_map(loss, (tff_fad.federated_broadcast(w), data)))
+
+  gradient = tff_fad.grad(two_rounds_then_loss, wrt='w',
+                          mode='reverse_recompute')
+  return lambda data: gradient(initial, data)
+
+
+def _round_step(name: str, model):
+  """`step(client data)`: one round (or one gradient) of algorithm `name`."""
   sgd = tff.learning.optimizers.build_sgdm(0.05)
+  if name == 'fed_avg_2_rounds_gradient':
+    return _two_rounds_gradient(model)
+  if name == 'client_tensors_only':
+    return _count_clients(_tensor_data_type(model))
+  if name == 'client_datasets_only':
+    return _count_clients(tff.FederatedType(fm.data_type(model), tff.CLIENTS))
   if name == 'tff_fed_avg':
-    return tff.learning.algorithms.build_weighted_fed_avg(
+    process = tff.learning.algorithms.build_weighted_fed_avg(
         model, client_optimizer_fn=sgd)
-  if name == 'hypergradient_fed_avg':  # The hypergradient of first batches.
-    return hypergradient_fed_avg.build_hypergradient_fed_avg(model, sgd)
-  if name == 'hypergradient_fed_avg_all_batches':
-    return hypergradient_fed_avg.build_hypergradient_fed_avg(
+  elif name == 'hypergradient_fed_avg':  # The hypergradient of first batches.
+    process = hypergradient_fed_avg.build_hypergradient_fed_avg(model, sgd)
+  elif name == 'hypergradient_fed_avg_all_batches':
+    process = hypergradient_fed_avg.build_hypergradient_fed_avg(
         model, sgd, post_update_loss='all_batches')
-  if name == 'baffle':
-    return baffle.build_baffle(model, num_perturbations=_K.value)
-  raise ValueError(f'--algorithms: unknown {name!r}.')
+  elif name == 'hypergradient_fed_avg_reverse':
+    process = hypergradient_fed_avg.build_hypergradient_fed_avg(
+        model, sgd, mode='reverse')
+  elif name == 'baffle':
+    process = baffle.build_baffle(model, num_perturbations=_K.value)
+  else:
+    raise ValueError(f'--algorithms: unknown {name!r}.')
+  state = process.initialize()
+  return lambda data: process.next(state, data).metrics
 
 
 def _client_data(fed, name: str, clients_per_round: int):
   ids = fed.client_ids[:clients_per_round]
+  if name in ('fed_avg_2_rounds_gradient', 'client_tensors_only'):
+    # Tensors: differentiable.
+    data = []
+    for i in ids:
+      x, y = fm.batch_inputs(next(iter(
+          fed.train.create_tf_dataset_for_client(i).batch(10_000))))
+      data.append(collections.OrderedDict(
+          x=np.reshape(x, [x.shape[0], -1]).astype(np.float32),
+          y=np.asarray(y, np.int32)))
+    return data
   datasets = [fed.train.create_tf_dataset_for_client(i).batch(_BATCH.value)
               for i in ids]
   if name == 'baffle':  # BAFFLE's fedsgd mode reads one batch per client.
@@ -116,10 +217,9 @@ def _pin(pid: int, core: int) -> None:
     os.sched_setaffinity(int(task), {core})
 
 
-def _time_round(process, state, data) -> float:
+def _time_round(step, data) -> float:
   start = time.perf_counter()
-  output = process.next(state, data)
-  tf.nest.map_structure(np.asarray, output.metrics)  # Materialized.
+  tf.nest.map_structure(np.asarray, step(data))  # Materialized.
   return time.perf_counter() - start
 
 
@@ -133,8 +233,7 @@ def measure(fed, model, contexts, names, clients_per_round: int,
   """
   runs = {}
   for name in names:
-    process = _process(name, model)
-    runs[name] = (process, process.initialize(),
+    runs[name] = (_round_step(name, model),
                   _client_data(fed, name, clients_per_round))
   pairs = [(name, label) for name in names for label in contexts]
   for name, label in pairs:  # Warm-up.
@@ -170,12 +269,12 @@ def main(argv):
   with contextlib.ExitStack() as started:
     stack = tff.framework.get_context_stack()
     contexts = collections.OrderedDict(local=contextlib.nullcontext)
-    unknown = set(_CONTEXT_NAMES.value) - {c[0] for c in _CONTEXTS}
+    unknown = set(_CONTEXT_NAMES.value) - {c[1] for c in _CONTEXTS}
     if unknown:
       raise app.UsageError(f'--contexts: unknown {sorted(unknown)}; choose '
-                           f'among {[c[0] for c in _CONTEXTS]}.')
-    for label, num_workers, pinned in _CONTEXTS[1:]:
-      if label not in _CONTEXT_NAMES.value:
+                           f'among {[c[1] for c in _CONTEXTS]}.')
+    for label, flag_name, num_workers, pinned in _CONTEXTS[1:]:
+      if flag_name not in _CONTEXT_NAMES.value:
         continue
       local = started.enter_context(local_workers.LocalWorkers(num_workers))
       if pinned:

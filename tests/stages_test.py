@@ -113,6 +113,11 @@ def _programs():
          tff_fad.jvp(tff_fad.grad(two_rounds_then_loss, wrt='w', mode=mode),
                      wrt='w'), (W, LR, BATCHES, V)),
     ]
+  for mode in ('reverse', 'reverse_recompute'):
+    # Per-client cotangents: client-placed results of the last stage.
+    programs.append((f'least_squares/grad[{mode}, w and data]',
+                     tff_fad.grad(least_squares, wrt=('w', 'data'),
+                                  mode=mode), (W, EXAMPLES)))
   return programs
 
 

@@ -154,6 +154,31 @@ def test_workers_compute_their_parts_at_the_same_time(two_workers):
   assert min(ends) - max(starts) > 0.5, spans  # They overlap.
 
 
+@tff.tensorflow.computation(np.int32)
+def _index_a_second_late_for_client_0(index):
+  start = tf.timestamp()
+  wait = tf.where(index == 0, tf.constant(1.0, tf.float64), 0.0)
+  end = tf.while_loop(lambda t: t - start < wait, lambda t: tf.timestamp(),
+                      [start])[0]
+  with tf.control_dependencies([end]):
+    return tf.identity(index)
+
+
+@tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+def _total_and_indices(indices):
+  values = tff.federated_map(_index_a_second_late_for_client_0, indices)
+  return tff.federated_sum(values), values
+
+
+def test_client_placed_results_keep_the_clients_order(two_workers):
+  # The second worker's part finishes first; TFF 0.87's mergeable context
+  # concatenated the parts in the order they finished.
+  with workers.worker_context(two_workers.addresses):
+    total, values = _total_and_indices([0, 1, 2, 3])
+  assert total == 6
+  assert list(values) == [0, 1, 2, 3]
+
+
 def test_a_worker_killed_in_the_second_stage_is_named_and_the_round_reruns(
     digits_setup):
   model, round_data = digits_setup

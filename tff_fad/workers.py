@@ -9,9 +9,10 @@ the rest (the server update) once. tff_fad uses that machinery
 (`tff.framework.MergeableCompExecutionContext` with TFF's own
 `compile_to_mergeable_comp_form`); this module connects to the workers,
 names them in errors, cuts computations of several aggregation layers into
-stages, and splits each argument's clients itself (TFF 0.87's splitter gives
-every worker the same clients when the argument's last member is
-server-placed).
+stages, splits each argument's clients and gathers client-placed results
+itself (TFF 0.87's splitter gives every worker the same clients when the
+argument's last member is server-placed, and it concatenates client-placed
+results in the order the workers finish).
 
 Every computation can be spread over workers. One with a single layer of
 aggregation (broadcast -> client work -> aggregation -> server work: one
@@ -46,8 +47,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import grpc
 import tensorflow_federated as tff
-# The mergeable context's invocation of one compiled form, and its argument
-# value, are not exported in TFF 0.87.
+# The steps of the mergeable context's invocation of one compiled form (merge,
+# after-merge, repackaging) are not exported in TFF 0.87.
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as tff_mergeable
 
 from tff_fad import stages
@@ -213,6 +214,11 @@ def _compile_to_mergeable(comp):
         f'(TFF: {type(e).__name__}: {reason[:300]})') from e
 
 
+def _is_split_over_clients(type_spec: tff.Type) -> bool:
+  return (isinstance(type_spec, tff.FederatedType)
+          and type_spec.placement is tff.CLIENTS and not type_spec.all_equal)
+
+
 def _split_clients(value: Any, type_spec: tff.Type,
                    num_parts: int) -> List[Any]:
   """`value` with its clients cut into consecutive parts, one per worker.
@@ -230,8 +236,7 @@ def _split_clients(value: Any, type_spec: tff.Type,
       for (_, x), (_, u) in zip(tff.structure.iter_elements(
           tff.structure.from_container(v)), tff.structure.iter_elements(t)):
         count(x, u)
-    elif (isinstance(t, tff.FederatedType) and t.placement is tff.CLIENTS
-          and not t.all_equal):
+    elif _is_split_over_clients(t):
       counts.add(len(v))
 
   count(value, type_spec)
@@ -252,19 +257,40 @@ def _split_clients(value: Any, type_spec: tff.Type,
           tff.structure.from_container(v)), tff.structure.iter_elements(t))
       return tff.structure.Struct([(name, part(x, u, start, stop))
                                    for (_, x), (name, u) in elements])
-    if (isinstance(t, tff.FederatedType) and t.placement is tff.CLIENTS
-        and not t.all_equal):
+    if _is_split_over_clients(t):
       return list(v)[start:stop]
     return v
 
   return [part(value, type_spec, a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-class _SplitArgument(tff_mergeable.MergeableCompExecutionContextValue):
+async def _invoke_form(form, parts: Sequence[Any],
+                       contexts: Sequence[tff.framework.AsyncContext]):
+  """Runs a mergeable form on the parts of its argument, one per context.
 
-  def __init__(self, value: Any, type_spec: tff.Type, num_parts: int):  # pylint: disable=super-init-not-called
-    self._type_signature = type_spec
-    self._partitioned_value = _split_clients(value, type_spec, num_parts)
+  As TFF's mergeable context, except that client-placed results come back in
+  the order of the clients: TFF 0.87 concatenates the parts in the order the
+  workers finish.
+  """
+  merged, merge_context = await tff_mergeable._invoke_merge_in_async_pool(  # pylint: disable=protected-access
+      form, parts, contexts)
+  result_type = form.after_merge.type_signature.result
+  if not tff.types.contains(result_type, _is_split_over_clients):
+    return await tff_mergeable._compute_after_merged(  # pylint: disable=protected-access
+        form, parts[0], merged, merge_context)
+
+  async def parts_on(i: int):
+    # Context i runs parts i, i + len(contexts), ... in turn.
+    return [await tff_mergeable._compute_after_merged(  # pylint: disable=protected-access
+        form, parts[j], merged, contexts[i])
+            for j in range(i, len(parts), len(contexts))]
+
+  per_context = await asyncio.gather(
+      *[parts_on(i) for i in range(min(len(contexts), len(parts)))])
+  ordered = [None] * len(parts)
+  for i, results in enumerate(per_context):
+    ordered[i::len(contexts)] = results
+  return tff_mergeable._repackage_partitioned_values(ordered, result_type)  # pylint: disable=protected-access
 
 
 class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
@@ -299,16 +325,19 @@ class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
     return stages.run_stages(self.stages_of(comp), arg, self._invoke_stage)
 
   def _invoke_stage(self, comp, arg):
+    form = comp
     if isinstance(comp, tff.Computation):
-      comp = self._compiler_pipeline.compile(comp)
-    if arg is not None:
-      arg = _SplitArgument(arg, comp.up_to_merge.type_signature.parameter,
-                           self._num_subrounds)
+      form = self._compiler_pipeline.compile(comp)
+    contexts = self._async_execution_contexts
+    if arg is None:
+      parts = [None] * len(contexts)
+    else:
+      parts = _split_clients(arg, form.up_to_merge.type_signature.parameter,
+                             self._num_subrounds)
     result = self._async_runner.run_coro_and_return_result(
-        tff_mergeable._invoke_mergeable_comp_form(  # pylint: disable=protected-access
-            comp, arg, self._async_execution_contexts))
+        _invoke_form(form, parts, contexts))
     return tff.types.type_to_py_container(
-        result, comp.after_merge.type_signature.result)
+        result, form.after_merge.type_signature.result)
 
 
 def create_worker_context(
