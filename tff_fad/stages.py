@@ -145,7 +145,10 @@ def split_into_stages(comp: tff.Computation) -> List[Stage]:
       name = pending.pop()
       if name in computed or name in carried:
         continue
-      if k > 0 and depth[name] <= k and _is_server_value(values[name]):
+      # Server values computed by earlier stages are carried; selections
+      # (e.g. of the argument) are taken again where they are needed.
+      if (k > 0 and depth[name] <= k and _is_server_value(values[name])
+          and isinstance(values[name], bb.Call)):
         carried.add(name)
         continue
       computed.add(name)
