@@ -22,9 +22,10 @@ stage needs is computed again there from the client data and the server
 values broadcast to it (the client data is sent to the workers once per
 stage, as TFF does for any call). A stateful `'reverse'` derivative, whose
 backward sweep reuses the clients' forward values, therefore runs on workers
-as `'reverse_recompute'` does. Client computations that draw unseeded random
-numbers would draw them again in a later stage; tff_fad's own randomness
-(BAFFLE's directions, seeded tangents) is seeded, so it repeats exactly.
+as `'reverse_recompute'` does. Client computations, and unplaced ones, that
+draw unseeded random numbers would draw them again in a later stage; tff_fad's
+own randomness (BAFFLE's directions, seeded tangents) is seeded, so it
+repeats exactly.
 """
 
 import dataclasses
@@ -52,7 +53,8 @@ class Stage:
 
   Attributes:
     computation: `stage(arg)` for the first stage, `stage(<arg, carried_in>)`
-      for the others, where `arg` is the split computation's argument.
+      for the others, where `arg` is the split computation's argument
+      (`stage(carried_in)` if it takes none).
       Returns the server values `carried_out` names (the result, last).
     carried_in: Names of the server values this stage receives.
     carried_out: Names of the server values it returns to later stages (empty
@@ -145,10 +147,10 @@ def split_into_stages(comp: tff.Computation) -> List[Stage]:
       name = pending.pop()
       if name in computed or name in carried:
         continue
-      # Server values computed by earlier stages are carried; selections
-      # (e.g. of the argument) are taken again where they are needed.
-      if (k > 0 and depth[name] <= k and _is_server_value(values[name])
-          and isinstance(values[name], bb.Call)):
+      # In call-dominant form every local is a call (selections of the
+      # argument stay inline): server values earlier stages computed are
+      # carried, not computed again.
+      if k > 0 and depth[name] <= k and _is_server_value(values[name]):
         carried.add(name)
         continue
       computed.add(name)

@@ -293,6 +293,11 @@ async def _invoke_form(form, parts: Sequence[Any],
   return tff_mergeable._repackage_partitioned_values(ordered, result_type)  # pylint: disable=protected-access
 
 
+# A training run invokes a handful of computations (initialize, next,
+# evaluation, get_model_weights); the oldest split is dropped beyond this.
+_MAX_CACHED_SPLITS = 64
+
+
 class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
   """TFF's mergeable context, for computations of any number of stages.
 
@@ -308,7 +313,10 @@ class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
     self._stages = {}
 
   def stages_of(self, comp: tff.Computation) -> List[stages.Stage]:
-    if comp not in self._stages:
+    # Computations compare by their proto; the type keeps the result's
+    # Python containers apart.
+    key = (comp, comp.type_signature)
+    if key not in self._stages:
       secure = transforms.SECURE_INTRINSICS & set(cost.intrinsics_used(comp))
       if secure:
         raise NotMergeableError(
@@ -316,8 +324,17 @@ class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
             'does not implement secure sums (only its test context simulates '
             'them). Run without workers, inside '
             '`with tff_fad.secure_simulation_context():`.')
-      self._stages[comp] = stages.split_into_stages(comp)
-    return self._stages[comp]
+      try:
+        split = stages.split_into_stages(comp)
+      except Exception as e:  # TFF's compiler raises several types.
+        raise NotMergeableError(
+            'Cannot cut this computation into stages at its aggregations: '
+            f'{type(e).__name__}: {str(e)[:300]}. Run it without workers. '
+            f'Its type: {comp.type_signature}') from e
+      if len(self._stages) >= _MAX_CACHED_SPLITS:
+        self._stages.pop(next(iter(self._stages)))
+      self._stages[key] = split
+    return self._stages[key]
 
   def invoke(self, comp, arg=None):
     if isinstance(comp, tff_mergeable.MergeableCompForm):

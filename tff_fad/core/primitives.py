@@ -964,7 +964,7 @@ def _with_member(structure, key, value):
   (a name or a position) set to `value`."""
   if isinstance(structure, dict):
     name = key if isinstance(key, str) else list(structure)[key]
-    updated = type(structure)(structure)
+    updated = type(structure)(list(structure.items()))
     updated[name] = value
     return updated
   if hasattr(structure, '_fields'):  # A namedtuple.
