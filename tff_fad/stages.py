@@ -95,7 +95,7 @@ def _call_dominant(comp: tff.Computation) -> Optional[bb.Lambda]:
                    transformations.to_call_dominant(block.result))
 
 
-def _fresh_name(taken: Set[str]) -> str:
+def _unused_parameter_name(taken: Set[str]) -> str:
   for i in itertools.count():
     name = f'_stage_arg{i}'
     if name not in taken:
@@ -158,7 +158,7 @@ def split_into_stages(comp: tff.Computation) -> List[Stage]:
     carried_in[k] = tuple(sorted(carried))
     targets = carried
 
-  taken = set(values) | {lam.parameter_name or ''}
+  arg_name = _unused_parameter_name(set(values) | {lam.parameter_name or ''})
   stages = []
   for k in range(num_stages):
     last = k == num_stages - 1
@@ -171,7 +171,7 @@ def split_into_stages(comp: tff.Computation) -> List[Stage]:
           [(n, bb.Reference(n, values[n].type_signature)) for n in carried_out])
     stages.append(Stage(
         _stage_computation(lam, k, carried_in[k], stage_locals, stage_result,
-                           values, _fresh_name(taken),
+                           values, arg_name,
                            comp.type_signature.result if last else None),
         carried_in[k], carried_out))
   return stages

@@ -48,11 +48,12 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 import grpc
 import tensorflow_federated as tff
 # The steps of the mergeable context's invocation of one compiled form (merge,
-# after-merge, repackaging) are not exported in TFF 0.87.
+# after-merge, repackaging), and its cardinality inference, are not exported
+# in TFF 0.87.
 from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as tff_mergeable
+from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
 from tff_fad import stages
-from tff_fad.core import cost
 from tff_fad.core import transforms
 from tff_fad.local_workers import LocalWorkers
 from tff_fad.local_workers import parse_addresses
@@ -229,21 +230,9 @@ def _split_clients(value: Any, type_spec: tff.Type,
   last member is server-placed, such as a tangent or cotangent after the
   client data, gave every worker the first part of the clients.)
   """
-  counts = set()
-
-  def count(v, t):
-    if isinstance(t, tff.StructType):
-      for (_, x), (_, u) in zip(tff.structure.iter_elements(
-          tff.structure.from_container(v)), tff.structure.iter_elements(t)):
-        count(x, u)
-    elif _is_split_over_clients(t):
-      counts.add(len(v))
-
-  count(value, type_spec)
-  if len(counts) > 1:
-    raise ValueError('The client-placed arguments have different numbers of '
-                     f'clients: {sorted(counts)}.')
-  num_clients = counts.pop() if counts else None
+  # Raises ValueError if the client-placed members disagree.
+  num_clients = cardinalities_utils.infer_cardinalities(
+      value, type_spec).get(tff.CLIENTS)
   if num_clients is None:
     return [value] * num_parts
   if num_clients == 0:
@@ -317,10 +306,10 @@ class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
     # Python containers apart.
     key = (comp, comp.type_signature)
     if key not in self._stages:
-      secure = transforms.SECURE_INTRINSICS & set(cost.intrinsics_used(comp))
+      secure = transforms.secure_intrinsics_used(comp)
       if secure:
         raise NotMergeableError(
-            f'{sorted(secure)[0]} cannot run on TFF workers: TFF\'s runtime '
+            f'{secure[0]} cannot run on TFF workers: TFF\'s runtime '
             'does not implement secure sums (only its test context simulates '
             'them). Run without workers, inside '
             '`with tff_fad.secure_simulation_context():`.')

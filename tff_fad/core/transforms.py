@@ -108,17 +108,22 @@ SECURE_INTRINSICS = frozenset({
     'federated_secure_modular_sum'})
 
 
+def secure_intrinsics_used(comp: tff.Computation) -> List[str]:
+  """The secure-sum intrinsics `comp` calls, sorted."""
+  from tff_fad.core import cost  # pylint: disable=g-import-not-at-top
+  return sorted(SECURE_INTRINSICS & set(cost.intrinsics_used(comp)))
+
+
 def _secure_sum_outside_test_context(comp: tff.Computation,
                                      error: Exception) -> str:
   """Why `comp` failed, if it is TFF's runtime refusing a secure sum."""
   if 'Cannot embed a federated value' not in str(error):
     return ''
-  from tff_fad.core import cost  # pylint: disable=g-import-not-at-top
-  used = SECURE_INTRINSICS & set(cost.intrinsics_used(comp))
+  used = secure_intrinsics_used(comp)
   if not used:
     return ''
   return (
-      f'{sorted(used)[0]} cannot run in TFF\'s default execution context: '
+      f'{used[0]} cannot run in TFF\'s default execution context: '
       'in simulation, run secure sums inside '
       '`with tff_fad.secure_simulation_context():` (TFF\'s test context '
       'simulates them); production secure aggregation needs a runtime that '
