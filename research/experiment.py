@@ -75,6 +75,9 @@ MODEL = flags.DEFINE_enum(
     'model', 'linear', list(models.MODEL_NAMES),
     "--task=digits: lenet (BAFFLE's, 26,730 params), wrn (WRN-10-2) or "
     'linear (softmax regression, 7,850 params).')
+ACTIVATION = flags.DEFINE_enum(
+    'activation', 'hardswish', list(models.ACTIVATIONS),
+    "--model=lenet|wrn: the activation (BAFFLE's models use hardswish).")
 CLIENT_EPOCHS = flags.DEFINE_integer('client_epochs', 1,
                                      "Local epochs over a client's data.")
 MAX_ELEMENTS = flags.DEFINE_integer(
@@ -205,9 +208,13 @@ def validate_task_flags() -> None:
         raise ValueError(f'--{flag.name} applies to the '
                          'tff.simulation.baselines tasks, not --task=digits.')
     parse_alpha(DIRICHLET_ALPHA.value)
+    if given(ACTIVATION) and MODEL.value == 'linear':
+      raise ValueError('--activation applies to --model=lenet|wrn; the linear '
+                       'model has none.')
   else:
-    if given(MODEL):
-      raise ValueError(f'--model applies to --task=digits; --task='
+    if given(MODEL) or given(ACTIVATION):
+      raise ValueError(f'--model and --activation apply to --task=digits; '
+                       f'--task='
                        f'{TASK.value} trains its own model (--task_model).')
     if TASK.value != 'emnist_character' and given(ONLY_DIGITS):
       raise ValueError('--only_digits applies to --task=emnist_character.')
@@ -314,7 +321,8 @@ def load_task(*, pad_digits_to_32x32: bool,
       dirichlet_alpha=parse_alpha(DIRICHLET_ALPHA.value), seed=seed,
       pad_to_32x32=pad_digits_to_32x32 and not resize_digits,
       resize_to_32x32=pad_digits_to_32x32 and resize_digits)
-  net = models.get_net(MODEL.value, fed.image_shape)
+  net = models.get_net(MODEL.value, fed.image_shape,
+                       activation=ACTIVATION.value)
 
   def preprocess_train(dataset, shuffle_seed):
     dataset = dataset.shuffle(1000, seed=shuffle_seed).repeat(epochs)
@@ -323,7 +331,10 @@ def load_task(*, pad_digits_to_32x32: bool,
     return dataset.batch(batch_size)
 
   return TrainingTask(
-      description=f'{MODEL.value} ({net.num_params:,} params) on digits',
+      description=(f'{MODEL.value}'
+                   + ('' if MODEL.value == 'linear' or ACTIVATION.value ==
+                      'hardswish' else f' ({ACTIVATION.value})')
+                   + f' ({net.num_params:,} params) on digits'),
       model=models.to_functional_model(net, fed.image_shape, seed=seed),
       num_params=net.num_params, train=fed.train,
       preprocess_train=preprocess_train, test_clients=fed.test_clients,

@@ -27,6 +27,24 @@ round (the update, the aggregation weight and the metrics).
 Writes table.md and table.json (and each run's outputs) to --output_dir:
 
   python -m research.baffle.experiments --rounds 100 --output_dir out/baffle
+
+`--experiment=paper` runs the paper's table on the embedded digits instead:
+every run of `PAPER_RUNS` (or of --paper_runs) with the official recipe
+(`--recipe=paper` of research/baffle/main.py: 10 IID clients all in every
+round, batch 32, 20 epochs, ...) and backprop FedSGD and FedAvg with the same
+model, data, epochs and optimizers:
+
+  python -m research.baffle.experiments --experiment=paper \
+      --output_dir out/baffle_paper
+
+It writes `paper.json` (a list of runs: model, method, K, directions,
+estimator, mode, ema, activation, epochs, rounds, final_test_accuracy,
+wall_seconds, accuracy by round and, for BAFFLE, the gradient estimate's
+cosine to the backprop gradient by epoch), `paper.md` and `paper.png`
+(accuracy by epoch) to --output_dir. A BAFFLE run gives two rows: its EMA
+weights (`ema: true`) and the raw weights the EMA averages (`ema: false`);
+the EMA does not change training. Runs already in --output_dir/paper.json
+are kept, not rerun, so the grid can be run in parts.
 """
 
 import collections
@@ -39,6 +57,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from absl.testing import flagsaver
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -57,34 +76,79 @@ _REPORT_ROUNDS = flags.DEFINE_list(
     'report_rounds', [], 'Rounds whose accuracy gets a column (each must be '
     'evaluated: a multiple of --eval_every); default: every evaluation.')
 
+_EXPERIMENT = flags.DEFINE_enum(
+    'experiment', 'estimators', ['estimators', 'paper'],
+    "'estimators': BAFFLE for each of --Ks and --estimators against the "
+    "baselines; 'paper': the paper's table with the official recipe "
+    '(PAPER_RUNS).')
+_PAPER_RUNS = flags.DEFINE_list(
+    'paper_runs', None, '--experiment=paper: the runs of PAPER_RUNS to run, '
+    'by name (default: all).')
+
 BASELINES = ('fedsgd', 'fedavg')
 
+# The paper's table (--experiment=paper): name -> flags on top of
+# --recipe=paper (BAFFLE) or the baseline's (method fedsgd|fedavg). The
+# recipe is LeNet, K=100, per-client directions, forward differences,
+# FedSGD mode, EMA 0.995 per epoch with warm-up, Hardswish, 20 epochs.
+PAPER_RUNS = collections.OrderedDict([
+    ('baffle_lenet_K100_per_client', dict()),
+    ('baffle_lenet_K100_shared', dict(directions='shared')),
+    ('baffle_lenet_relu_K100_per_client', dict(activation='relu')),
+    ('baffle_lenet_K100_one_epoch', dict(mode='one_epoch')),
+    ('baffle_lenet_K500_per_client', dict(K=500)),
+    ('baffle_lenet_K500_shared', dict(K=500, directions='shared')),
+    ('baffle_wrn_K100_per_client', dict(model='wrn')),
+    ('baffle_wrn_K100_shared', dict(model='wrn', directions='shared')),
+    ('fedsgd_lenet', dict(method='fedsgd')),
+    ('fedavg_lenet', dict(method='fedavg')),
+    ('fedsgd_lenet_relu', dict(method='fedsgd', activation='relu')),
+    ('fedavg_lenet_relu', dict(method='fedavg', activation='relu')),
+    ('fedsgd_wrn', dict(method='fedsgd', model='wrn')),
+    ('fedavg_wrn', dict(method='fedavg', model='wrn')),
+])
 
-def _baseline_process(algorithm: str, model):
+
+def _baseline_process(algorithm: str, model, paper: bool = False):
+  """TFF's FedSGD (server Adam --lr) or FedAvg (one local epoch, server SGD
+  1.0). With `paper`, the recipe's optimizers: Adam with --adam_* on the
+  server (FedSGD) or on the clients at --client_lr, fresh each round
+  (FedAvg), as BAFFLE's one-epoch mode; TFF's Adam has no weight decay."""
+  # pylint: disable=protected-access
+  def adam(learning_rate):
+    return tff.learning.optimizers.build_adam(
+        learning_rate, beta_1=baffle_main._ADAM_BETA1.value,
+        beta_2=baffle_main._ADAM_BETA2.value,
+        epsilon=baffle_main._ADAM_EPSILON.value)
   if algorithm == 'fedsgd':
     return tff.learning.algorithms.build_fed_sgd(
-        model, server_optimizer_fn=tff.learning.optimizers.build_adam(
-            baffle_main._LR.value))  # pylint: disable=protected-access
+        model, server_optimizer_fn=(
+            adam(baffle_main._LR.value) if paper
+            else tff.learning.optimizers.build_adam(baffle_main._LR.value)))
   return tff.learning.algorithms.build_weighted_fed_avg(
       model,
-      client_optimizer_fn=tff.learning.optimizers.build_sgdm(
-          experiment.CLIENT_LR.value),
+      client_optimizer_fn=(
+          adam(experiment.CLIENT_LR.value) if paper else
+          tff.learning.optimizers.build_sgdm(experiment.CLIENT_LR.value)),
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
 
 
-def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
+def run_baseline(algorithm: str, output_dir: str,
+                 paper: bool = False) -> dict[str, Any]:
   """Trains a backprop baseline on BAFFLE's data and clients; a summary.
 
   Through the binaries' own loop (`experiment.train`, TFF's
   `run_training_process`), sampler and evaluation, so only the algorithm
-  differs from the BAFFLE runs.
+  differs from the BAFFLE runs. `paper`: the recipe's optimizers (see
+  `_baseline_process`).
   """
   start = time.time()
   seed = experiment.SEED.value
   tf.random.set_seed(seed)
   task = experiment.load_task(
-      pad_digits_to_32x32=experiment.MODEL.value != 'linear')
-  process = _baseline_process(algorithm, task.model)
+      pad_digits_to_32x32=experiment.MODEL.value != 'linear',
+      resize_digits=baffle_main._RESIZE_DIGITS.value)  # pylint: disable=protected-access
+  process = _baseline_process(algorithm, task.model, paper)
   select = experiment.client_selector(
       task, clients_per_round=experiment.CLIENTS_PER_ROUND.value, seed=seed,
       batches_per_client=1 if algorithm == 'fedsgd' else None)
@@ -115,6 +179,159 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
           process.next, experiment.CLIENTS_PER_ROUND.value
       ).client_to_server_bytes_per_client,
       wall_time_seconds=round(time.time() - start, 1))
+
+
+def _paper_row(name: str, summary: dict, **fields) -> collections.OrderedDict:
+  """One row of paper.json (fields the issue lists first, then detail)."""
+  # pylint: disable=protected-access
+  row = collections.OrderedDict(
+      run=name, model=experiment.MODEL.value,
+      method=fields.pop('method'), K=None, directions=None, estimator=None,
+      mode=None, ema=None, activation=experiment.ACTIVATION.value,
+      epochs=baffle_main._EPOCHS.value, rounds=fields.pop('rounds'),
+      final_test_accuracy=summary['final_test_accuracy'],
+      wall_seconds=summary['wall_seconds'])
+  row.update(fields)
+  row['accuracy_by_round'] = summary['accuracy_by_round']
+  return row
+
+
+def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
+  """Runs `names` of PAPER_RUNS not yet in `<output_dir>/paper.json`.
+
+  Each run is written to paper.json as soon as it ends. Returns all rows.
+  """
+  # pylint: disable=protected-access
+  results_path = os.path.join(output_dir, 'paper.json')
+  rows = []
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      rows = json.load(f)
+  done = {row['run'] for row in rows}
+  for name in names:
+    if name in done:
+      print(f'{name}: in {results_path}, not rerun', flush=True)
+      continue
+    overrides = dict(PAPER_RUNS[name])
+    method = overrides.pop('method', 'baffle')
+    run_dir_path = os.path.join(output_dir, name)
+    with flagsaver.flagsaver(recipe='paper', output_dir=run_dir_path,
+                             **overrides):
+      baffle_main.apply_recipe()
+      if method == 'baffle':
+        task = experiment.load_task(pad_digits_to_32x32=True,
+                                    resize_digits=True)
+        per_epoch = baffle_main.rounds_per_epoch_of(task)
+        with flagsaver.flagsaver(log_gradient_cosine=True,
+                                 eval_every=per_epoch):
+          summary = baffle_main.run()
+        common = dict(
+            method='baffle', rounds=summary['rounds'], K=baffle_main._K.value,
+            directions=('per_client' if baffle_main._MODE.value == 'one_epoch'
+                        else baffle_main._DIRECTIONS.value),
+            estimator=baffle_main._ESTIMATOR.value,
+            mode=baffle_main._MODE.value, rounds_per_epoch=per_epoch,
+            upload_bytes=summary['upload_bytes_per_client_per_round'],
+            gradient_cosine_by_round=summary['gradient_cosine_by_round'],
+            expected_gradient_cosine=summary['expected_gradient_cosine'])
+        summary = dict(summary, wall_seconds=summary['wall_time_seconds'])
+        rows.append(_paper_row(name, summary, ema=True, **common))
+        rows.append(_paper_row(name, dict(
+            summary,
+            final_test_accuracy=summary['final_test_accuracy_without_ema'],
+            accuracy_by_round=summary['accuracy_by_round_without_ema']),
+                               ema=False, **common))
+      else:
+        task = experiment.load_task(pad_digits_to_32x32=True,
+                                    resize_digits=True)
+        with flagsaver.flagsaver(mode='fedsgd'):
+          per_epoch = (baffle_main.rounds_per_epoch_of(task)
+                       if method == 'fedsgd' else 1)
+        rounds = baffle_main._EPOCHS.value * per_epoch
+        with flagsaver.flagsaver(rounds=rounds, eval_every=per_epoch):
+          summary = run_baseline(method, run_dir_path, paper=True)
+        rows.append(_paper_row(
+            name, dict(summary, wall_seconds=summary['wall_time_seconds']),
+            method=method, rounds=rounds, rounds_per_epoch=per_epoch,
+            upload_bytes=summary['upload_bytes']))
+    with open(results_path + '.tmp', 'w') as f:
+      json.dump(rows, f, indent=1)
+    os.replace(results_path + '.tmp', results_path)
+  return rows
+
+
+def make_paper_table(rows: Sequence[dict]) -> str:
+  """The markdown table of paper.json's rows."""
+  header = ['model', 'method', 'K', 'directions', 'mode', 'EMA', 'activation',
+            'epochs (rounds)', 'final test accuracy', 'best (epoch)',
+            'estimate cosine (expected)', 'upload B / client / round',
+            'wall time (s)']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  dash = lambda v: '-' if v is None else str(v)
+  for row in rows:
+    by_round = {int(r): a for r, a in row['accuracy_by_round'].items()}
+    best_round = max(by_round, key=lambda r: (by_round[r], -r))
+    cosines = list(row.get('gradient_cosine_by_round', {}).values())
+    cosine = ('-' if not cosines else
+              f"{np.mean(cosines):.3f} ({row['expected_gradient_cosine']:.3f})")
+    cells = [row['model'], row['method'], dash(row['K']),
+             dash(row['directions']), dash(row['mode']),
+             {None: '-', True: 'on', False: 'off'}[row['ema']],
+             row['activation'], f"{row['epochs']} ({row['rounds']})",
+             f"{row['final_test_accuracy']:.4f}",
+             f"{by_round[best_round]:.4f} "
+             f"({best_round // row['rounds_per_epoch']})",
+             cosine, f"{row['upload_bytes']:,}",
+             f"{row['wall_seconds']:.0f}"]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot_paper(rows: Sequence[dict], path: str) -> None:
+  """Test accuracy by epoch, a panel per model."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # No display; write a file.
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  models = list(dict.fromkeys(row['model'] for row in rows))
+  fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5),
+                           squeeze=False)
+  for ax, model in zip(axes[0], models):
+    for row in (r for r in rows if r['model'] == model):
+      points = sorted((int(r) / row['rounds_per_epoch'], a)
+                      for r, a in row['accuracy_by_round'].items())
+      label = row['method'] if row['method'] != 'baffle' else (
+          f"BAFFLE K={row['K']} {row['directions']}"
+          + (' one-epoch' if row['mode'] == 'one_epoch' else '')
+          + (' EMA' if row['ema'] else ''))
+      if row['activation'] != 'hardswish':
+        label += f" {row['activation']}"
+      ax.plot(*zip(*points), marker='.', label=label,
+              linestyle='-' if row['ema'] is not False else ':')
+    ax.axhline(0.1, color='gray', linestyle=':')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('test accuracy')
+    ax.set_ylim(0, 1)
+    ax.set_title(f'{model} on the embedded digits (10 IID clients)')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def paper_main(output_dir: str) -> None:
+  names = _PAPER_RUNS.value or list(PAPER_RUNS)
+  for name in names:
+    if name not in PAPER_RUNS:
+      raise ValueError(f'--paper_runs: {name!r} is not one of '
+                       f'{list(PAPER_RUNS)}.')
+  os.makedirs(output_dir, exist_ok=True)
+  rows = run_paper_grid(output_dir, names)
+  table = make_paper_table(rows)
+  with open(os.path.join(output_dir, 'paper.md'), 'w') as f:
+    f.write(table + '\n')
+  plot_paper(rows, os.path.join(output_dir, 'paper.png'))
+  print(table)
 
 
 def make_table(rows: Sequence[dict], report_rounds: Sequence[int]) -> str:
@@ -151,6 +368,12 @@ def main(argv):
       raise ValueError(f'--baselines: {name!r} is not one of {BASELINES}.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  if _EXPERIMENT.value == 'paper':
+    try:
+      paper_main(output_dir)
+    finally:
+      tff_fad.runtime.shutdown_local_workers()
+    return
   rows = []
   try:
     for k in [int(k) for k in _KS.value]:

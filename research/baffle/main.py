@@ -82,6 +82,13 @@ _EPOCHS = flags.DEFINE_integer(
 _RESIZE_DIGITS = flags.DEFINE_bool(
     'resize_digits', False, 'LeNet/WRN on the embedded digits: resize them '
     'to 32x32 (bilinear, as the official code) instead of zero-padding.')
+_LOG_GRADIENT_COSINE = flags.DEFINE_bool(
+    'log_gradient_cosine', False, 'Diagnostic: at each evaluation, the '
+    "cosine of a fresh gradient estimate (the round's clients' first "
+    'batches, the run\'s K, estimator and directions) to their backprop '
+    'gradient, and the sqrt(K/n) it is expected near '
+    '(baffle.estimate_cosine_to_gradient; it backpropagates, outside the '
+    'federated round).')
 _RECIPE = flags.DEFINE_enum(
     'recipe', 'none', ['none', 'paper'],
     "'paper': the official code's MNIST recipe (PAPER_RECIPE); flags given "
@@ -190,7 +197,7 @@ def _plot(history: dict[int, dict[str, float]], key: str, path: str,
       ylabel='test accuracy', ylim=(0, 1), hlines=[(0.1, 'chance')])])
 
 
-def _rounds_per_epoch(task: experiment.TrainingTask) -> int:
+def rounds_per_epoch_of(task: experiment.TrainingTask) -> int:
   """Rounds of one epoch: a whole local epoch per round in one_epoch mode;
   in fedsgd (one batch per client and round) ceil(mean examples of a client
   / --batch_size), the mean over (at most 20 of) the training clients."""
@@ -202,6 +209,31 @@ def _rounds_per_epoch(task: experiment.TrainingTask) -> int:
   sizes = [int(task.train.create_tf_dataset_for_client(c).reduce(
       0, lambda n, _: n + 1)) for c in client_ids]
   return max(1, int(np.ceil(np.mean(sizes) / _BATCH_SIZE.value)))
+
+
+_WITHOUT_EMA_KEY = 'evaluation/without_ema/central/accuracy'
+_COSINE_KEYS = ('evaluation/gradient_cosine/cosine',
+                'evaluation/gradient_cosine/expected_cosine')
+
+
+def _diagnostics_by_round(history: dict[int, dict[str, float]]
+                          ) -> collections.OrderedDict:
+  """The summary's fields for --ema (the raw weights' accuracy) and
+  --log_gradient_cosine, by evaluated round; none if off."""
+  def by_round(key):
+    return {str(r): history[r][key] for r in sorted(history)
+            if key in history[r]}
+
+  fields = collections.OrderedDict()
+  if _EMA.value:
+    fields['accuracy_by_round_without_ema'] = by_round(_WITHOUT_EMA_KEY)
+    fields['final_test_accuracy_without_ema'] = history[max(history)].get(
+        _WITHOUT_EMA_KEY)
+  if _LOG_GRADIENT_COSINE.value:
+    fields['gradient_cosine_by_round'] = by_round(_COSINE_KEYS[0])
+    fields['expected_gradient_cosine'] = next(iter(
+        by_round(_COSINE_KEYS[1]).values()), None)
+  return fields
 
 
 def run() -> dict[str, Any]:
@@ -221,7 +253,7 @@ def _run() -> dict[str, Any]:
   task = experiment.load_task(pad_digits_to_32x32=_MODEL.value != 'linear',
                               resize_digits=_RESIZE_DIGITS.value)
   model = task.model
-  rounds_per_epoch = _rounds_per_epoch(task)
+  rounds_per_epoch = rounds_per_epoch_of(task)
   rounds = (_EPOCHS.value * rounds_per_epoch if _EPOCHS.value
             else _ROUNDS.value)
   ema_every = _EMA_EVERY.value or rounds_per_epoch
@@ -266,13 +298,35 @@ def _run() -> dict[str, Any]:
   evaluate_weights = experiment.evaluator(task, experiment.EVAL_CLIENTS.value)
 
   def evaluate(state, unused_data) -> collections.OrderedDict:
-    return evaluate_weights(process.get_model_weights(state))
+    result = evaluate_weights(process.get_model_weights(state))
+    if _EMA.value:  # The EMA is evaluated; the weights it averages as well.
+      result['without_ema'] = evaluate_weights(state.global_model_weights)
+    if _LOG_GRADIENT_COSINE.value:
+      result['gradient_cosine'] = _gradient_cosine(state)
+    return result
+
+  def _gradient_cosine(state) -> collections.OrderedDict:
+    # The weights and clients of the round that starts from `state`.
+    next_round = int(state.finalizer['round_num']) + 1
+    batches = [next(iter(dataset)) for dataset in select_clients(next_round)]
+    return baffle.estimate_cosine_to_gradient(
+        model, state.global_model_weights, batches,
+        num_perturbations=_K.value, sigma=_SIGMA.value,
+        estimator=_ESTIMATOR.value,
+        directions=('per_client' if _MODE.value == 'one_epoch'
+                    else _DIRECTIONS.value),
+        seed=next_round)
 
   progress = experiment.ProgressReleaseManager(rounds, [
       ('train_loss', 'client_work/train/loss', '.4f'),
       ('estimate_norm', 'gradient_estimate/norm', '.3f'),
       ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f'),
       ('fed_test_acc', 'evaluation/federated/accuracy', '.4f'),
+      ('test_acc_without_ema', 'evaluation/without_ema/central/accuracy',
+       '.4f'),
+      ('estimate_cosine', 'evaluation/gradient_cosine/cosine', '.3f'),
+      ('expected_cosine', 'evaluation/gradient_cosine/expected_cosine',
+       '.3f'),
   ])
   recipe = (f'recipe {_RECIPE.value}, ' if _RECIPE.value != 'none' else '')
   print(f'BAFFLE: {recipe}{task.description}, K={_K.value}, '
@@ -298,6 +352,7 @@ def _run() -> dict[str, Any]:
       upload_scalars_per_client_per_round=(
           _K.value if _MODE.value == 'fedsgd' else task.num_params),
       num_params=task.num_params,
+      **_diagnostics_by_round(history),
       resumed_from_round=resumed_from,
       wall_time_seconds=round(time.time() - start, 1),
       flags=experiment.flag_values(__name__))

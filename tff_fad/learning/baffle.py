@@ -329,6 +329,99 @@ def rebuild_gradient(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
   return [t / tf.cast(num, tf.float32) for t in total]
 
 
+def estimate_cosine_to_gradient(
+    model: tff.learning.models.FunctionalModel,
+    model_weights: Any,
+    batches: Sequence[Any],
+    *,
+    num_perturbations: int,
+    sigma: float = 1e-4,
+    estimator: str = 'forward',
+    directions: str = 'shared',
+    seed: int = 0,
+) -> collections.OrderedDict:
+  """How close one round's gradient estimate is to the true gradient.
+
+  A diagnostic (it backpropagates, which BAFFLE's clients never do): each
+  batch stands for one client's round, as in `'fedsgd'`. The estimate is the
+  mean over the batches of each batch's estimate, from K scores of
+  `estimate_scores` along directions of one seed (`'shared'`) or of a seed
+  per batch (`'per_client'`), rebuilt with `rebuild_gradient` (before any
+  clipping); the gradient is the mean of the batches' backprop gradients;
+  both weighted by batch size, as the process weights clients by examples.
+
+  For n parameters and K directions the cosine of a single estimate to its
+  gradient is about sqrt(K / n) when K << n, and so about sqrt(C K / n) for
+  C clients' independent directions around a common gradient (less when
+  clients' gradients differ): `expected_cosine` reports that figure.
+
+  Args:
+    model: The `FunctionalModel`.
+    model_weights: `ModelWeights` (or `(trainable, non_trainable)`) at which
+      to compare.
+    batches: The clients' batches (`{'x', 'y'}` or `(x, y)`).
+    num_perturbations: K.
+    sigma: Perturbation scale of the `'forward'`/`'central'` estimators.
+    estimator: `'forward'`, `'central'` or `'jvp'`.
+    directions: `'shared'` or `'per_client'`.
+    seed: Seed of the directions.
+
+  Returns:
+    `OrderedDict(cosine, expected_cosine, estimate_norm, gradient_norm)` of
+    Python floats.
+  """
+  if directions not in DIRECTIONS:
+    raise ValueError(f'directions must be one of {DIRECTIONS}, got '
+                     f'{directions!r}.')
+  if not batches:
+    raise ValueError('estimate_cosine_to_gradient needs at least one batch.')
+  validate_hparams(num_perturbations, sigma, estimator)
+  trainable, non_trainable = (
+      (model_weights.trainable, model_weights.non_trainable)
+      if isinstance(model_weights, tff.learning.models.ModelWeights)
+      else model_weights)
+  trainable = [tf.constant(t, tf.float32) for t in trainable]
+  non_trainable = [tf.constant(t) for t in non_trainable]
+  shapes = [t.shape for t in trainable]
+
+  @tf.function
+  def one_client(batch, client_seed):
+    loss_fn = batch_loss_fn(model, non_trainable, batch)
+    with tf.GradientTape() as tape:
+      tape.watch(trainable)
+      loss = loss_fn(trainable)
+    gradient = tape.gradient(loss, trainable)
+    scores, _ = estimate_scores(loss_fn, trainable, client_seed,
+                                num_perturbations, sigma, estimator)
+    estimate = rebuild_gradient(shapes, client_seed, scores)
+    x, _ = fm.batch_inputs(batch)
+    count = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+    return gradient, estimate, count
+
+  gradient_sum = [tf.zeros(s) for s in shapes]
+  estimate_sum = [tf.zeros(s) for s in shapes]
+  total = 0.0
+  for i, batch in enumerate(batches):
+    client_seed = tf.constant(
+        [seed, i if directions == 'per_client' else 0], tf.int64)
+    gradient, estimate, count = one_client(batch, client_seed)
+    gradient_sum = [a + count * g for a, g in zip(gradient_sum, gradient)]
+    estimate_sum = [a + count * e for a, e in zip(estimate_sum, estimate)]
+    total += float(count)
+  flat_gradient = tf.concat([tf.reshape(g, [-1]) for g in gradient_sum], 0)
+  flat_estimate = tf.concat([tf.reshape(e, [-1]) for e in estimate_sum], 0)
+  cosine = tf.reduce_sum(flat_gradient * flat_estimate) / (
+      tf.norm(flat_gradient) * tf.norm(flat_estimate))
+  num_params = int(flat_gradient.shape[0])
+  independent = num_perturbations * (
+      len(batches) if directions == 'per_client' else 1)
+  return collections.OrderedDict(
+      cosine=float(cosine),
+      expected_cosine=float(np.sqrt(min(1.0, independent / num_params))),
+      estimate_norm=float(tf.norm(flat_estimate)) / total,
+      gradient_norm=float(tf.norm(flat_gradient)) / total)
+
+
 def round_seed(seed: int, round_num: tf.Tensor) -> tf.Tensor:
   """The int64 `[2]` seed of a round."""
   return tf.stack([tf.constant(seed, tf.int64), tf.cast(round_num, tf.int64)])

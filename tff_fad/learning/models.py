@@ -84,6 +84,18 @@ def hardswish(x: tf.Tensor) -> tf.Tensor:
   return x * tf.nn.relu6(x + 3.0) / 6.0
 
 
+# BAFFLE's models use Hardswish: the paper finds it trains better than ReLU
+# under finite differences (ReLU's kink). `relu` is there to measure that.
+ACTIVATIONS = {'hardswish': hardswish, 'relu': tf.nn.relu}
+
+
+def _activation(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation must be one of {tuple(ACTIVATIONS)}, got '
+                     f'{name!r}.')
+  return ACTIVATIONS[name]
+
+
 def group_norm(x: tf.Tensor, scale: tf.Tensor, shift: tf.Tensor,
                num_groups: int, epsilon: float = 1e-5) -> tf.Tensor:
   """GroupNorm over `[B, H, W, C]` (no batch statistics, so no state)."""
@@ -164,10 +176,12 @@ def _dense_specs(name: str, c_in: int, c_out: int) -> list[ParamSpec]:
 
 
 def lenet(in_channels: int = 1, num_classes: int = 10,
-          group_norm_groups: int = 0) -> FunctionalNet:
+          group_norm_groups: int = 0,
+          activation: str = 'hardswish') -> FunctionalNet:
   """BAFFLE's LeNet: conv5x5(16, pad 2) - maxpool - conv5x5(64) - GAP - dense.
 
-  Hardswish after each convolution; with `group_norm_groups > 0`, GroupNorm
+  Hardswish (or `activation`) after each convolution; with
+  `group_norm_groups > 0`, GroupNorm
   after each convolution (before the activation). The global average pool
   makes the parameter count independent of the input size. For 1x32x32
   inputs and no norm:
@@ -181,10 +195,12 @@ def lenet(in_channels: int = 1, num_classes: int = 10,
     in_channels: Input channels (1 for digits).
     num_classes: Output classes.
     group_norm_groups: Groups of the optional GroupNorm; 0 disables it.
+    activation: A key of `ACTIVATIONS`.
 
   Returns:
     A `FunctionalNet` taking `[B, H, W, in_channels]` images.
   """
+  act = _activation(activation)
   norm = group_norm_groups > 0
   specs = _conv_specs('conv1', 5, in_channels, 16)
   if norm:
@@ -199,11 +215,11 @@ def lenet(in_channels: int = 1, num_classes: int = 10,
     x = tf.nn.conv2d(x, next(p), 1, [[0, 0], [2, 2], [2, 2], [0, 0]]) + next(p)
     if norm:
       x = group_norm(x, next(p), next(p), group_norm_groups)
-    x = tf.nn.max_pool2d(hardswish(x), 2, 2, 'VALID')
+    x = tf.nn.max_pool2d(act(x), 2, 2, 'VALID')
     x = tf.nn.conv2d(x, next(p), 1, 'VALID') + next(p)
     if norm:
       x = group_norm(x, next(p), next(p), group_norm_groups)
-    x = tf.reduce_mean(hardswish(x), axis=[1, 2])
+    x = tf.reduce_mean(act(x), axis=[1, 2])
     return tf.matmul(x, next(p)) + next(p)
 
   def apply_stacked(params: Params, x: tf.Tensor) -> tf.Tensor:
@@ -214,20 +230,20 @@ def lenet(in_channels: int = 1, num_classes: int = 10,
     if norm:
       x = group_norm(x, stacked_channels(next(p)), stacked_channels(next(p)),
                      num * group_norm_groups)
-    x = tf.nn.max_pool2d(hardswish(x), 2, 2, 'VALID')
+    x = tf.nn.max_pool2d(act(x), 2, 2, 'VALID')
     x = stacked_conv2d(x, next(p), 1, 'VALID') + stacked_channels(next(p))
     if norm:
       x = group_norm(x, stacked_channels(next(p)), stacked_channels(next(p)),
                      num * group_norm_groups)
-    x = tf.reduce_mean(hardswish(x), axis=[1, 2])
+    x = tf.reduce_mean(act(x), axis=[1, 2])
     return stacked_dense(x, next(p), next(p))
 
   return FunctionalNet('lenet', tuple(specs), apply, apply_stacked)
 
 
 def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
-                num_classes: int = 10, group_norm_groups: int = 8
-                ) -> FunctionalNet:
+                num_classes: int = 10, group_norm_groups: int = 8,
+                activation: str = 'hardswish') -> FunctionalNet:
   """Pre-activation Wide ResNet WRN-depth-width (Zagoruyko & Komodakis).
 
   Three groups of `(depth - 4) / 6` basic blocks with `16*width`, `32*width`,
@@ -242,10 +258,12 @@ def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
     in_channels: Input channels.
     num_classes: Output classes.
     group_norm_groups: Groups of each GroupNorm; 0 disables normalization.
+    activation: A key of `ACTIVATIONS`.
 
   Returns:
     A `FunctionalNet`.
   """
+  act = _activation(activation)
   if (depth - 4) % 6 or depth < 10:
     raise ValueError(f'depth must be 6n + 4 with n >= 1, got {depth}.')
   blocks_per_group = (depth - 4) // 6
@@ -276,7 +294,7 @@ def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
   def norm_act(x, p):
     if norm:
       x = group_norm(x, next(p), next(p), group_norm_groups)
-    return hardswish(x)
+    return act(x)
 
   def apply(params: Params, x: tf.Tensor) -> tf.Tensor:
     p = iter(params)
@@ -302,7 +320,7 @@ def wide_resnet(depth: int = 10, width: int = 2, in_channels: int = 1,
       if norm:
         x = group_norm(x, stacked_channels(next(p)),
                        stacked_channels(next(p)), num * group_norm_groups)
-      return hardswish(x)
+      return act(x)
 
     x = stacked_conv2d(x, next(p), 1, 'SAME')
     for _, _, _, stride, projection in plan:
@@ -346,13 +364,17 @@ def linear(image_shape: Sequence[int], num_classes: int = 10) -> FunctionalNet:
 MODEL_NAMES = ('lenet', 'wrn', 'linear')
 
 
-def get_net(name: str, image_shape: Sequence[int], num_classes: int = 10
-            ) -> FunctionalNet:
-  """Returns `'lenet'`, `'wrn'` (WRN-10-2) or `'linear'` for `[H, W, C]` images."""
+def get_net(name: str, image_shape: Sequence[int], num_classes: int = 10,
+            activation: str = 'hardswish') -> FunctionalNet:
+  """Returns `'lenet'`, `'wrn'` (WRN-10-2) or `'linear'` for `[H, W, C]` images.
+
+  `activation` (a key of `ACTIVATIONS`) is that of LeNet and WRN.
+  """
   if name == 'lenet':
-    return lenet(image_shape[-1], num_classes)
+    return lenet(image_shape[-1], num_classes, activation=activation)
   if name == 'wrn':
-    return wide_resnet(10, 2, image_shape[-1], num_classes)
+    return wide_resnet(10, 2, image_shape[-1], num_classes,
+                       activation=activation)
   if name == 'linear':
     return linear(image_shape, num_classes)
   raise ValueError(f'model must be one of {MODEL_NAMES}, got {name!r}.')
