@@ -490,3 +490,84 @@ def test_per_client_directions_refuse_secure_sums():
     baffle.build_baffle(model, directions='own')
   with pytest.raises(ValueError, match='one_epoch'):
     baffle.build_baffle(model, directions='per_client', mode='one_epoch')
+
+
+@pytest.mark.parametrize('directions', ['shared', 'per_client'])
+def test_estimate_cosine_to_gradient_is_the_weighted_mean_estimates_cosine(
+    sklearn_digits, directions):
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  weights = model.initial_weights
+  k, seed = 30, 5
+  # Batches of different sizes: the clients weigh by examples.
+  x, y = sklearn_digits.test['x'], sklearn_digits.test['y']
+  batches = [collections.OrderedDict(x=x[a:b], y=y[a:b])
+             for a, b in [(0, 8), (8, 40), (40, 56)]]
+  got = baffle.estimate_cosine_to_gradient(
+      model, weights, batches, num_perturbations=k, estimator='jvp',
+      directions=directions, seed=seed)
+
+  # The same math from its definition: each client's exact directional
+  # derivatives along its K directions, (1/K) sum_k <g_i, z_k> z_k.
+  trainable = [tf.constant(w) for w in weights[0]]
+  shapes = [w.shape for w in trainable]
+  estimate_sum = [np.zeros(s) for s in shapes]
+  gradient_sum = [np.zeros(s) for s in shapes]
+  for i, batch in enumerate(batches):
+    with tf.GradientTape() as tape:
+      tape.watch(trainable)
+      loss = model.loss(model.predict_on_batch((trainable, ()), batch['x']),
+                        batch['y'])
+    g = [t.numpy() for t in tape.gradient(loss, trainable)]
+    client_seed = tf.constant([seed, i if directions == 'per_client' else 0],
+                              tf.int64)
+    count = len(batch['y'])
+    for j in range(k):
+      z = [t.numpy() for t in baffle.perturbation(shapes, client_seed, j)]
+      score = sum(float(np.sum(a * b)) for a, b in zip(g, z))
+      estimate_sum = [e + count * score * t / k
+                      for e, t in zip(estimate_sum, z)]
+    gradient_sum = [a + count * b for a, b in zip(gradient_sum, g)]
+  total = sum(len(b['y']) for b in batches)
+  assert got['cosine'] == pytest.approx(_cosine(estimate_sum, gradient_sum),
+                                        abs=1e-5)
+  flat = lambda ts: np.concatenate([np.ravel(t) for t in ts])
+  assert got['gradient_norm'] == pytest.approx(
+      np.linalg.norm(flat(gradient_sum)) / total, rel=1e-5)
+  assert got['estimate_norm'] == pytest.approx(
+      np.linalg.norm(flat(estimate_sum)) / total, rel=1e-4)
+  independent = k * (3 if directions == 'per_client' else 1)
+  assert got['expected_cosine'] == pytest.approx(np.sqrt(independent / 650))
+
+
+def test_estimate_cosine_to_gradient_nears_one_for_k_much_above_n():
+  net = _linear_net(2, 2)  # n = 6.
+  model = models.to_functional_model(net, (2,), seed=0)
+  rng = np.random.default_rng(0)
+  batch = collections.OrderedDict(
+      x=rng.normal(size=(32, 2)).astype(np.float32),
+      y=rng.integers(0, 2, size=32).astype(np.int32))
+  got = baffle.estimate_cosine_to_gradient(
+      model, model.initial_weights, [batch], num_perturbations=5_000,
+      sigma=1e-3, estimator='central')
+  assert got['expected_cosine'] == 1.0
+  assert got['cosine'] > 0.99
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(directions='own'), 'directions must be one of'),
+    (dict(estimator='backprop'), 'estimator must be one of'),
+    (dict(num_perturbations=0), 'num_perturbations'),
+])
+def test_estimate_cosine_to_gradient_names_bad_arguments(kwargs, message):
+  model = models.to_functional_model(_linear_net(2, 2), (2,), seed=0)
+  batch = collections.OrderedDict(x=np.zeros((4, 2), np.float32),
+                                  y=np.zeros(4, np.int32))
+  arguments = dict(num_perturbations=4)
+  arguments.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    baffle.estimate_cosine_to_gradient(model, model.initial_weights, [batch],
+                                       **arguments)
+  with pytest.raises(ValueError, match='at least one batch'):
+    baffle.estimate_cosine_to_gradient(model, model.initial_weights, [],
+                                       num_perturbations=4)

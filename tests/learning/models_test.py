@@ -89,8 +89,11 @@ def test_get_net_and_linear_model():
 
 
 @pytest.mark.parametrize('net', [
-    models.lenet(), models.lenet(group_norm_groups=4), models.wide_resnet(),
-    models.linear((32, 32, 1))], ids=lambda net: net.name)
+    models.lenet(), models.lenet(group_norm_groups=4),
+    models.lenet(activation='relu'), models.wide_resnet(),
+    models.wide_resnet(activation='relu'), models.linear((32, 32, 1))],
+                         ids=['lenet', 'lenet_group_norm', 'lenet_relu', 'wrn',
+                              'wrn_relu', 'linear'])
 @pytest.mark.parametrize('num_sets', [1, 3])
 def test_apply_stacked_matches_apply_per_set(net, num_sets):
   sets = [[tf.constant(p) for p in net.init(seed)] for seed in range(num_sets)]
@@ -106,3 +109,17 @@ def test_apply_stacked_matches_apply_per_set(net, num_sets):
   np.testing.assert_allclose(
       model.predict_on_stacked_batch((stacked, ()), x).numpy(),
       logits.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['lenet', 'wrn'])
+def test_activation_is_the_one_asked_for(name):
+  hardswish = models.get_net(name, (32, 32, 1))
+  relu = models.get_net(name, (32, 32, 1), activation='relu')
+  assert [s.shape for s in relu.param_specs] == [
+      s.shape for s in hardswish.param_specs]
+  params = [tf.constant(p) for p in hardswish.init(0)]
+  x = tf.random.stateless_uniform([2, 32, 32, 1], [3, 4])
+  # Same weights, different activation: different logits.
+  assert not np.allclose(hardswish.apply(params, x), relu.apply(params, x))
+  with pytest.raises(ValueError, match="activation must be one of.*'gelu'"):
+    models.get_net(name, (32, 32, 1), activation='gelu')

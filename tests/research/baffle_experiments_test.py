@@ -64,3 +64,72 @@ def test_one_round_grid_writes_table(tmp_path):
   with open(os.path.join(out, 'table.md')) as f:
     text = f.read()
   assert 'acc @ round 1' in text and text.count('\n| ') == 5
+
+
+_PAPER_FIELDS = ('model', 'method', 'K', 'directions', 'estimator', 'mode',
+                 'ema', 'activation', 'epochs', 'rounds',
+                 'final_test_accuracy', 'wall_seconds')
+
+
+def test_paper_grid_writes_rows_table_and_plot_and_keeps_finished_runs(
+    tmp_path, capfd):
+  out = str(tmp_path / 'paper')
+  # 4 clients of 1,000 digits, batch 200: an epoch is 5 FedSGD rounds.
+  tiny = dict(output_dir=out, experiment='paper', epochs=1, K=4,
+              num_clients=4, clients_per_round=2, batch_size=200,
+              paper_runs=['baffle_lenet_K100_shared', 'fedavg_lenet'])
+  with flagsaver.flagsaver(**tiny):
+    experiments.main(['experiments'])
+  with open(os.path.join(out, 'paper.json')) as f:
+    rows = json.load(f)
+  for row in rows:
+    assert tuple(row)[1:1 + len(_PAPER_FIELDS)] == _PAPER_FIELDS
+  assert [(r['run'], r['method'], r['ema']) for r in rows] == [
+      ('baffle_lenet_K100_shared', 'baffle', True),
+      ('baffle_lenet_K100_shared', 'baffle', False),
+      ('fedavg_lenet', 'fedavg', None)]
+  baffle_ema, baffle_raw, fedavg = rows
+  assert baffle_ema['K'] == 4 and baffle_ema['directions'] == 'shared'
+  assert baffle_ema['estimator'] == 'forward'
+  assert baffle_ema['mode'] == 'fedsgd' and baffle_ema['model'] == 'lenet'
+  assert baffle_ema['activation'] == 'hardswish'
+  assert (baffle_ema['epochs'], baffle_ema['rounds']) == (1, 5)
+  assert set(baffle_ema['accuracy_by_round']) == {'0', '5'}
+  assert set(baffle_ema['gradient_cosine_by_round']) == {'0', '5'}
+  # One run, two views of it: the EMA and the weights it averages.
+  assert baffle_raw['wall_seconds'] == baffle_ema['wall_seconds']
+  # FedAvg: one local epoch per round, so 1 epoch is 1 round.
+  assert (fedavg['epochs'], fedavg['rounds']) == (1, 1)
+  assert fedavg['K'] is None and fedavg['directions'] is None
+  # The BAFFLE run used the official recipe.
+  with open(os.path.join(out, 'baffle_lenet_K100_shared',
+                         'summary.json')) as f:
+    summary = json.load(f)
+  assert baffle_ema['accuracy_by_round'] == summary['accuracy_by_round']
+  assert baffle_raw['accuracy_by_round'] == (
+      summary['accuracy_by_round_without_ema'])
+  assert baffle_raw['final_test_accuracy'] == (
+      summary['final_test_accuracy_without_ema'])
+  flags_used = summary['flags']
+  assert flags_used['recipe'] == 'paper' and flags_used['resize_digits']
+  assert flags_used['client_clip'] == 0.3 and flags_used['ema_warmup']
+  with open(os.path.join(out, 'paper.md')) as f:
+    assert f.read().count('\n| lenet |') == 3
+  with open(os.path.join(out, 'paper.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  # Finished runs are kept, not rerun.
+  capfd.readouterr()
+  with flagsaver.flagsaver(**tiny):
+    experiments.main(['experiments'])
+  assert 'fedavg_lenet: in ' in capfd.readouterr().out
+  with open(os.path.join(out, 'paper.json')) as f:
+    assert json.load(f) == rows
+
+
+def test_paper_grid_names_an_unknown_run(tmp_path):
+  with flagsaver.flagsaver(output_dir=str(tmp_path), experiment='paper',
+                           paper_runs=['baffle_vgg']):
+    with pytest.raises(ValueError, match="'baffle_vgg' is not one of"):
+      experiments.main(['experiments'])
+  assert not os.listdir(tmp_path)

@@ -31,7 +31,7 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
   # capfd, not capsys: TFF hands sys.stdout's file descriptor to its worker.
   out = str(tmp_path / 'run')
   with flagsaver.flagsaver(output_dir=out, estimator='central', ema=0.5,
-                           **_TINY):
+                           log_gradient_cosine=True, **_TINY):
     baffle_main.main(['main'])
   printed = capfd.readouterr().out
   assert 'Final test accuracy (central):' in printed and out in printed
@@ -49,6 +49,18 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
   assert 0.0 <= summary['final_federated_test']['accuracy'] <= 1.0
   assert summary['flags']['K'] == 4 and summary['flags']['output_dir'] == out
   assert set(summary['accuracy_by_round']) == {'0', '1', '2'}
+  # --ema: the raw weights are evaluated too; at round 0 they are the EMA's.
+  without_ema = summary['accuracy_by_round_without_ema']
+  assert set(without_ema) == {'0', '1', '2'}
+  assert without_ema['0'] == summary['accuracy_by_round']['0']
+  assert summary['final_test_accuracy_without_ema'] == without_ema['2']
+  # --log_gradient_cosine at each evaluation; K=4 shared directions for the
+  # linear model's 7,850 weights.
+  assert set(summary['gradient_cosine_by_round']) == {'0', '1', '2'}
+  assert all(-1.0 <= c <= 1.0
+             for c in summary['gradient_cosine_by_round'].values())
+  assert summary['expected_gradient_cosine'] == pytest.approx(
+      (4 / 7850) ** 0.5)
 
   with open(os.path.join(out, 'metrics.csv')) as f:
     rows = list(csv.DictReader(f))

@@ -134,7 +134,12 @@ def test_each_task_runs_through_each_binary_on_synthetic_data(
 
 
 @pytest.mark.parametrize('values, message', [
-    (dict(task='cifar100_image', model='lenet'), '--model applies to'),
+    (dict(task='cifar100_image', model='lenet'), '--model and --activation '
+     'apply to'),
+    (dict(task='cifar100_image', activation='relu'), '--model and '
+     '--activation apply to'),
+    (dict(model='linear', activation='relu'), '--activation applies to '
+     '--model=lenet|wrn'),
     (dict(task='digits', use_synthetic_data=True),
      '--use_synthetic_data applies to'),
     (dict(task='cifar100_image', task_model='vgg'),
