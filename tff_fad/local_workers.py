@@ -250,17 +250,13 @@ def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
     How many workers were signalled.
   """
   mine = [p for p in pids if runtime.is_tff_worker(p) and is_running(p)]
-  for sig in (signal.SIGINT, signal.SIGKILL):
-    for pid in mine:
-      try:
-        os.kill(pid, sig)
-      except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout_seconds
-    while any(is_running(p) for p in mine) and time.monotonic() < deadline:
-      time.sleep(0.05)
-    if not any(is_running(p) for p in mine):
-      break
+  killed = runtime.interrupt_then_kill(
+      mine, lambda pid: not is_running(pid), timeout_seconds)
+  # Not necessarily our children (a detached `start`): wait for them to
+  # leave /proc rather than reap them.
+  deadline = time.monotonic() + timeout_seconds
+  while any(is_running(p) for p in killed) and time.monotonic() < deadline:
+    time.sleep(0.05)
   return len(mine)
 
 

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 _WORKER_SUFFIX = os.path.join('data', 'worker_binary')
 
@@ -93,6 +93,41 @@ def _at_exit() -> None:
     type(manager).__del__ = lambda self: None
 
 
+def interrupt_then_kill(pids: Sequence[int], gone: Callable[[int], bool],
+                        timeout_seconds: float) -> List[int]:
+  """SIGINT (what TFF itself sends), then SIGKILL to any of `pids` not gone.
+
+  The one way tff_fad stops a worker: a worker that ignores SIGINT (one
+  exec'd from a background job inherits that) would otherwise be waited on
+  forever.
+
+  Args:
+    pids: The processes.
+    gone: `pid -> True` once the process has exited (and, for a child, is
+      reaped); polled every 50 ms.
+    timeout_seconds: How long to wait for a graceful exit.
+
+  Returns:
+    The pids that got SIGKILL.
+  """
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGINT)
+    except ProcessLookupError:
+      pass
+  deadline = time.monotonic() + timeout_seconds
+  alive = [p for p in pids if not gone(p)]
+  while alive and time.monotonic() < deadline:
+    time.sleep(0.05)
+    alive = [p for p in alive if not gone(p)]
+  for pid in alive:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  return alive
+
+
 def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
   """Stops the TFF worker processes this process started.
 
@@ -106,22 +141,10 @@ def shutdown_local_workers(timeout_seconds: float = 5.0) -> int:
     The number of worker processes that were stopped.
   """
   pids = local_worker_pids()
-  for pid in pids:
+  for pid in interrupt_then_kill(pids, _reap, timeout_seconds):
     try:
-      os.kill(pid, signal.SIGINT)
-    except ProcessLookupError:
-      pass
-  deadline = time.monotonic() + timeout_seconds
-  alive = list(pids)
-  while alive and time.monotonic() < deadline:
-    alive = [p for p in alive if not _reap(p)]
-    if alive:
-      time.sleep(0.05)
-  for pid in alive:
-    try:
-      os.kill(pid, signal.SIGKILL)
       os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
+    except ChildProcessError:
       pass
   for manager in _tff_service_managers():
     manager._process = None  # pylint: disable=protected-access
@@ -150,13 +173,12 @@ _EXEC_DYING_WITH_PARENT = (
 
 
 def _stop(process: subprocess.Popen, timeout_seconds: float = 5.0) -> None:
-  """SIGINT (TFF's way), then SIGKILL if `process` is still alive."""
-  process.send_signal(signal.SIGINT)
-  try:
-    process.wait(timeout=timeout_seconds)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    process.wait()
+  """`interrupt_then_kill` for one `Popen`, reaped by it."""
+  if process.poll() is not None:
+    return  # Reaped already: its pid may belong to another process now.
+  interrupt_then_kill([process.pid], lambda _: process.poll() is not None,
+                      timeout_seconds)
+  process.wait()
 
 
 def popen_dying_with_parent(argv: Sequence[str], **kwargs) -> subprocess.Popen:

@@ -218,9 +218,10 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
     with flagsaver.flagsaver(recipe='paper', output_dir=run_dir_path,
                              **overrides):
       baffle_main.apply_recipe()
+      task = experiment.load_task(
+          pad_digits_to_32x32=True,
+          resize_digits=baffle_main._RESIZE_DIGITS.value)
       if method == 'baffle':
-        task = experiment.load_task(pad_digits_to_32x32=True,
-                                    resize_digits=True)
         per_epoch = baffle_main.rounds_per_epoch_of(task)
         with flagsaver.flagsaver(log_gradient_cosine=True,
                                  eval_every=per_epoch):
@@ -242,8 +243,6 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
             accuracy_by_round=summary['accuracy_by_round_without_ema']),
                                ema=False, **common))
       else:
-        task = experiment.load_task(pad_digits_to_32x32=True,
-                                    resize_digits=True)
         with flagsaver.flagsaver(mode='fedsgd'):
           per_epoch = (baffle_main.rounds_per_epoch_of(task)
                        if method == 'fedsgd' else 1)
