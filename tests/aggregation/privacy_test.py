@@ -117,3 +117,60 @@ def test_tree_aggregation_needs_its_own_accounting():
   with pytest.raises(ValueError, match='tree_aggregation_accountant'):
     aggregation.privacy_report(tree, sampling_rate=Q, rounds=ROUNDS,
                                delta=DELTA)
+
+
+@tff_fad.federated_computation(W, POINT.state_type, D)
+def dp_program_with_plain_aux(w, state, d):
+  products = tff_fad.federated_map(lambda w, d: w * d,
+                                   (tff_fad.federated_broadcast(w), d))
+  result = aggregation.aggregate_with_factory(products, state, POINT).result
+  # Depends on w too, but only as auxiliary output: jvp(has_aux=True) sums
+  # its values and never its tangent.
+  return result, tff_fad.federated_sum(products)
+
+
+def test_forward_mode_with_aux_releases_only_the_tangents_jvp_computes():
+  found = aggregation.releases(dp_program_with_plain_aux, mode='forward',
+                               has_aux=True)
+  assert [(r.kind, r.mechanism) for r in found] == [
+      ('value', 'dp'), ('tangent', 'dp'), ('value', 'plain')]
+  # Both outputs differentiated: the plain sum's tangent is released too.
+  found = aggregation.releases(dp_program_with_plain_aux, mode='forward')
+  assert [(r.kind, r.mechanism) for r in found] == [
+      ('value', 'dp'), ('tangent', 'dp'), ('value', 'plain'),
+      ('tangent', 'plain')]
+  # The jvp program agrees: the aux sum is returned without a tangent.
+  jvp = tff_fad.jvp(dp_program_with_plain_aux, has_aux=True)
+  assert [str(t) for t in jvp.type_signature.result] == [
+      'float32[2]@SERVER'] * 3  # (value, tangent, aux)
+  _, _, aux = jvp(
+      np.float32(2.0), POINT.initialize(),
+      [np.array([1., 2.], np.float32), np.array([3., -1.], np.float32)],
+      np.float32(1.0))
+  np.testing.assert_array_equal(aux, [8., 2.])
+
+
+def test_an_aux_path_jvp_builds_has_a_report_too():
+  @tff_fad.federated_computation(W, D)
+  def sum_and_largest(w, d):
+    products = tff_fad.federated_map(lambda w, d: w * d,
+                                     (tff_fad.federated_broadcast(w), d))
+    # federated_max has no derivative rule; jvp(has_aux=True) runs it as a
+    # primal.
+    return tff_fad.federated_sum(products), tff_fad.federated_max(products)
+
+  value, tangent, largest = tff_fad.jvp(sum_and_largest, has_aux=True)(
+      np.float32(2.0),
+      [np.array([1., 2.], np.float32), np.array([3., -1.], np.float32)],
+      np.float32(0.5))
+  np.testing.assert_array_equal(value, [8., 2.])
+  np.testing.assert_array_equal(tangent, [2., 0.5])
+  np.testing.assert_array_equal(largest, [6., 4.])
+  found = aggregation.releases(sum_and_largest, mode='forward', has_aux=True)
+  assert [(r.kind, r.mechanism) for r in found] == [
+      ('value', 'plain'), ('tangent', 'plain'), ('value', 'plain')]
+  # Without has_aux the report refuses what jvp refuses, with its error.
+  with pytest.raises(tff_fad.NotDifferentiableError, match='federated_max'):
+    tff_fad.jvp(sum_and_largest)
+  with pytest.raises(tff_fad.NotDifferentiableError, match='federated_max'):
+    aggregation.releases(sum_and_largest, mode='forward')

@@ -101,7 +101,7 @@ def factory_dp_event(factory: Any, value_type: tff.Type
 
 
 def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
-             wrt: Any = 0) -> List[Release]:
+             wrt: Any = 0, has_aux: bool = False) -> List[Release]:
   """The releases of client data in one run of `comp` or its derivative.
 
   Args:
@@ -109,6 +109,9 @@ def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
     mode: 'primal', or the accumulation mode of the derivative that runs
       ('forward' for jvp, 'reverse'/'reverse_recompute' for vjp/grad).
     wrt: The differentiated argument(s), as given to the transform.
+    has_aux: As given to the transform: `comp` returns `(output, aux)` and
+      only `output` is differentiated (forward mode then aggregates no
+      tangent that only `aux` would need).
 
   Returns:
     One `Release` per aggregation of client data, in program order.
@@ -118,28 +121,32 @@ def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
   program = comp.program
   if mode != 'primal':
     # A derivative the transform refuses to build releases nothing: say why.
-    transforms.check_derivative(comp, wrt, mode)
+    transforms.check_derivative(comp, wrt, mode, has_aux)
   # The transforms' own analysis, so the count matches what they emit.
   positions = [] if mode == 'primal' else transforms.resolve_wrt(
       program, wrt)
-  active, nodes = transforms.activity(program, positions)
+  active, nodes = transforms.derivative_activity(program, positions, mode,
+                                                 has_aux)
   reverse = mode in cotangent_sums.REVERSE_MODES
   found = []
   for node in nodes:
     p = node.primitive
     line = node.describe()
     derivative = any(x in active for x in node.inputs)
+    # Forward mode aggregates a tangent where the aggregate's tangent is
+    # needed, which pruning may rule out although its inputs have one.
+    tangent = mode == 'forward' and node.output in active
     if isinstance(p, factory_lib.FactoryAggregate):
       point = node.params['point']
       found.append(_factory_release(line, 'value', point.factory,
                                     point.value_type))
-      if mode == 'forward' and derivative:
+      if tangent:
         found.append(_factory_release(
             line, 'tangent', point.tangent_factory,
             fad_types.tangent_type(point.value_type, point.num_directions)))
     elif isinstance(p, secure_sum.SecureSum):
       found.append(Release(line, 'value', 'secure_sum'))
-      if mode == 'forward' and derivative:
+      if tangent:
         found.append(Release(line, 'tangent', 'secure_sum'))
     elif isinstance(p, primitives.Broadcast):
       if reverse and derivative:
@@ -148,7 +155,7 @@ def releases(comp: transforms.FederatedComputation, mode: str = 'primal',
         node.output.placement is tff.SERVER):
       # federated_sum / mean / min / max / aggregate of client values.
       found.append(Release(line, 'value', 'plain'))
-      if mode == 'forward' and derivative:
+      if tangent:
         found.append(Release(line, 'tangent', 'plain'))
   return found
 
@@ -273,7 +280,7 @@ class PrivacyReport:
 
 def privacy_report(comp: transforms.FederatedComputation, *,
                    sampling_rate: float, rounds: int, delta: float,
-                   mode: str = 'primal', wrt: Any = 0,
+                   mode: str = 'primal', wrt: Any = 0, has_aux: bool = False,
                    extra_releases: Sequence[Release] = ()) -> PrivacyReport:
   """(epsilon, delta) for `rounds` runs of `comp` (or a derivative of it).
 
@@ -286,6 +293,7 @@ def privacy_report(comp: transforms.FederatedComputation, *,
     mode: 'primal', 'forward', 'reverse' or 'reverse_recompute': which
       computation runs each round (the primal, a jvp, a vjp/grad).
     wrt: The differentiated argument(s).
+    has_aux: As given to the transform (see `releases`).
     extra_releases: Releases of the same round made outside `comp` (see
       `factory_release`), accounted with it.
 
@@ -303,7 +311,7 @@ def privacy_report(comp: transforms.FederatedComputation, *,
     raise ValueError(f'rounds must be a positive int, found {rounds!r}.')
   if not 0 < delta < 1:
     raise ValueError(f'delta must be in (0, 1), found {delta}.')
-  found = releases(comp, mode, wrt) + list(extra_releases)
+  found = releases(comp, mode, wrt, has_aux) + list(extra_releases)
   events = [r.event for r in found if r.mechanism == 'dp']
   multipliers = []
   for event in events:

@@ -357,6 +357,10 @@ def _check_differentiable(nodes: Sequence[ir.Node], active, mode) -> None:
   for node in nodes:
     if not node.primitive.propagates_derivatives:
       continue
+    # Forward mode (`active` pruned) differentiates a node whose output's
+    # tangent is needed; one that only reads active values runs as a primal.
+    if mode == 'forward' and node.output not in active:
+      continue
     if not any(x in active for x in node.inputs):
       continue
     reason = node.primitive.why_not_differentiable(node, mode)
@@ -759,13 +763,27 @@ def _poison(ct, *flags):
   return tf.nest.map_structure(lambda t: t + tf.cast(total, t.dtype), ct)
 
 
-def check_derivative(comp: FederatedComputation, wrt: Wrt, mode: str
-                     ) -> None:
+def derivative_activity(program: ir.Program, positions: Sequence[int],
+                        mode: str, has_aux: bool = False):
+  """`(values whose derivative the mode's transform computes, nodes)`.
+
+  `activity`, and in forward mode only the tangents the differentiated
+  outputs need (`prune_tangents`), as `jvp` emits them.
+  """
+  active, nodes = activity(program, positions)
+  if mode == 'forward':
+    main, _ = _split_aux(program, has_aux)
+    active, _ = prune_tangents(nodes, active, main)
+  return active, nodes
+
+
+def check_derivative(comp: FederatedComputation, wrt: Wrt, mode: str,
+                     has_aux: bool = False) -> None:
   """Raises the error the transform for `mode` would raise, if any."""
   _check_mode(mode)
   program = _as_program(comp, 'privacy_report')
   positions = resolve_wrt(program, wrt)
-  active, nodes = activity(program, positions)
+  active, nodes = derivative_activity(program, positions, mode, has_aux)
   _check_differentiable(nodes, active, mode)
 
 

@@ -884,7 +884,7 @@ def round_privacy_report(
         'client_work/train metrics (metrics_aggregator)', 'value', 'plain'))
   return aggregation.privacy_report(
       round_program, mode='forward', wrt=('model_weights', 'log_lr'),
-      sampling_rate=sampling_rate, rounds=rounds, delta=delta,
+      has_aux=True, sampling_rate=sampling_rate, rounds=rounds, delta=delta,
       extra_releases=extra)
 
 
