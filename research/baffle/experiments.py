@@ -181,18 +181,20 @@ def run_baseline(algorithm: str, output_dir: str,
       wall_time_seconds=round(time.time() - start, 1))
 
 
-def _paper_row(name: str, summary: dict, **fields) -> collections.OrderedDict:
-  """One row of paper.json (fields the issue lists first, then detail)."""
-  # pylint: disable=protected-access
+def _paper_row(name: str, *, method: str, rounds: int,
+               final_test_accuracy: float, accuracy_by_round: dict,
+               wall_seconds: float, **details) -> collections.OrderedDict:
+  """One row of paper.json: the fields every row has (None where one does
+  not apply), then `details`, then the accuracy by round."""
   row = collections.OrderedDict(
-      run=name, model=experiment.MODEL.value,
-      method=fields.pop('method'), K=None, directions=None, estimator=None,
-      mode=None, ema=None, activation=experiment.ACTIVATION.value,
-      epochs=baffle_main._EPOCHS.value, rounds=fields.pop('rounds'),
-      final_test_accuracy=summary['final_test_accuracy'],
-      wall_seconds=summary['wall_seconds'])
-  row.update(fields)
-  row['accuracy_by_round'] = summary['accuracy_by_round']
+      run=name, model=experiment.MODEL.value, method=method, K=None,
+      directions=None, estimator=None, mode=None, ema=None,
+      activation=experiment.ACTIVATION.value,
+      epochs=baffle_main._EPOCHS.value,  # pylint: disable=protected-access
+      rounds=rounds, final_test_accuracy=final_test_accuracy,
+      wall_seconds=wall_seconds)
+  row.update(details)
+  row['accuracy_by_round'] = accuracy_by_round
   return row
 
 
@@ -235,13 +237,12 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
             upload_bytes=summary['upload_bytes_per_client_per_round'],
             gradient_cosine_by_round=summary['gradient_cosine_by_round'],
             expected_gradient_cosine=summary['expected_gradient_cosine'])
-        summary = dict(summary, wall_seconds=summary['wall_time_seconds'])
-        rows.append(_paper_row(name, summary, ema=True, **common))
-        rows.append(_paper_row(name, dict(
-            summary,
-            final_test_accuracy=summary['final_test_accuracy_without_ema'],
-            accuracy_by_round=summary['accuracy_by_round_without_ema']),
-                               ema=False, **common))
+        for ema, suffix in ((True, ''), (False, '_without_ema')):
+          rows.append(_paper_row(
+              name, ema=ema,
+              final_test_accuracy=summary['final_test_accuracy' + suffix],
+              accuracy_by_round=summary['accuracy_by_round' + suffix],
+              wall_seconds=summary['wall_time_seconds'], **common))
       else:
         with flagsaver.flagsaver(mode='fedsgd'):
           per_epoch = (baffle_main.rounds_per_epoch_of(task)
@@ -250,9 +251,11 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
         with flagsaver.flagsaver(rounds=rounds, eval_every=per_epoch):
           summary = run_baseline(method, run_dir_path, paper=True)
         rows.append(_paper_row(
-            name, dict(summary, wall_seconds=summary['wall_time_seconds']),
-            method=method, rounds=rounds, rounds_per_epoch=per_epoch,
-            upload_bytes=summary['upload_bytes']))
+            name, method=method, rounds=rounds,
+            final_test_accuracy=summary['final_test_accuracy'],
+            accuracy_by_round=summary['accuracy_by_round'],
+            wall_seconds=summary['wall_time_seconds'],
+            rounds_per_epoch=per_epoch, upload_bytes=summary['upload_bytes']))
     with open(results_path + '.tmp', 'w') as f:
       json.dump(rows, f, indent=1)
     os.replace(results_path + '.tmp', results_path)
@@ -267,7 +270,13 @@ def make_paper_table(rows: Sequence[dict]) -> str:
             'wall time (s)']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   dash = lambda v: '-' if v is None else str(v)
-  for row in rows:
+  methods = ('baffle', 'fedsgd', 'fedavg')
+  # Grouped by model and activation; BAFFLE first, EMA on before off.
+  order = lambda row: (row['model'], row['activation'] != 'hardswish',
+                       row['activation'], methods.index(row['method']),
+                       row['mode'] or '', row['K'] or 0,
+                       row['directions'] or '', row['ema'] is False)
+  for row in sorted(rows, key=order):
     by_round = {int(r): a for r, a in row['accuracy_by_round'].items()}
     best_round = max(by_round, key=lambda r: (by_round[r], -r))
     cosines = list(row.get('gradient_cosine_by_round', {}).values())
