@@ -236,6 +236,8 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
             mode=baffle_main._MODE.value, rounds_per_epoch=per_epoch,
             upload_bytes=summary['upload_bytes_per_client_per_round'],
             gradient_cosine_by_round=summary['gradient_cosine_by_round'],
+            predicted_gradient_cosine_by_round=summary[
+                'predicted_gradient_cosine_by_round'],
             expected_gradient_cosine=summary['expected_gradient_cosine'])
         for ema, suffix in ((True, ''), (False, '_without_ema')):
           rows.append(_paper_row(
@@ -266,7 +268,8 @@ def make_paper_table(rows: Sequence[dict]) -> str:
   """The markdown table of paper.json's rows."""
   header = ['model', 'method', 'K', 'directions', 'mode', 'EMA', 'activation',
             'epochs (rounds)', 'final test accuracy', 'best (epoch)',
-            'estimate cosine (expected)', 'upload B / client / round',
+            'estimate cosine: measured / predicted / one gradient',
+            'upload B / client / round',
             'wall time (s)']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   dash = lambda v: '-' if v is None else str(v)
@@ -279,9 +282,14 @@ def make_paper_table(rows: Sequence[dict]) -> str:
   for row in sorted(rows, key=order):
     by_round = {int(r): a for r, a in row['accuracy_by_round'].items()}
     best_round = max(by_round, key=lambda r: (by_round[r], -r))
+    # Means over the run's measurements (one per epoch).
     cosines = list(row.get('gradient_cosine_by_round', {}).values())
-    cosine = ('-' if not cosines else
-              f"{np.mean(cosines):.3f} ({row['expected_gradient_cosine']:.3f})")
+    predicted = list(row.get('predicted_gradient_cosine_by_round',
+                             {}).values())
+    cosine = '-' if not cosines else ' / '.join([
+        f'{np.mean(cosines):.3f}',
+        f'{np.mean(predicted):.3f}' if predicted else '-',
+        f"{row['expected_gradient_cosine']:.3f}"])
     cells = [row['model'], row['method'], dash(row['K']),
              dash(row['directions']), dash(row['mode']),
              {None: '-', True: 'on', False: 'off'}[row['ema']],

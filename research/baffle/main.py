@@ -86,9 +86,9 @@ _LOG_GRADIENT_COSINE = flags.DEFINE_bool(
     'log_gradient_cosine', False, 'Diagnostic: at each evaluation, the '
     "cosine of a fresh gradient estimate (the round's clients' first "
     'batches, the run\'s K, estimator and directions) to their backprop '
-    'gradient, and the sqrt(K/n) it is expected near '
-    '(baffle.estimate_cosine_to_gradient; it backpropagates, outside the '
-    'federated round).')
+    'gradient, the cosine predicted from the clients\' gradient norms and '
+    'the sqrt(K/n) of one gradient (baffle.estimate_cosine_to_gradient; it '
+    'backpropagates, outside the federated round).')
 _RECIPE = flags.DEFINE_enum(
     'recipe', 'none', ['none', 'paper'],
     "'paper': the official code's MNIST recipe (PAPER_RECIPE); flags given "
@@ -213,7 +213,8 @@ def rounds_per_epoch_of(task: experiment.TrainingTask) -> int:
 
 _WITHOUT_EMA_KEY = 'evaluation/without_ema/central/accuracy'
 _COSINE_KEYS = ('evaluation/gradient_cosine/cosine',
-                'evaluation/gradient_cosine/expected_cosine')
+                'evaluation/gradient_cosine/expected_cosine',
+                'evaluation/gradient_cosine/predicted_cosine')
 
 
 def _diagnostics_by_round(history: dict[int, dict[str, float]]
@@ -233,6 +234,7 @@ def _diagnostics_by_round(history: dict[int, dict[str, float]]
     fields['gradient_cosine_by_round'] = by_round(_COSINE_KEYS[0])
     fields['expected_gradient_cosine'] = next(iter(
         by_round(_COSINE_KEYS[1]).values()), None)
+    fields['predicted_gradient_cosine_by_round'] = by_round(_COSINE_KEYS[2])
   return fields
 
 
@@ -325,6 +327,8 @@ def _run() -> dict[str, Any]:
       ('test_acc_without_ema', 'evaluation/without_ema/central/accuracy',
        '.4f'),
       ('estimate_cosine', 'evaluation/gradient_cosine/cosine', '.3f'),
+      ('predicted_cosine', 'evaluation/gradient_cosine/predicted_cosine',
+       '.3f'),
       ('expected_cosine', 'evaluation/gradient_cosine/expected_cosine',
        '.3f'),
   ])

@@ -96,6 +96,7 @@ def test_paper_grid_writes_rows_table_and_plot_and_keeps_finished_runs(
   assert (baffle_ema['epochs'], baffle_ema['rounds']) == (1, 5)
   assert set(baffle_ema['accuracy_by_round']) == {'0', '5'}
   assert set(baffle_ema['gradient_cosine_by_round']) == {'0', '5'}
+  assert set(baffle_ema['predicted_gradient_cosine_by_round']) == {'0', '5'}
   # One run, two views of it: the EMA and the weights it averages.
   assert baffle_raw['wall_seconds'] == baffle_ema['wall_seconds']
   # FedAvg: one local epoch per round, so 1 epoch is 1 round.

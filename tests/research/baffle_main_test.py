@@ -61,6 +61,11 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
              for c in summary['gradient_cosine_by_round'].values())
   assert summary['expected_gradient_cosine'] == pytest.approx(
       (4 / 7850) ** 0.5)
+  # Shared directions: the prediction needs no client gradient norms.
+  predicted = summary['predicted_gradient_cosine_by_round']
+  assert set(predicted) == {'0', '1', '2'}
+  assert list(predicted.values()) == pytest.approx(
+      [(4 / (4 + 7851)) ** 0.5] * 3)
 
   with open(os.path.join(out, 'metrics.csv')) as f:
     rows = list(csv.DictReader(f))

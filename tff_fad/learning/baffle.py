@@ -350,10 +350,17 @@ def estimate_cosine_to_gradient(
   clipping); the gradient is the mean of the batches' backprop gradients;
   both weighted by batch size, as the process weights clients by examples.
 
-  For n parameters and K directions the cosine of a single estimate to its
-  gradient is about sqrt(K / n) when K << n, and so about sqrt(C K / n) for
-  C clients' independent directions around a common gradient (less when
-  clients' gradients differ): `expected_cosine` reports that figure.
+  An estimate of g from K standard normal directions has mean g and
+  E|estimate - g|^2 = |g|^2 (n + 1) / K for n parameters, so its cosine to g
+  is about sqrt(K / (K + n + 1)), sqrt(K / n) when K << n.
+  `expected_cosine` is that figure for K directions (shared) or C K
+  (per-client: C clients' independent directions around one gradient),
+  capped at 1. `predicted_cosine` also counts how the clients' gradients
+  g_i differ: with weights p_i and mean gradient g,
+  |g| / sqrt(|g|^2 + (n + 1) / K * sum_i p_i^2 |g_i|^2) for per-client
+  directions (each client's noise scales with its own |g_i|), and
+  sqrt(K / (K + n + 1)) for shared ones (one set of directions applied to
+  the mean).
 
   Args:
     model: The `FunctionalModel`.
@@ -367,8 +374,8 @@ def estimate_cosine_to_gradient(
     seed: Seed of the directions.
 
   Returns:
-    `OrderedDict(cosine, expected_cosine, estimate_norm, gradient_norm)` of
-    Python floats.
+    `OrderedDict(cosine, expected_cosine, predicted_cosine, estimate_norm,
+    gradient_norm)` of Python floats.
   """
   if directions not in DIRECTIONS:
     raise ValueError(f'directions must be one of {DIRECTIONS}, got '
@@ -400,14 +407,16 @@ def estimate_cosine_to_gradient(
 
   gradient_sum = [tf.zeros(s) for s in shapes]
   estimate_sum = [tf.zeros(s) for s in shapes]
-  total = 0.0
+  counts, squared_norms = [], []
   for i, batch in enumerate(batches):
     client_seed = tf.constant(
         [seed, i if directions == 'per_client' else 0], tf.int64)
     gradient, estimate, count = one_client(batch, client_seed)
     gradient_sum = [a + count * g for a, g in zip(gradient_sum, gradient)]
     estimate_sum = [a + count * e for a, e in zip(estimate_sum, estimate)]
-    total += float(count)
+    counts.append(float(count))
+    squared_norms.append(float(tf.linalg.global_norm(gradient))**2)
+  total = sum(counts)
   flat_gradient = tf.concat([tf.reshape(g, [-1]) for g in gradient_sum], 0)
   flat_estimate = tf.concat([tf.reshape(e, [-1]) for e in estimate_sum], 0)
   cosine = tf.reduce_sum(flat_gradient * flat_estimate) / (
@@ -415,9 +424,18 @@ def estimate_cosine_to_gradient(
   num_params = int(flat_gradient.shape[0])
   independent = num_perturbations * (
       len(batches) if directions == 'per_client' else 1)
+  noise_per_unit = (num_params + 1) / num_perturbations
+  mean_squared_norm = float(tf.norm(flat_gradient))**2 / total**2
+  if directions == 'per_client':
+    noise = noise_per_unit * sum(
+        (c / total)**2 * q for c, q in zip(counts, squared_norms))
+  else:
+    noise = noise_per_unit * mean_squared_norm
   return collections.OrderedDict(
       cosine=float(cosine),
       expected_cosine=float(np.sqrt(min(1.0, independent / num_params))),
+      predicted_cosine=float(np.sqrt(
+          mean_squared_norm / (mean_squared_norm + noise))),
       estimate_norm=float(tf.norm(flat_estimate)) / total,
       gradient_norm=float(tf.norm(flat_gradient)) / total)
 
