@@ -304,10 +304,10 @@ def _run() -> dict[str, Any]:
     if _EMA.value:  # The EMA is evaluated; the weights it averages as well.
       result['without_ema'] = evaluate_weights(state.global_model_weights)
     if _LOG_GRADIENT_COSINE.value:
-      result['gradient_cosine'] = _gradient_cosine(state)
+      result['gradient_cosine'] = gradient_cosine(state)
     return result
 
-  def _gradient_cosine(state) -> collections.OrderedDict:
+  def gradient_cosine(state) -> collections.OrderedDict:
     # The weights and clients of the round that starts from `state`.
     next_round = int(state.finalizer['round_num']) + 1
     batches = [next(iter(dataset)) for dataset in select_clients(next_round)]
@@ -324,13 +324,10 @@ def _run() -> dict[str, Any]:
       ('estimate_norm', 'gradient_estimate/norm', '.3f'),
       ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f'),
       ('fed_test_acc', 'evaluation/federated/accuracy', '.4f'),
-      ('test_acc_without_ema', 'evaluation/without_ema/central/accuracy',
-       '.4f'),
-      ('estimate_cosine', 'evaluation/gradient_cosine/cosine', '.3f'),
-      ('predicted_cosine', 'evaluation/gradient_cosine/predicted_cosine',
-       '.3f'),
-      ('expected_cosine', 'evaluation/gradient_cosine/expected_cosine',
-       '.3f'),
+      ('test_acc_without_ema', _WITHOUT_EMA_KEY, '.4f'),
+      ('estimate_cosine', _COSINE_KEYS[0], '.3f'),
+      ('predicted_cosine', _COSINE_KEYS[2], '.3f'),
+      ('expected_cosine', _COSINE_KEYS[1], '.3f'),
   ])
   recipe = (f'recipe {_RECIPE.value}, ' if _RECIPE.value != 'none' else '')
   print(f'BAFFLE: {recipe}{task.description}, K={_K.value}, '
