@@ -304,32 +304,39 @@ def make_paper_table(rows: Sequence[dict]) -> str:
 
 
 def plot_paper(rows: Sequence[dict], path: str) -> None:
-  """Test accuracy by epoch, a panel per model."""
+  """Test accuracy by epoch, a panel per model and activation; a colour per
+  run, its EMA weights solid and raw weights dotted."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # No display; write a file.
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  models = list(dict.fromkeys(row['model'] for row in rows))
-  fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5),
+  panels = list(dict.fromkeys((r['model'], r['activation']) for r in rows))
+  runs = list(dict.fromkeys(r['run'] for r in rows))
+  colours = dict(zip(runs, plt.get_cmap('tab10' if len(runs) <= 10
+                                        else 'tab20').colors))
+  fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5),
                            squeeze=False)
-  for ax, model in zip(axes[0], models):
-    for row in (r for r in rows if r['model'] == model):
+  for ax, (model, activation) in zip(axes[0], panels):
+    for row in rows:
+      if (row['model'], row['activation']) != (model, activation):
+        continue
       points = sorted((int(r) / row['rounds_per_epoch'], a)
                       for r, a in row['accuracy_by_round'].items())
-      label = row['method'] if row['method'] != 'baffle' else (
-          f"BAFFLE K={row['K']} {row['directions']}"
-          + (' one-epoch' if row['mode'] == 'one_epoch' else '')
-          + (' EMA' if row['ema'] else ''))
-      if row['activation'] != 'hardswish':
-        label += f" {row['activation']}"
+      if row['method'] == 'baffle':
+        label = (f"BAFFLE K={row['K']} {row['directions']}"
+                 + (' one-epoch' if row['mode'] == 'one_epoch' else '')
+                 + (', EMA' if row['ema'] else ', raw weights'))
+      else:
+        label = f"{row['method']} (backprop)"
       ax.plot(*zip(*points), marker='.', label=label,
-              linestyle='-' if row['ema'] is not False else ':')
+              color=colours[row['run']],
+              linestyle=':' if row['ema'] is False else '-')
     ax.axhline(0.1, color='gray', linestyle=':')
     ax.set_xlabel('epoch')
     ax.set_ylabel('test accuracy')
     ax.set_ylim(0, 1)
-    ax.set_title(f'{model} on the embedded digits (10 IID clients)')
-    ax.legend(fontsize=7)
+    ax.set_title(f'{model} ({activation}), embedded digits, 10 IID clients')
+    ax.legend(fontsize=7, loc='upper left')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
