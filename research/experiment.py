@@ -75,6 +75,13 @@ MODEL = flags.DEFINE_enum(
     'model', 'linear', list(models.MODEL_NAMES),
     "--task=digits: lenet (BAFFLE's, 26,730 params), wrn (WRN-10-2) or "
     'linear (softmax regression, 7,850 params).')
+# One flag for every experiments script (they can be imported together):
+# each names its own experiments and default (`experiment_name`).
+EXPERIMENT = flags.DEFINE_string(
+    'experiment', None, 'Which experiment an experiments script runs: '
+    'research/hypergradient_fedavg/experiments.py: rates (default) or '
+    'weighting; research/baffle/experiments.py: estimators (default) or '
+    'paper.')
 ACTIVATION = flags.DEFINE_enum(
     'activation', 'hardswish', list(models.ACTIVATIONS),
     "--model=lenet|wrn: the activation (BAFFLE's models use hardswish).")
@@ -223,6 +230,16 @@ def validate_task_flags() -> None:
       raise ValueError(f'--task_model={TASK_MODEL.value!r} is not a model of '
                        f'--task={TASK.value}: {", ".join(model_ids)} '
                        f'(default {default}).')
+
+
+def experiment_name(choices: Sequence[str]) -> str:
+  """--experiment, or the script's default `choices[0]`; ValueError naming
+  the flag if it is not one of `choices`."""
+  name = EXPERIMENT.value or choices[0]
+  if name not in choices:
+    raise ValueError(f'--experiment={name!r} is not one of this script\'s '
+                     f'experiments: {", ".join(choices)}.')
+  return name
 
 
 def set_flag_defaults(**defaults) -> None:

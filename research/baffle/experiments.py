@@ -76,11 +76,10 @@ _REPORT_ROUNDS = flags.DEFINE_list(
     'report_rounds', [], 'Rounds whose accuracy gets a column (each must be '
     'evaluated: a multiple of --eval_every); default: every evaluation.')
 
-_EXPERIMENT = flags.DEFINE_enum(
-    'experiment', 'estimators', ['estimators', 'paper'],
-    "'estimators': BAFFLE for each of --Ks and --estimators against the "
-    "baselines; 'paper': the paper's table with the official recipe "
-    '(PAPER_RUNS).')
+# --experiment: 'estimators' (the default: BAFFLE for each of --Ks and
+# --estimators against the baselines) or 'paper' (the paper's table with the
+# official recipe, PAPER_RUNS).
+EXPERIMENTS = ('estimators', 'paper')
 _PAPER_RUNS = flags.DEFINE_list(
     'paper_runs', None, '--experiment=paper: the runs of PAPER_RUNS to run, '
     'by name (default: all).')
@@ -382,6 +381,7 @@ def main(argv):
   output_dir = experiment.OUTPUT_DIR.value
   if not output_dir:
     raise ValueError('--output_dir is required.')
+  which = experiment.experiment_name(EXPERIMENTS)
   for name in _ESTIMATORS.value:
     if name not in baffle.ESTIMATORS:
       raise ValueError(f'--estimators: {name!r} is not one of '
@@ -391,7 +391,7 @@ def main(argv):
       raise ValueError(f'--baselines: {name!r} is not one of {BASELINES}.')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  if _EXPERIMENT.value == 'paper':
+  if which == 'paper':
     try:
       paper_main(output_dir)
     finally:

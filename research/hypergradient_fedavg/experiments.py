@@ -33,8 +33,7 @@ import tff_fad
 from research import experiment
 from research.hypergradient_fedavg import main as hypergradient_main
 
-_EXPERIMENT = flags.DEFINE_enum('experiment', 'rates', ['rates', 'weighting'],
-                                'Which comparison to run.')
+EXPERIMENTS = ('rates', 'weighting')  # --experiment; the first is the default.
 _FIXED = flags.DEFINE_list('fixed_rates', ['0.1', '0.3', '1.0', '3.0', '10.0'],
                            'Server learning rates of the FedAvg baselines.')
 _STARTS = flags.DEFINE_list('hypergradient_starts', ['0.1', '3.0', '10.0'],
@@ -123,9 +122,10 @@ def main(argv):
   output_dir = experiment.OUTPUT_DIR.value
   if not output_dir:
     raise ValueError('--output_dir is required.')
+  which = experiment.experiment_name(EXPERIMENTS)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  if _EXPERIMENT.value == 'rates':
+  if which == 'rates':
     configs = [dict(algorithm='fedavg', server_lr=float(r))
                for r in _FIXED.value] + [
                    dict(algorithm='hypergradient', server_lr=float(r),
@@ -196,7 +196,7 @@ def main(argv):
     f.write(table + '\n')
   with open(os.path.join(output_dir, 'table.json'), 'w') as f:
     json.dump(rows, f, indent=2)
-  if _EXPERIMENT.value == 'rates':
+  if which == 'rates':
     plot_learned_rates(run_dirs, os.path.join(output_dir, 'learned_rates.png'))
   print(table)
   tff_fad.runtime.shutdown_local_workers()

@@ -134,3 +134,14 @@ def test_paper_grid_names_an_unknown_run(tmp_path):
     with pytest.raises(ValueError, match="'baffle_vgg' is not one of"):
       experiments.main(['experiments'])
   assert not os.listdir(tmp_path)
+
+
+def test_experiment_flag_is_shared_with_the_hypergradient_script(tmp_path):
+  # Both scripts in one process (as in this test run): one --experiment.
+  from research.hypergradient_fedavg import experiments as hypergradient  # pylint: disable=g-import-not-at-top
+  assert hypergradient.EXPERIMENTS == ('rates', 'weighting')
+  with flagsaver.flagsaver(output_dir=str(tmp_path), experiment='rates'):
+    with pytest.raises(ValueError, match="--experiment='rates' is not one "
+                       "of this script's experiments: estimators, paper"):
+      experiments.main(['experiments'])
+  assert not os.listdir(tmp_path)
