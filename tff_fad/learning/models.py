@@ -84,8 +84,8 @@ def hardswish(x: tf.Tensor) -> tf.Tensor:
   return x * tf.nn.relu6(x + 3.0) / 6.0
 
 
-# BAFFLE's models use Hardswish: the paper finds it trains better than ReLU
-# under finite differences (ReLU's kink). `relu` is there to measure that.
+# BAFFLE's models use Hardswish, which has no kink for a finite difference
+# to straddle; `relu` is there to compare (README: the paper's table).
 ACTIVATIONS = {'hardswish': hardswish, 'relu': tf.nn.relu}
 
 
