@@ -11,10 +11,10 @@ shuffled batches:
     Adam with --lr, elementwise clip --clip).
   * FedSGD: `tff.learning.algorithms.build_fed_sgd` on the same single
     minibatch per client and round (its exact backprop gradient), server
-    Adam with the same --lr and no clipping.
+    Adam with the same --lr and --adam_* and no clipping.
   * FedAvg: `tff.learning.algorithms.build_weighted_fed_avg`, one local epoch
-    of client SGD (--client_lr) over the client's whole shuffled data, server
-    SGD with rate 1.0.
+    of --client_optimizer (default SGD) at --client_lr over the client's
+    whole shuffled data, server SGD with rate 1.0.
 
 All runs go through the binaries' loop (`experiment.train`), client sampler
 and evaluation. Test accuracy is that of `process.get_model_weights(state)`
@@ -108,38 +108,25 @@ PAPER_RUNS = collections.OrderedDict([
 ])
 
 
-def _baseline_process(algorithm: str, model, paper: bool = False):
-  """TFF's FedSGD (server Adam --lr) or FedAvg (one local epoch, server SGD
-  1.0). With `paper`, the recipe's optimizers: Adam with --adam_* on the
-  server (FedSGD) or on the clients at --client_lr, fresh each round
-  (FedAvg), as BAFFLE's one-epoch mode; TFF's Adam has no weight decay."""
-  # pylint: disable=protected-access
-  def adam(learning_rate):
-    return tff.learning.optimizers.build_adam(
-        learning_rate, beta_1=baffle_main._ADAM_BETA1.value,
-        beta_2=baffle_main._ADAM_BETA2.value,
-        epsilon=baffle_main._ADAM_EPSILON.value)
+def _baseline_process(algorithm: str, model):
+  """TFF's FedSGD (server Adam at --lr with --adam_*) or FedAvg (one local
+  epoch of --client_optimizer at --client_lr, server SGD 1.0): BAFFLE's own
+  server and local optimizers. TFF's Adam has no weight decay."""
   if algorithm == 'fedsgd':
     return tff.learning.algorithms.build_fed_sgd(
-        model, server_optimizer_fn=(
-            adam(baffle_main._LR.value) if paper
-            else tff.learning.optimizers.build_adam(baffle_main._LR.value)))
+        model, server_optimizer_fn=baffle_main.adam_from_flags(
+            baffle_main._LR.value))  # pylint: disable=protected-access
   return tff.learning.algorithms.build_weighted_fed_avg(
-      model,
-      client_optimizer_fn=(
-          adam(experiment.CLIENT_LR.value) if paper else
-          tff.learning.optimizers.build_sgdm(experiment.CLIENT_LR.value)),
+      model, client_optimizer_fn=baffle_main.client_optimizer_from_flags(),
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
 
 
-def run_baseline(algorithm: str, output_dir: str,
-                 paper: bool = False) -> dict[str, Any]:
+def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
   """Trains a backprop baseline on BAFFLE's data and clients; a summary.
 
   Through the binaries' own loop (`experiment.train`, TFF's
   `run_training_process`), sampler and evaluation, so only the algorithm
-  differs from the BAFFLE runs. `paper`: the recipe's optimizers (see
-  `_baseline_process`).
+  differs from the BAFFLE runs.
   """
   start = time.time()
   seed = experiment.SEED.value
@@ -147,7 +134,7 @@ def run_baseline(algorithm: str, output_dir: str,
   task = experiment.load_task(
       pad_digits_to_32x32=experiment.MODEL.value != 'linear',
       resize_digits=baffle_main._RESIZE_DIGITS.value)  # pylint: disable=protected-access
-  process = _baseline_process(algorithm, task.model, paper)
+  process = _baseline_process(algorithm, task.model)
   select = experiment.client_selector(
       task, clients_per_round=experiment.CLIENTS_PER_ROUND.value, seed=seed,
       batches_per_client=1 if algorithm == 'fedsgd' else None)
@@ -250,7 +237,7 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
                        if method == 'fedsgd' else 1)
         rounds = baffle_main._EPOCHS.value * per_epoch
         with flagsaver.flagsaver(rounds=rounds, eval_every=per_epoch):
-          summary = run_baseline(method, run_dir_path, paper=True)
+          summary = run_baseline(method, run_dir_path)
         rows.append(_paper_row(
             name, method=method, rounds=rounds,
             final_test_accuracy=summary['final_test_accuracy'],

@@ -238,6 +238,21 @@ def _diagnostics_by_round(history: dict[int, dict[str, float]]
   return fields
 
 
+def adam_from_flags(learning_rate: float) -> tff.learning.optimizers.Optimizer:
+  """TFF's Adam with --adam_beta1, --adam_beta2 and --adam_epsilon."""
+  return tff.learning.optimizers.build_adam(
+      learning_rate, beta_1=_ADAM_BETA1.value, beta_2=_ADAM_BETA2.value,
+      epsilon=_ADAM_EPSILON.value)
+
+
+def client_optimizer_from_flags() -> tff.learning.optimizers.Optimizer:
+  """--client_optimizer at --client_lr (one_epoch's local optimizer, and
+  the experiments' backprop FedAvg's)."""
+  if _CLIENT_OPTIMIZER.value == 'adam':
+    return adam_from_flags(_CLIENT_LR.value)
+  return tff.learning.optimizers.build_sgdm(_CLIENT_LR.value)
+
+
 def run() -> dict[str, Any]:
   """Trains and writes the outputs; returns the summary."""
   validate_flags()
@@ -268,16 +283,9 @@ def _run() -> dict[str, Any]:
     aggregator = None  # Its own aggregation (build_baffle).
   else:
     aggregator = tff.aggregators.MeanFactory()
-  def adam(learning_rate):
-    return tff.learning.optimizers.build_adam(
-        learning_rate, beta_1=_ADAM_BETA1.value, beta_2=_ADAM_BETA2.value,
-        epsilon=_ADAM_EPSILON.value)
-
-  server_optimizer = (adam(_LR.value) if _MODE.value == 'fedsgd'
+  server_optimizer = (adam_from_flags(_LR.value) if _MODE.value == 'fedsgd'
                       else tff.learning.optimizers.build_sgdm(_LR.value))
-  client_optimizer = (adam(_CLIENT_LR.value)
-                      if _CLIENT_OPTIMIZER.value == 'adam'
-                      else tff.learning.optimizers.build_sgdm(_CLIENT_LR.value))
+  client_optimizer = client_optimizer_from_flags()
   process = baffle.build_baffle(
       model, client_optimizer,
       server_optimizer, model_aggregator=aggregator,

@@ -393,17 +393,16 @@ def estimate_cosine_to_gradient(
 
   @tf.function
   def one_client(batch, client_seed):
-    loss_fn = batch_loss_fn(model, non_trainable, batch)
     with tf.GradientTape() as tape:
       tape.watch(trainable)
-      loss = loss_fn(trainable)
+      loss, _, count = fm.batch_loss(model, (trainable, non_trainable), batch,
+                                     training=True)
     gradient = tape.gradient(loss, trainable)
-    scores, _ = estimate_scores(loss_fn, trainable, client_seed,
-                                num_perturbations, sigma, estimator)
+    scores, _ = estimate_scores(batch_loss_fn(model, non_trainable, batch),
+                                trainable, client_seed, num_perturbations,
+                                sigma, estimator)
     estimate = rebuild_gradient(shapes, client_seed, scores)
-    x, _ = fm.batch_inputs(batch)
-    count = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
-    return gradient, estimate, count
+    return gradient, estimate, tf.cast(count, tf.float32)
 
   gradient_sum = [tf.zeros(s) for s in shapes]
   estimate_sum = [tf.zeros(s) for s in shapes]
