@@ -454,6 +454,31 @@ def _finite_or_none(value: Any) -> Any:
   return value
 
 
+# Flags that do not change a run's results.
+_NOT_RESULTS = frozenset({'workers', 'allow_remote_workers', 'save_every',
+                          'task_cache_dir', 'overwrite', 'output_dir'})
+
+
+def finished_summary(output_dir: str, flag_values: dict) -> Optional[dict]:
+  """The summary of the run finished in `output_dir` with these flags.
+
+  None if no run finished there, or if it ran with flags that change results
+  (e.g. fewer --rounds: resuming it continues from its last save).
+  """
+  try:
+    with open(os.path.join(output_dir, SUMMARY_FILE)) as f:
+      summary = json.load(f)
+  except FileNotFoundError:
+    return None
+  def results(values):
+    return {k: v for k, v in values.items() if k not in _NOT_RESULTS}
+
+  values = json.loads(json.dumps(flag_values))  # Tuples -> lists.
+  if results(summary.get('flags', {})) != results(values):
+    return None
+  return summary
+
+
 def write_summary(output_dir: str, summary: dict,
                   history: dict[int, dict[str, float]]) -> dict:
   """Writes summary.json as strict JSON; returns what was written.

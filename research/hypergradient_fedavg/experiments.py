@@ -10,8 +10,11 @@ run it under strong label skew (e.g. --dirichlet_alpha=0.1).
 
 Writes a markdown table (final test accuracy, first round reaching
 --target_accuracy, final server learning rate / weight exponent) to
---output_dir/table.md, plus table.json, each run's outputs and (rates) the
-learned rates by round, learned_rates.png (`plot_learned_rates`).
+--output_dir/table.md, plus table.json, each run's outputs (a run finished
+there with the same flags is kept, not rerun) and (rates) the
+learned rates by round, learned_rates.png (`plot_learned_rates`), which also
+draws the runs of earlier experiments named by --plot_with (e.g. the other
+server optimizer's grid), a panel per task or model and server optimizer.
 
   python -m research.hypergradient_fedavg.experiments --experiment=rates \
       --output_dir out/rates
@@ -31,6 +34,7 @@ import numpy as np
 
 import tff_fad
 from research import experiment
+from research import run_dir
 from research.hypergradient_fedavg import main as hypergradient_main
 
 EXPERIMENTS = ('rates', 'weighting')  # --experiment; the first is the default.
@@ -48,6 +52,9 @@ _POST_UPDATE_LOSSES = flags.DEFINE_list(
 _TARGET = flags.DEFINE_float('target_accuracy', 0.8,
                              'Accuracy whose first round is reported.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (runs are averaged).')
+_PLOT_WITH = flags.DEFINE_list(
+    'plot_with', [], '--experiment=rates: --output_dir of earlier rates '
+    'experiments whose runs learned_rates.png draws next to this one\'s.')
 
 
 def _first_round_reaching(accuracy_by_round, target):
@@ -63,23 +70,51 @@ def _mean(summaries, key):
   return None if None in values else sum(values) / len(values)
 
 
-def plot_learned_rates(run_dirs, path: str) -> None:
-  """One panel per server optimizer: the learned rate of every hypergradient
-  run by round (one line per seed, a colour per starting rate), the fixed
-  rates of the FedAvg runs as dotted lines (the best by final accuracy in
-  black)."""
+def setting(run_flags: dict) -> str:
+  """What a run trained: the task, or on the digits the model."""
+  if run_flags['task'] == 'digits':
+    return f"digits, {run_flags['model']}"
+  model = f", {run_flags['task_model']}" if run_flags['task_model'] else ''
+  synthetic = ' (synthetic data)' if run_flags['use_synthetic_data'] else ''
+  return f"{run_flags['task']}{model}{synthetic}"
+
+
+def finished_runs(output_dir: str) -> list[str]:
+  """The run directories (with a summary) of an experiment's --output_dir."""
+  if not os.path.isdir(output_dir):
+    raise ValueError(f'{output_dir!r} is not a directory of runs.')
+  runs = sorted(
+      os.path.join(output_dir, name) for name in os.listdir(output_dir)
+      if os.path.isfile(os.path.join(output_dir, name, run_dir.SUMMARY_FILE)))
+  if not runs:
+    raise ValueError(
+        f'{output_dir!r} holds no finished run (no */summary.json).')
+  return runs
+
+
+def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
+  """One panel per setting (task or model) and server optimizer: the learned
+  rate of every hypergradient run by round (one line per seed, a colour per
+  starting rate), the fixed rates of the FedAvg runs as dotted lines (the best
+  by final accuracy in black). Returns the panels' (setting, optimizer)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # No display; write a file.
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   runs = collections.defaultdict(list)
-  for run_dir in run_dirs:
-    with open(os.path.join(run_dir, 'summary.json')) as f:
+  for directory in run_dirs:
+    with open(os.path.join(directory, run_dir.SUMMARY_FILE)) as f:
       summary = json.load(f)
-    runs[summary['server_optimizer']].append(summary)
-  fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4),
+    runs[setting(summary['flags']), summary['server_optimizer']].append(
+        summary)
+  columns = min(len(runs), 2)
+  rows = -(-len(runs) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows),
                            squeeze=False)
-  for ax, (optimizer, summaries) in zip(axes[0], sorted(runs.items())):
+  for ax in axes.flat[len(runs):]:
+    ax.set_visible(False)
+  for ax, ((where, optimizer), summaries) in zip(axes.flat,
+                                                 sorted(runs.items())):
     fixed = collections.defaultdict(list)
     for s in summaries:
       if s['algorithm'] == 'fedavg':
@@ -89,7 +124,8 @@ def plot_learned_rates(run_dirs, path: str) -> None:
                default=None)
     for rate in sorted(fixed):
       ax.axhline(rate, linestyle=':', color='black' if rate == best
-                 else 'gray', linewidth=1.5 if rate == best else 0.8)
+                 else 'gray', linewidth=1.5 if rate == best else 0.8,
+                 label=f'fixed {rate:g} (best)' if rate == best else None)
     starts = sorted({s['initial_server_learning_rate'] for s in summaries
                      if s['algorithm'] == 'hypergradient'})
     colours = plt.get_cmap('viridis')(np.linspace(0, 0.85, max(len(starts),
@@ -107,12 +143,13 @@ def plot_learned_rates(run_dirs, path: str) -> None:
     ax.set_yscale('log')
     ax.set_xlabel('round')
     ax.set_ylabel('server learning rate')
-    ax.set_title(f'server {optimizer}: learned rates; fixed grid dotted '
-                 '(best: black)', fontsize=9)
+    ax.set_title(f'{where}, server {optimizer}: learned rates; fixed grid '
+                 'dotted (best: black)', fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+  return sorted(runs)
 
 
 def main(argv):
@@ -125,6 +162,11 @@ def main(argv):
   which = experiment.experiment_name(EXPERIMENTS)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  if _PLOT_WITH.value and which != 'rates':
+    raise ValueError('--plot_with is for --experiment=rates, which plots the '
+                     f'learned rates; got --experiment={which}.')
+  # Checked before any training, so a typo loses no run.
+  earlier = [run for d in _PLOT_WITH.value for run in finished_runs(d)]
   if which == 'rates':
     configs = [dict(algorithm='fedavg', server_lr=float(r))
                for r in _FIXED.value] + [
@@ -140,15 +182,19 @@ def main(argv):
     runs = []
     for seed in _SEEDS.value:
       name = '_'.join(f'{k}{v}' for k, v in config.items())
-      run_dir = os.path.join(output_dir, f'{name}_seed{seed}')
-      run_dirs.append(run_dir)
-      with flagsaver.flagsaver(seed=int(seed), output_dir=run_dir,
+      path = os.path.join(output_dir, f'{name}_seed{seed}')
+      run_dirs.append(path)
+      with flagsaver.flagsaver(seed=int(seed), output_dir=path,
                                eval_every=1, **config):
-        runs.append(hypergradient_main.run())
+        finished = None if experiment.OVERWRITE.value else (
+            run_dir.finished_summary(
+                path, experiment.flag_values(hypergradient_main.__name__)))
+        runs.append(finished or hypergradient_main.run())
     reached = [_first_round_reaching(s['accuracy_by_round'], _TARGET.value)
                for s in runs]
     hypergradient = runs[0]['algorithm'] == 'hypergradient'
     rows.append(collections.OrderedDict(
+        setting=setting(runs[0]['flags']),
         algorithm=runs[0]['algorithm'], weighting=runs[0]['weighting'],
         server_optimizer=runs[0]['server_optimizer'],
         initial_server_lr=runs[0]['initial_server_learning_rate'],
@@ -197,7 +243,9 @@ def main(argv):
   with open(os.path.join(output_dir, 'table.json'), 'w') as f:
     json.dump(rows, f, indent=2)
   if which == 'rates':
-    plot_learned_rates(run_dirs, os.path.join(output_dir, 'learned_rates.png'))
+    plotted = {os.path.realpath(d): d for d in earlier + run_dirs}
+    plot_learned_rates(list(plotted.values()),
+                       os.path.join(output_dir, 'learned_rates.png'))
   print(table)
   tff_fad.runtime.shutdown_local_workers()
 

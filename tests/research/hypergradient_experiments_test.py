@@ -70,6 +70,82 @@ def test_rates_grid_averages_seeds_and_labels_each_row(tmp_path):
   assert len(lines) == 5
 
 
+def test_learned_rates_plot_draws_the_runs_of_plot_with(tmp_path,
+                                                        monkeypatch):
+  sgd, adam = str(tmp_path / 'sgd'), str(tmp_path / 'adam')
+  with flagsaver.flagsaver(output_dir=sgd, experiment='rates',
+                           fixed_rates=['1.0'], hypergradient_starts=[],
+                           model='lenet', **TINY):
+    experiments.main(['experiments'])
+  panels = []
+  plot = experiments.plot_learned_rates
+  monkeypatch.setattr(experiments, 'plot_learned_rates',
+                      lambda *args: panels.extend(plot(*args)))
+  with flagsaver.flagsaver(output_dir=adam, experiment='rates',
+                           server_optimizer='adam', fixed_rates=[],
+                           hypergradient_starts=['0.01'],
+                           tangent_decays=['0.9'], plot_with=[sgd], **TINY):
+    experiments.main(['experiments'])
+  assert panels == [('digits, lenet', 'sgd'), ('digits, linear', 'adam')]
+  with open(os.path.join(adam, 'table.json')) as f:
+    assert [r['setting'] for r in json.load(f)] == ['digits, linear']
+  assert os.path.getsize(os.path.join(adam, 'learned_rates.png')) > 0
+
+
+def test_a_run_finished_with_the_same_flags_is_kept_not_rerun(
+    tmp_path, monkeypatch):
+  out = str(tmp_path / 'rates')
+  grid = dict(output_dir=out, experiment='rates', fixed_rates=['1.0'],
+              hypergradient_starts=[], **TINY)
+  with flagsaver.flagsaver(**grid):
+    experiments.main(['experiments'])
+  with open(os.path.join(out, 'table.json')) as f:
+    first = json.load(f)
+
+  def rerun():
+    raise AssertionError('rerun')
+
+  monkeypatch.setattr(experiments.hypergradient_main, 'run', rerun)
+  with flagsaver.flagsaver(**grid):
+    experiments.main(['experiments'])
+  with open(os.path.join(out, 'table.json')) as f:
+    assert json.load(f) == first  # Its wall time too.
+  for changed in (dict(overwrite=True), dict(rounds=4)):
+    with flagsaver.flagsaver(**{**grid, **changed}):
+      with pytest.raises(AssertionError, match='rerun'):
+        experiments.main(['experiments'])
+
+
+def test_plot_with_is_checked_before_any_training(tmp_path):
+  out = str(tmp_path / 'out')
+  with flagsaver.flagsaver(output_dir=out, experiment='rates',
+                           plot_with=[str(tmp_path / 'typo')], **TINY):
+    with pytest.raises(ValueError, match='typo.* is not a directory of runs'):
+      experiments.main(['experiments'])
+  os.makedirs(tmp_path / 'empty')
+  with flagsaver.flagsaver(output_dir=out, experiment='rates',
+                           plot_with=[str(tmp_path / 'empty')], **TINY):
+    with pytest.raises(ValueError, match='holds no finished run'):
+      experiments.main(['experiments'])
+  with flagsaver.flagsaver(output_dir=out, experiment='weighting',
+                           plot_with=[str(tmp_path / 'empty')], **TINY):
+    with pytest.raises(ValueError, match='--plot_with is for --experiment=rates'):
+      experiments.main(['experiments'])
+  assert not os.path.exists(out)
+
+
+def test_setting_names_the_task_or_the_digits_model():
+  base = dict(task='digits', model='lenet', task_model=None,
+              use_synthetic_data=False)
+  assert experiments.setting(base) == 'digits, lenet'
+  assert experiments.setting(
+      dict(base, task='emnist_character', use_synthetic_data=True)) == (
+          'emnist_character (synthetic data)')
+  assert experiments.setting(
+      dict(base, task='cifar100_image', task_model='resnet18')) == (
+          'cifar100_image, resnet18')
+
+
 def test_seed_means_skip_what_does_not_apply():
   runs = [dict(final_weight_exponent=-0.2, weighting='learned'),
           dict(final_weight_exponent=0.1, weighting='learned')]

@@ -15,6 +15,7 @@ from absl.testing import flagsaver
 import numpy as np
 import pytest
 
+from research import experiment
 from research import run_dir
 from research.hypergradient_fedavg import main as hypergradient_main
 
@@ -189,3 +190,22 @@ def test_a_save_without_its_manifest_is_not_loaded(tmp_path):
   state, version = _run_async(manager.load_latest(structure))
   assert version == 4
   np.testing.assert_array_equal(state['w'], [0.0, 1.0, 2.0])
+
+
+def test_finished_summary_is_the_runs_own_only_for_the_same_results(
+    finished_run, tmp_path):
+  with flagsaver.flagsaver(output_dir=str(finished_run), **_FLAGS):
+    values = experiment.flag_values(hypergradient_main.__name__)
+  with open(finished_run / run_dir.SUMMARY_FILE) as f:
+    summary = json.load(f)
+  assert run_dir.finished_summary(str(finished_run), values) == summary
+  # Where it runs and how often it saves do not change what it computed.
+  for same in (dict(save_every=7), dict(workers=['localhost:8000']),
+               dict(output_dir='elsewhere')):
+    assert run_dir.finished_summary(str(finished_run),
+                                    {**values, **same}) == summary
+  # More rounds (a run to continue) or another seed: not this run's summary.
+  for other in (dict(rounds=4), dict(seed=2), dict(server_lr=0.2)):
+    assert run_dir.finished_summary(str(finished_run),
+                                    {**values, **other}) is None
+  assert run_dir.finished_summary(str(tmp_path), values) is None
