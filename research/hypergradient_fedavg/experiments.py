@@ -70,6 +70,13 @@ def _mean(summaries, key):
   return None if None in values else sum(values) / len(values)
 
 
+def _hyper_optimizer(run_flags: dict) -> str:
+  beta_2 = run_flags.get('hyper_beta_2', 0.999)  # Runs from before the flag.
+  return (f"Adam {run_flags['hyper_lr']:g}, beta_1 "
+          f"{run_flags['hyper_beta_1']:g}" +
+          ('' if beta_2 == 0.999 else f', beta_2 {beta_2:g}'))
+
+
 def setting(run_flags: dict) -> str:
   """What a run trained: the task, or on the digits the model."""
   if run_flags['task'] == 'digits':
@@ -201,11 +208,9 @@ def main(argv):
         post_update_loss=(runs[0]['flags']['post_update_loss']
                           if hypergradient else None),
         tangent_decay=(runs[0]['flags']['tangent_decay']
-                       if runs[0]['algorithm'] == 'hypergradient' else None),
-        hyper_optimizer=(
-            f"Adam {runs[0]['flags']['hyper_lr']:g}, beta_1 "
-            f"{runs[0]['flags']['hyper_beta_1']:g}"
-            if runs[0]['algorithm'] == 'hypergradient' else None),
+                       if hypergradient else None),
+        hyper_optimizer=(_hyper_optimizer(runs[0]['flags'])
+                         if hypergradient else None),
         final_weight_exponent=_mean(runs, 'final_weight_exponent'),
         final_test_accuracy=_mean(runs, 'final_test_accuracy'),
         rounds_to_target=reached,

@@ -48,6 +48,12 @@ _HYPER_BETA_1 = flags.DEFINE_float(
     'Adam beta_1 (momentum) of the hyper-optimizer. 0: the carried tangent '
     '(--tangent_decay) already averages over rounds; momentum on top makes '
     'the rate overshoot.')
+_HYPER_BETA_2 = flags.DEFINE_float(
+    'hyper_beta_2', 0.999,
+    "Adam beta_2 of the hyper-optimizer (TFF's default 0.999). Adam divides "
+    'by the RMS of the hypergradient over about 1/(1 - beta_2) rounds, so '
+    'one huge hypergradient (a round that blew the loss up) stalls the rate '
+    'for that long; a smaller beta_2 forgets it sooner.')
 _TANGENT_DECAY = flags.DEFINE_float(
     'tangent_decay', 0.9,
     'How much of d(model)/d(log lr) carries over to the next round, in '
@@ -111,7 +117,7 @@ def validate_flags() -> None:
   for flag in (_HYPER_LR, _DP_NOISE):
     if flag.value < 0:
       raise ValueError(f'--{flag.name} must be >= 0, got {flag.value!r}.')
-  for flag in (_TANGENT_DECAY, _HYPER_BETA_1):
+  for flag in (_TANGENT_DECAY, _HYPER_BETA_1, _HYPER_BETA_2):
     if not 0 <= flag.value < 1:
       raise ValueError(f'--{flag.name} must be in [0, 1), got '
                        f'{flag.value!r}.')
@@ -191,7 +197,7 @@ def build_process(model):
         model, client_optimizer, server_optimizer,
         client_weighting=_client_weighting(), model_aggregator=_aggregator())
   hyper_optimizer = tff.learning.optimizers.build_adam(
-      _HYPER_LR.value, beta_1=_HYPER_BETA_1.value)
+      _HYPER_LR.value, beta_1=_HYPER_BETA_1.value, beta_2=_HYPER_BETA_2.value)
   if _WEIGHTING.value == 'learned':
     return hypergradient_fed_avg.build_learned_weighting_fed_avg(
         model, client_optimizer, server_optimizer,

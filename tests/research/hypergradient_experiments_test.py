@@ -134,6 +134,13 @@ def test_plot_with_is_checked_before_any_training(tmp_path):
   assert not os.path.exists(out)
 
 
+def test_hyper_optimizer_names_beta_2_when_not_tffs_default():
+  run_flags = dict(hyper_lr=0.1, hyper_beta_1=0.0, hyper_beta_2=0.999)
+  assert experiments._hyper_optimizer(run_flags) == 'Adam 0.1, beta_1 0'
+  assert experiments._hyper_optimizer(dict(run_flags, hyper_beta_2=0.0)) == (
+      'Adam 0.1, beta_1 0, beta_2 0')
+
+
 def test_setting_names_the_task_or_the_digits_model():
   base = dict(task='digits', model='lenet', task_model=None,
               use_synthetic_data=False)

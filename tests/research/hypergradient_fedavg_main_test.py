@@ -5,6 +5,7 @@ import os
 
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
 import pytest
 
 from research.hypergradient_fedavg import main as hypergradient_main
@@ -72,6 +73,7 @@ def test_fixed_rate_fedavg_baseline_runs(tmp_path):
     ('hyper_lr', -1.0, '--hyper_lr must be >= 0'),
     ('tangent_decay', 1.0, r'--tangent_decay must be in \[0, 1\)'),
     ('hyper_beta_1', -0.1, r'--hyper_beta_1 must be in \[0, 1\)'),
+    ('hyper_beta_2', 1.0, r'--hyper_beta_2 must be in \[0, 1\)'),
 ])
 def test_bad_flags_are_named(tmp_path, flag, value, message):
   with flagsaver.flagsaver(output_dir=str(tmp_path), **{flag: value}):
@@ -108,6 +110,19 @@ def test_runs_are_reproducible_from_the_seed(tmp_path):
   for key in ('final_test_accuracy', 'final_central_test',
               'final_server_learning_rate', 'server_learning_rate_by_round'):
     assert summaries[0][key] == pytest.approx(summaries[1][key], rel=1e-5), key
+
+
+def test_hyper_beta_2_reaches_the_hyper_optimizer(tmp_path):
+  # Adam with beta_1 = beta_2 = 0 steps by hyper_lr * g / (|g| + eps): the
+  # sign of the hypergradient, so log(lr) moves by exactly 0.1 in round 2
+  # (round 1 has no earlier step, so no hypergradient).
+  with flagsaver.flagsaver(output_dir=str(tmp_path), hyper_beta_2=0.0,
+                           **TINY):
+    summary = hypergradient_main.run()
+  rates = summary['server_learning_rate_by_round']
+  assert rates['2'] == pytest.approx(0.1, rel=1e-6)
+  assert abs(np.log(summary['final_server_learning_rate'] / 0.1)) == (
+      pytest.approx(0.1, rel=1e-4))
 
 
 def test_server_adam_rate_is_learned(tmp_path):
