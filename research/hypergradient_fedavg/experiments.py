@@ -58,8 +58,10 @@ _PLOT_WITH = flags.DEFINE_list(
 
 
 def _first_round_reaching(accuracy_by_round, target):
+  # Accuracies are float32: 9 of 10 right is 0.89999998 < 0.9.
+  target = np.float32(target)
   for r, acc in sorted(accuracy_by_round.items(), key=lambda kv: int(kv[0])):
-    if acc >= target:
+    if np.float32(acc) >= target:
       return int(r)
   return None
 

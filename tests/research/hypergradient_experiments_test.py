@@ -5,6 +5,7 @@ import os
 
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
 import pytest
 
 import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
@@ -151,6 +152,15 @@ def test_setting_names_the_task_or_the_digits_model():
   assert experiments.setting(
       dict(base, task='cifar100_image', task_model='resnet18')) == (
           'cifar100_image, resnet18')
+
+
+def test_target_is_reached_by_a_float32_accuracy_equal_to_it():
+  nine_of_ten = float(np.float32(9) / np.float32(10))  # 0.8999999761...
+  assert nine_of_ten < 0.9
+  by_round = {'0': 0.1, '1': 0.8, '2': nine_of_ten, '3': 1.0}
+  assert experiments._first_round_reaching(by_round, 0.9) == 2
+  assert experiments._first_round_reaching(by_round, 0.95) == 3
+  assert experiments._first_round_reaching(by_round, 1.01) is None
 
 
 def test_seed_means_skip_what_does_not_apply():
