@@ -152,8 +152,8 @@ def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
     ax.set_yscale('log')
     ax.set_xlabel('round')
     ax.set_ylabel('server learning rate')
-    ax.set_title(f'{where}, server {optimizer}: learned rates; fixed grid '
-                 'dotted (best: black)', fontsize=9)
+    ax.set_title(f'{where}, server {optimizer}: learned rates (fixed grid '
+                 'dotted)', fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
