@@ -32,6 +32,8 @@ import shutil
 import sys
 from typing import Any, Iterator, Optional
 
+from absl import flags
+
 import tensorflow_federated as tff
 
 FLAGS_FILE = 'run_flags.json'
@@ -358,6 +360,22 @@ def prepare(output_dir: str, flag_values: dict, *, save_every: int,
   return resumed
 
 
+def _changed_flags(saved: dict, values: dict, ignored) -> list[str]:
+  """The flags, other than `ignored`, whose values differ from a run's.
+
+  A flag the run did not record (one added since) counts as unchanged while
+  it has its default: flags are added with the old behaviour as default.
+  """
+  def default(name):
+    return json.loads(json.dumps(flags.FLAGS[name].default))
+
+  return sorted(
+      k for k in set(saved) | set(values)
+      if k not in ignored and saved.get(k) != values.get(k)
+      and not (k not in saved and k in flags.FLAGS
+               and values[k] == default(k)))
+
+
 def _resumable_round(output_dir: str, values: dict, save_every: int,
                      rounds: int) -> Optional[int]:
   results = _results(output_dir)
@@ -376,9 +394,7 @@ def _resumable_round(output_dir: str, values: dict, save_every: int,
   except ValueError as e:
     raise RunDirError(f'{where} ({", ".join(results)}) but its {FLAGS_FILE} '
                       f'is unreadable ({e}). {fix}') from None
-  changed = sorted(k for k in set(saved) | set(values)
-                   if k not in RESUMABLE_CHANGES
-                   and saved.get(k) != values.get(k))
+  changed = _changed_flags(saved, values, RESUMABLE_CHANGES)
   if changed:
     raise RunDirError(f'{where} with different flags: ' + ', '.join(
         f'--{k}={saved.get(k)!r} (now {values.get(k)!r})' for k in changed) +
@@ -470,11 +486,8 @@ def finished_summary(output_dir: str, flag_values: dict) -> Optional[dict]:
       summary = json.load(f)
   except FileNotFoundError:
     return None
-  def results(values):
-    return {k: v for k, v in values.items() if k not in _NOT_RESULTS}
-
   values = json.loads(json.dumps(flag_values))  # Tuples -> lists.
-  if results(summary.get('flags', {})) != results(values):
+  if _changed_flags(summary.get('flags', {}), values, _NOT_RESULTS):
     return None
   return summary
 

@@ -209,3 +209,33 @@ def test_finished_summary_is_the_runs_own_only_for_the_same_results(
     assert run_dir.finished_summary(str(finished_run),
                                     {**values, **other}) is None
   assert run_dir.finished_summary(str(tmp_path), values) is None
+
+
+def _drop_recorded_flag(path, name):
+  """Makes a run look like one made before flag `name` existed."""
+  with open(path) as f:
+    content = json.load(f)
+  flag_values = content['flags'] if 'flags' in content else content
+  del flag_values[name]
+  with open(path, 'w') as f:
+    json.dump(content, f)
+
+
+def test_a_flag_added_since_a_run_is_unchanged_at_its_default(copy_of_run):
+  _drop_recorded_flag(copy_of_run / run_dir.FLAGS_FILE, 'hyper_beta_2')
+  with pytest.raises(run_dir.RunDirError,
+                     match=r"--hyper_beta_2=None \(now 0.5\)"):
+    _run(copy_of_run, rounds=4, hyper_beta_2=0.5)
+  summary = _run(copy_of_run, rounds=4)  # Default 0.999: resumed.
+  assert summary['resumed_from_round'] == 3
+  assert _rounds(copy_of_run) == [0, 1, 2, 3, 4]
+
+
+def test_a_finished_run_from_before_a_flag_is_kept_at_its_default(
+    copy_of_run):
+  _drop_recorded_flag(copy_of_run / run_dir.SUMMARY_FILE, 'hyper_beta_2')
+  with flagsaver.flagsaver(output_dir=str(copy_of_run), **_FLAGS):
+    values = experiment.flag_values(hypergradient_main.__name__)
+  assert run_dir.finished_summary(str(copy_of_run), values) is not None
+  assert run_dir.finished_summary(
+      str(copy_of_run), {**values, 'hyper_beta_2': 0.5}) is None
