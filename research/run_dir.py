@@ -53,6 +53,9 @@ _OUTPUTS = (FLAGS_FILE, METRICS_FILE, SUMMARY_FILE, STATE_DIR, 'tensorboard',
 RESUMABLE_CHANGES = frozenset({
     'rounds', 'workers', 'allow_remote_workers', 'save_every', 'eval_every',
     'output_dir', 'task_cache_dir', 'overwrite'})
+# Flags that do not change a finished run's results (its rounds and
+# evaluations): a run finished with only these changed is the same run.
+_NOT_RESULTS = RESUMABLE_CHANGES - {'rounds', 'eval_every'}
 # A save cut short inside TFF's `write_saved_model` leaves its temporary dir.
 _TEMP_SAVE = re.compile(re.escape(STATE_PREFIX) + r'\d+_temp\d+$')
 
@@ -468,11 +471,6 @@ def _finite_or_none(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [_finite_or_none(v) for v in value]
   return value
-
-
-# Flags that do not change a run's results.
-_NOT_RESULTS = frozenset({'workers', 'allow_remote_workers', 'save_every',
-                          'task_cache_dir', 'overwrite', 'output_dir'})
 
 
 def finished_summary(output_dir: str, flag_values: dict) -> Optional[dict]:
