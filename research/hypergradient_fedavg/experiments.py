@@ -14,7 +14,7 @@ Writes a markdown table (final test accuracy, first round reaching
 there with the same flags is kept, not rerun) and (rates) the
 learned rates by round, learned_rates.png (`plot_learned_rates`), which also
 draws the runs of earlier experiments named by --plot_with (e.g. the other
-server optimizer's grid), a panel per task or model and server optimizer.
+server optimizer's grid), a panel per task and server optimizer.
 
   python -m research.hypergradient_fedavg.experiments --experiment=rates \
       --output_dir out/rates
@@ -79,15 +79,6 @@ def _hyper_optimizer(run_flags: dict) -> str:
           ('' if beta_2 == 0.999 else f', beta_2 {beta_2:g}'))
 
 
-def setting(run_flags: dict) -> str:
-  """What a run trained: the task, or on the digits the model."""
-  if run_flags['task'] == 'digits':
-    return f"digits, {run_flags['model']}"
-  model = f", {run_flags['task_model']}" if run_flags['task_model'] else ''
-  synthetic = ' (synthetic data)' if run_flags['use_synthetic_data'] else ''
-  return f"{run_flags['task']}{model}{synthetic}"
-
-
 def finished_runs(output_dir: str) -> list[str]:
   """The run directories (with a summary) of an experiment's --output_dir."""
   if not os.path.isdir(output_dir):
@@ -102,10 +93,11 @@ def finished_runs(output_dir: str) -> list[str]:
 
 
 def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
-  """One panel per setting (task or model) and server optimizer: the learned
-  rate of every hypergradient run by round (one line per seed, a colour per
-  starting rate), the fixed rates of the FedAvg runs as dotted lines (the best
-  by final accuracy in black). Returns the panels' (setting, optimizer)."""
+  """One panel per task (the summaries' model-and-data description) and
+  server optimizer: the learned rate of every hypergradient run by round (one
+  line per seed, a colour per starting rate), the fixed rates of the FedAvg
+  runs as dotted lines (the best by final accuracy in black). Returns the
+  panels' (task, optimizer)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # No display; write a file.
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -114,16 +106,15 @@ def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
   for directory in run_dirs:
     with open(os.path.join(directory, run_dir.SUMMARY_FILE)) as f:
       summary = json.load(f)
-    runs[setting(summary['flags']), summary['server_optimizer']].append(
-        summary)
+    runs[summary['task'], summary['server_optimizer']].append(summary)
   columns = min(len(runs), 2)
   rows = -(-len(runs) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows),
                            squeeze=False)
   for ax in axes.flat[len(runs):]:
     ax.set_visible(False)
-  for ax, ((where, optimizer), summaries) in zip(axes.flat,
-                                                 sorted(runs.items())):
+  for ax, ((task, optimizer), summaries) in zip(axes.flat,
+                                               sorted(runs.items())):
     fixed = collections.defaultdict(list)
     for s in summaries:
       if s['algorithm'] == 'fedavg':
@@ -152,7 +143,7 @@ def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
     ax.set_yscale('log')
     ax.set_xlabel('round')
     ax.set_ylabel('server learning rate')
-    ax.set_title(f'{where}, server {optimizer}: learned rates (fixed grid '
+    ax.set_title(f'{task}\nserver {optimizer}: learned rates (fixed grid '
                  'dotted)', fontsize=9)
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -203,7 +194,7 @@ def main(argv):
                for s in runs]
     hypergradient = runs[0]['algorithm'] == 'hypergradient'
     rows.append(collections.OrderedDict(
-        setting=setting(runs[0]['flags']),
+        task=runs[0]['task'],
         algorithm=runs[0]['algorithm'], weighting=runs[0]['weighting'],
         server_optimizer=runs[0]['server_optimizer'],
         initial_server_lr=runs[0]['initial_server_learning_rate'],

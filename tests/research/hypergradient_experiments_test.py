@@ -87,9 +87,11 @@ def test_learned_rates_plot_draws_the_runs_of_plot_with(tmp_path,
                            hypergradient_starts=['0.01'],
                            tangent_decays=['0.9'], plot_with=[sgd], **TINY):
     experiments.main(['experiments'])
-  assert panels == [('digits, lenet', 'sgd'), ('digits, linear', 'adam')]
+  assert panels == [('lenet (26,730 params) on digits', 'sgd'),
+                    ('linear (7,850 params) on digits', 'adam')]
   with open(os.path.join(adam, 'table.json')) as f:
-    assert [r['setting'] for r in json.load(f)] == ['digits, linear']
+    assert [r['task'] for r in json.load(f)] == [
+        'linear (7,850 params) on digits']
   assert os.path.getsize(os.path.join(adam, 'learned_rates.png')) > 0
 
 
@@ -140,27 +142,6 @@ def test_hyper_optimizer_names_beta_2_when_not_tffs_default():
   assert experiments._hyper_optimizer(run_flags) == 'Adam 0.1, beta_1 0'
   assert experiments._hyper_optimizer(dict(run_flags, hyper_beta_2=0.0)) == (
       'Adam 0.1, beta_1 0, beta_2 0')
-
-
-def test_setting_names_the_task_or_the_digits_model():
-  base = dict(task='digits', model='lenet', task_model=None,
-              use_synthetic_data=False)
-  assert experiments.setting(base) == 'digits, lenet'
-  assert experiments.setting(
-      dict(base, task='emnist_character', use_synthetic_data=True)) == (
-          'emnist_character (synthetic data)')
-  assert experiments.setting(
-      dict(base, task='cifar100_image', task_model='resnet18')) == (
-          'cifar100_image, resnet18')
-
-
-def test_target_is_reached_by_a_float32_accuracy_equal_to_it():
-  nine_of_ten = float(np.float32(9) / np.float32(10))  # 0.8999999761...
-  assert nine_of_ten < 0.9
-  by_round = {'0': 0.1, '1': 0.8, '2': nine_of_ten, '3': 1.0}
-  assert experiments._first_round_reaching(by_round, 0.9) == 2
-  assert experiments._first_round_reaching(by_round, 0.95) == 3
-  assert experiments._first_round_reaching(by_round, 1.01) is None
 
 
 def test_seed_means_skip_what_does_not_apply():
