@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -522,6 +523,31 @@ def read_metrics(output_dir: str) -> dict:
           pass  # Not a scalar (none are written today).
       history[int(row['round'])] = values
   return history
+
+
+_EVALUATION_TIME_KEY = (tff.simulation.EVALUATION_METRICS_PREFIX +
+                        tff.simulation.EVALUATION_TIME_KEY)
+
+
+def wall_time(start: float, history: dict,
+              resumed_from: Optional[int]) -> collections.OrderedDict:
+  """A summary's wall-time fields; `start` is when this process began.
+
+  A run resumed from round r counts, besides this part's time, the time TFF's
+  loop recorded for rounds 0..r (training and evaluation), which the earlier
+  parts spent on what this run kept; their set-up and the rounds lost to the
+  interruption are not counted. Without this, a run finished in parts
+  reported only its last part.
+  """
+  before = 0.0
+  if resumed_from is not None:
+    for round_num, metrics in history.items():
+      if round_num <= resumed_from:
+        before += metrics.get(tff.simulation.TRAINING_TIME_KEY, 0.0)
+        before += metrics.get(_EVALUATION_TIME_KEY, 0.0)
+  return collections.OrderedDict(
+      wall_time_seconds=round(time.time() - start + before, 1),
+      wall_time_seconds_before_resuming=round(before, 1))
 
 
 def execution_context():

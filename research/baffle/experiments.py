@@ -146,7 +146,7 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
   rounds = experiment.ROUNDS.value
   os.makedirs(output_dir, exist_ok=True)
   with run_dir.lock(output_dir):
-    state, _ = experiment.train(
+    state, resumed_from = experiment.train(
         process, select, output_dir=output_dir, rounds=rounds,
         evaluate=evaluate, eval_every=experiment.EVAL_EVERY.value,
         progress=experiment.ProgressReleaseManager(rounds, [
@@ -154,8 +154,9 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
             ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f')]),
         flag_values=dict(experiment.flag_values(baffle_main.__name__),
                          baseline=algorithm))
+    history = experiment.read_metrics(output_dir)
     _, test_summary = experiment.final_evaluation(
-        evaluate(state, None), experiment.read_metrics(output_dir), rounds)
+        evaluate(state, None), history, rounds)
   print(f'{algorithm}: final test accuracy '
         f'{test_summary["final_test_accuracy"]:.4f}', flush=True)
   return collections.OrderedDict(
@@ -164,7 +165,7 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
       upload_bytes=tff_fad.communication_cost(
           process.next, experiment.CLIENTS_PER_ROUND.value
       ).client_to_server_bytes_per_client,
-      wall_time_seconds=round(time.time() - start, 1))
+      **experiment.wall_time(start, history, resumed_from))
 
 
 def _paper_row(name: str, *, method: str, rounds: int,

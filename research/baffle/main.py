@@ -363,7 +363,7 @@ def _run() -> dict[str, Any]:
       num_params=task.num_params,
       **_diagnostics_by_round(history),
       resumed_from_round=resumed_from,
-      wall_time_seconds=round(time.time() - start, 1),
+      **experiment.wall_time(start, history, resumed_from),
       flags=experiment.flag_values(__name__))
   summary = run_dir.write_summary(output_dir, summary, history)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "

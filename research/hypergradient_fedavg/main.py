@@ -326,7 +326,7 @@ def _run() -> dict[str, Any]:
       server_learning_rate_by_round={str(r): history[r][_LR_KEY]
                                      for r in lr_rounds},
       resumed_from_round=resumed_from,
-      wall_time_seconds=round(time.time() - start, 1),
+      **experiment.wall_time(start, history, resumed_from),
       flags=experiment.flag_values(__name__))
   summary = run_dir.write_summary(output_dir, summary, history)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from research import experiment
 from research import run_dir
 from research.baffle import main as baffle_main
 from research.hypergradient_fedavg import main as hypergradient_main
@@ -173,10 +174,27 @@ def test_killed_run_resumes_to_the_uninterrupted_result(name, uninterrupted,
   assert killed_rounds in (list(range(_KILL_AFTER_ROUND)),
                            list(range(_KILL_AFTER_ROUND + 1)))
 
+  part_start = time.time()
   resumed = _run_in_process(module, resumed_dir, extra)
+  part_seconds = time.time() - part_start
   assert resumed['resumed_from_round'] == 4
   assert reference['resumed_from_round'] is None
   _assert_same_results(reference_dir, reference, resumed_dir, resumed)
+
+  # The wall time counts the killed part's kept rounds 0-4 as TFF's loop
+  # timed them, and all of this part.
+  history = experiment.read_metrics(resumed_dir)
+
+  def recorded_seconds(rounds):
+    return sum(history[r].get('training_time_in_seconds', 0.0) +
+               history[r].get('evaluation/evaluation_time_in_seconds', 0.0)
+               for r in rounds)
+  before = recorded_seconds(range(5))
+  assert before > 0
+  assert resumed['wall_time_seconds_before_resuming'] == round(before, 1)
+  assert (before + recorded_seconds(range(5, _ROUNDS + 1)) - 0.1
+          <= resumed['wall_time_seconds'] <= before + part_seconds + 0.1)
+  assert reference['wall_time_seconds_before_resuming'] == 0
 
 
 def _state_entries(output_dir):
