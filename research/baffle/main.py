@@ -212,9 +212,11 @@ def rounds_per_epoch_of(task: experiment.TrainingTask) -> int:
 
 
 _WITHOUT_EMA_KEY = 'evaluation/without_ema/central/accuracy'
-_COSINE_KEYS = ('evaluation/gradient_cosine/cosine',
-                'evaluation/gradient_cosine/expected_cosine',
-                'evaluation/gradient_cosine/predicted_cosine')
+
+
+def _cosine_key(field: str) -> str:
+  """The metrics key of a field of `baffle.estimate_cosine_to_gradient`."""
+  return f'evaluation/gradient_cosine/{field}'
 
 
 def _diagnostics_by_round(history: dict[int, dict[str, float]]
@@ -231,10 +233,10 @@ def _diagnostics_by_round(history: dict[int, dict[str, float]]
     fields['final_test_accuracy_without_ema'] = history[max(history)].get(
         _WITHOUT_EMA_KEY)
   if _LOG_GRADIENT_COSINE.value:
-    fields['gradient_cosine_by_round'] = by_round(_COSINE_KEYS[0])
+    fields['gradient_cosine_by_round'] = by_round(_cosine_key('cosine'))
     fields['expected_gradient_cosine'] = next(iter(
-        by_round(_COSINE_KEYS[1]).values()), None)
-    fields['predicted_gradient_cosine_by_round'] = by_round(_COSINE_KEYS[2])
+        by_round(_cosine_key('expected_cosine')).values()), None)
+    fields['predicted_gradient_cosine_by_round'] = by_round(_cosine_key('predicted_cosine'))
   return fields
 
 
@@ -333,9 +335,9 @@ def _run() -> dict[str, Any]:
       ('test_acc', experiment.CENTRAL_ACCURACY_KEY, '.4f'),
       ('fed_test_acc', 'evaluation/federated/accuracy', '.4f'),
       ('test_acc_without_ema', _WITHOUT_EMA_KEY, '.4f'),
-      ('estimate_cosine', _COSINE_KEYS[0], '.3f'),
-      ('predicted_cosine', _COSINE_KEYS[2], '.3f'),
-      ('expected_cosine', _COSINE_KEYS[1], '.3f'),
+      ('estimate_cosine', _cosine_key('cosine'), '.3f'),
+      ('predicted_cosine', _cosine_key('predicted_cosine'), '.3f'),
+      ('expected_cosine', _cosine_key('expected_cosine'), '.3f'),
   ])
   recipe = (f'recipe {_RECIPE.value}, ' if _RECIPE.value != 'none' else '')
   print(f'BAFFLE: {recipe}{task.description}, K={_K.value}, '

@@ -12,6 +12,7 @@ from tensorflow_federated.python.tensorflow_libs import serialization_utils
 import tff_fad
 from tff_fad.data import digits
 from tff_fad.learning import baffle
+from tff_fad.learning import functional_models as fm
 from tff_fad.learning import models
 
 
@@ -478,6 +479,57 @@ def test_per_client_directions_server_rebuilds_the_mean_client_estimate(
   # Upload: K scores + the 8-byte seed + weight + 3 metric sums.
   cost = tff_fad.communication_cost(process.next, 3)
   assert cost.client_to_server_bytes_per_client == 4 * (k + 1 + 3) + 8
+
+
+def test_shared_jvp_round_is_the_cores_seeded_forward_mode(sklearn_digits):
+  """One `'jvp'` round with shared directions equals tff_fad.jvp of the
+  federated mean loss with tangents drawn from the round seed: the K
+  averaged scores are that jvp's output tangents, and the server's update
+  is their rebuild. (Per-client directions and the clients' own clip are
+  not one jvp of the broadcast model, so BAFFLE emits its round itself.)"""
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  k, seed = 12, 4
+  process = baffle.build_baffle(
+      model, server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+      num_perturbations=k, estimator='jvp', clip_value=None, seed=seed)
+  # Batches of different sizes: the round weights clients by examples.
+  data = [sklearn_digits.train.create_tf_dataset_for_client(c).batch(b).take(1)
+          for c, b in zip(sklearn_digits.client_ids, (16, 9, 5))]
+  state = process.initialize()
+  output = process.next(state, data)
+  applied = [w0 - w1 for w0, w1 in zip(
+      state.global_model_weights.trainable,
+      output.state.global_model_weights.trainable)]  # SGD 1.0: the estimate.
+
+  trainable = tuple(state.global_model_weights.trainable)
+  params_type = tff.types.to_type(
+      [tff.TensorType(np.float32, np.shape(w)) for w in trainable])
+  batch_type = tff.types.tensorflow_to_type(data[0].element_spec)
+
+  def loss(params, batch):
+    return fm.batch_loss(model, (tuple(params), ()), batch, training=True)[0]
+
+  def count(batch):
+    return tf.cast(tf.shape(batch['y'])[0], tf.float32)
+
+  @tff_fad.federated_computation(tff.FederatedType(params_type, tff.SERVER),
+                                 tff.FederatedType(batch_type, tff.CLIENTS))
+  def mean_loss(params, batches):
+    return tff_fad.federated_mean(
+        tff_fad.federated_map(loss, (tff_fad.federated_broadcast(params),
+                                     batches)),
+        tff_fad.federated_map(count, batches))
+
+  round_seed = baffle.round_seed(seed, 0)
+  value, scores = tff_fad.jvp(mean_loss, num_directions=k, tangent_seed=True)(
+      list(trainable), [next(iter(ds)) for ds in data], round_seed.numpy())
+  assert float(output.metrics['client_work']['train']['loss']) == (
+      pytest.approx(value, rel=1e-6))
+  rebuilt = baffle.rebuild_gradient([np.shape(w) for w in trainable],
+                                    round_seed, tf.constant(scores))
+  for got, want in zip(applied, rebuilt, strict=True):
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_per_client_directions_refuse_secure_sums():
