@@ -236,7 +236,8 @@ def _diagnostics_by_round(history: dict[int, dict[str, float]]
     fields['gradient_cosine_by_round'] = by_round(_cosine_key('cosine'))
     fields['expected_gradient_cosine'] = next(iter(
         by_round(_cosine_key('expected_cosine')).values()), None)
-    fields['predicted_gradient_cosine_by_round'] = by_round(_cosine_key('predicted_cosine'))
+    fields['predicted_gradient_cosine_by_round'] = by_round(
+        _cosine_key('predicted_cosine'))
   return fields
 
 
