@@ -144,6 +144,15 @@ def test_hyper_optimizer_names_beta_2_when_not_tffs_default():
       'Adam 0.1, beta_1 0, beta_2 0')
 
 
+def test_target_is_reached_by_a_float32_accuracy_equal_to_it():
+  nine_of_ten = float(np.float32(9) / np.float32(10))  # 0.8999999761...
+  assert nine_of_ten < 0.9
+  by_round = {'0': 0.1, '1': 0.8, '2': nine_of_ten, '3': 1.0}
+  assert experiments._first_round_reaching(by_round, 0.9) == 2
+  assert experiments._first_round_reaching(by_round, 0.95) == 3
+  assert experiments._first_round_reaching(by_round, 1.01) is None
+
+
 def test_seed_means_skip_what_does_not_apply():
   runs = [dict(final_weight_exponent=-0.2, weighting='learned'),
           dict(final_weight_exponent=0.1, weighting='learned')]
