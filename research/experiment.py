@@ -135,8 +135,18 @@ def flag_values(binary_module_name: str) -> dict:
   return values
 
 
-def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
-  """A binary's `main`: rejects stray arguments, runs, stops TFF's worker."""
+GRID_RESUME_HINT = (' Run the same command again: finished runs are kept, '
+                    'and the stopped run resumes from its last save.')
+
+
+def run_main(run: Callable[[], Any], argv: Sequence[str],
+             resume_hint: Optional[str] = None) -> None:
+  """A binary's `main`: rejects stray arguments, runs, stops TFF's worker.
+
+  `resume_hint` is said when a signal stops it (default: where the state
+  of --output_dir is saved; `GRID_RESUME_HINT` for scripts that run several
+  binaries' runs).
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
@@ -156,7 +166,8 @@ def run_main(run: Callable[[], Any], argv: Sequence[str]) -> None:
           file=sys.stderr)
     sys.exit(3)
   except runtime.TerminatedBySignal as e:
-    print(f'stopped by {e.signal_name}.{_resume_hint()}', file=sys.stderr)
+    hint = _resume_hint() if resume_hint is None else resume_hint
+    print(f'stopped by {e.signal_name}.{hint}', file=sys.stderr)
     raise
   finally:
     runtime.shutdown_local_workers()

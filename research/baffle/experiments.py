@@ -55,7 +55,6 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 from absl.testing import flagsaver
 import numpy as np
 import tensorflow as tf
@@ -363,9 +362,12 @@ def make_table(rows: Sequence[dict], report_rounds: Sequence[int]) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tff_fad.runtime.set_up_entry_point()  # No signal leaks TFF's worker.
+  experiment.run_main(run_experiment, argv,
+                      resume_hint=experiment.GRID_RESUME_HINT)
+
+
+def run_experiment() -> None:
+  """--experiment=estimators or paper, into --output_dir."""
   output_dir = experiment.OUTPUT_DIR.value
   if not output_dir:
     raise ValueError('--output_dir is required.')
@@ -377,56 +379,48 @@ def main(argv):
   for name in _BASELINES.value:
     if name not in BASELINES:
       raise ValueError(f'--baselines: {name!r} is not one of {BASELINES}.')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
   if which == 'paper':
-    try:
-      paper_main(output_dir)
-    finally:
-      tff_fad.runtime.shutdown_local_workers()
+    paper_main(output_dir)
     return
   rows = []
-  try:
-    for k in [int(k) for k in _KS.value]:
-      for estimator in _ESTIMATORS.value:
-        run_dir = os.path.join(output_dir, f'baffle_K{k}_{estimator}')
-        with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd',
-                                 output_dir=run_dir):
-          summary = baffle_main.run()
-        rows.append(collections.OrderedDict(
-            method='BAFFLE', K=k, estimator=estimator,
-            final_test_accuracy=summary['final_test_accuracy'],
-            accuracy_by_round=summary['accuracy_by_round'],
-            upload_bytes=summary['upload_bytes_per_client_per_round'],
-            wall_time_seconds=summary['wall_time_seconds']))
-    for algorithm in _BASELINES.value:
-      summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))
+  for k in [int(k) for k in _KS.value]:
+    for estimator in _ESTIMATORS.value:
+      path = os.path.join(output_dir, f'baffle_K{k}_{estimator}')
+      with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd',
+                               output_dir=path):
+        summary = baffle_main.run()
       rows.append(collections.OrderedDict(
-          method={'fedsgd': 'FedSGD (backprop)',
-                  'fedavg': 'FedAvg (backprop, 1 epoch)'}[algorithm],
-          K=None, estimator=None, **summary))
-    if _REPORT_ROUNDS.value:
-      report_rounds = [int(r) for r in _REPORT_ROUNDS.value]
-    else:
-      report_rounds = sorted({int(r) for row in rows
-                              for r in row['accuracy_by_round']} - {0})
-    table = make_table(rows, report_rounds)
-    caption = (
-        f'{experiment.MODEL.value} on {experiment.TASK.value}, '
-        f'{experiment.ROUNDS.value} rounds x '
-        f'{experiment.CLIENTS_PER_ROUND.value} of '
-        f'{experiment.NUM_CLIENTS.value} clients, batch '
-        f'{experiment.BATCH_SIZE.value}, alpha '
-        f'{experiment.DIRICHLET_ALPHA.value}, seed {experiment.SEED.value}')
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'table.md'), 'w') as f:
-      f.write(caption + '\n\n' + table + '\n')
-    with open(os.path.join(output_dir, 'table.json'), 'w') as f:
-      json.dump(dict(caption=caption, rows=rows), f, indent=2)
-    print(caption)
-    print(table)
-  finally:
-    tff_fad.runtime.shutdown_local_workers()
+          method='BAFFLE', K=k, estimator=estimator,
+          final_test_accuracy=summary['final_test_accuracy'],
+          accuracy_by_round=summary['accuracy_by_round'],
+          upload_bytes=summary['upload_bytes_per_client_per_round'],
+          wall_time_seconds=summary['wall_time_seconds']))
+  for algorithm in _BASELINES.value:
+    summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))
+    rows.append(collections.OrderedDict(
+        method={'fedsgd': 'FedSGD (backprop)',
+                'fedavg': 'FedAvg (backprop, 1 epoch)'}[algorithm],
+        K=None, estimator=None, **summary))
+  if _REPORT_ROUNDS.value:
+    report_rounds = [int(r) for r in _REPORT_ROUNDS.value]
+  else:
+    report_rounds = sorted({int(r) for row in rows
+                            for r in row['accuracy_by_round']} - {0})
+  table = make_table(rows, report_rounds)
+  caption = (
+      f'{experiment.MODEL.value} on {experiment.TASK.value}, '
+      f'{experiment.ROUNDS.value} rounds x '
+      f'{experiment.CLIENTS_PER_ROUND.value} of '
+      f'{experiment.NUM_CLIENTS.value} clients, batch '
+      f'{experiment.BATCH_SIZE.value}, alpha '
+      f'{experiment.DIRICHLET_ALPHA.value}, seed {experiment.SEED.value}')
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, 'table.md'), 'w') as f:
+    f.write(caption + '\n\n' + table + '\n')
+  with open(os.path.join(output_dir, 'table.json'), 'w') as f:
+    json.dump(dict(caption=caption, rows=rows), f, indent=2)
+  print(caption)
+  print(table)
 
 
 if __name__ == '__main__':

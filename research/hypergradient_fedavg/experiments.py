@@ -28,11 +28,9 @@ import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from absl.testing import flagsaver
 import numpy as np
 
-import tff_fad
 from research import experiment
 from research import run_dir
 from research.hypergradient_fedavg import main as hypergradient_main
@@ -153,15 +151,16 @@ def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tff_fad.runtime.set_up_entry_point()  # No signal leaks TFF's worker.
+  experiment.run_main(run_experiment, argv,
+                      resume_hint=experiment.GRID_RESUME_HINT)
+
+
+def run_experiment() -> None:
+  """--experiment=rates or weighting, into --output_dir."""
   output_dir = experiment.OUTPUT_DIR.value
   if not output_dir:
     raise ValueError('--output_dir is required.')
   which = experiment.experiment_name(EXPERIMENTS)
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
   if _PLOT_WITH.value and which != 'rates':
     raise ValueError('--plot_with is for --experiment=rates, which plots the '
                      f'learned rates; got --experiment={which}.')
@@ -245,7 +244,6 @@ def main(argv):
     plot_learned_rates(list(plotted.values()),
                        os.path.join(output_dir, 'learned_rates.png'))
   print(table)
-  tff_fad.runtime.shutdown_local_workers()
 
 
 if __name__ == '__main__':

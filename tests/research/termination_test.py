@@ -21,9 +21,10 @@ _ARGS = ['--rounds=1000', '--save_every=1', '--eval_every=1000',
          '--num_clients=4', '--clients_per_round=2', '--batch_size=32']
 
 
-def _start(output_dir):
-  argv = [sys.executable, '-m', 'research.hypergradient_fedavg.main',
-          f'--output_dir={output_dir}'] + _ARGS
+def _start(output_dir, module='research.hypergradient_fedavg.main',
+           extra_args=()):
+  argv = [sys.executable, '-m', module,
+          f'--output_dir={output_dir}'] + _ARGS + list(extra_args)
   # A session of its own, so the clean-up below can take everything.
   return subprocess.Popen(argv, cwd=_REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True,
@@ -56,14 +57,9 @@ def _left_alive(pids):
   return alive
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='uses /proc')
-@pytest.mark.parametrize('signum, to_group', [
-    (signal.SIGTERM, False),  # `kill PID`.
-    (signal.SIGINT, True),  # Ctrl-C: the terminal signals the whole group.
-])
-def test_a_signal_stops_the_binary_its_worker_and_says_how_to_resume(
-    signum, to_group, tmp_path):
-  child = _start(tmp_path / 'run')
+def _stop_at_round_3(child, signum, to_group=False):
+  """Signals `child` once it has run round 3; checks that it stopped, said
+  so and took its TFF worker with it; returns its stderr."""
   started, leaked, stderr = [], [], ''
   try:
     started = _workers_at_round_3(child)
@@ -81,14 +77,40 @@ def test_a_signal_stops_the_binary_its_worker_and_says_how_to_resume(
     except ProcessLookupError:
       pass
     child.wait(timeout=60)
-  name = signal.Signals(signum).name
   assert started, f'no TFF worker by round 3: test is vacuous\n{stderr[-3000:]}'
   assert child.returncode == 128 + signum, stderr[-3000:]
-  assert f'stopped by {name}.' in stderr
+  assert f'stopped by {signal.Signals(signum).name}.' in stderr
   assert 'Traceback' not in stderr, stderr[-3000:]
+  assert not leaked, f'TFF worker {leaked} outlived the stopped binary'
+  return stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='uses /proc')
+@pytest.mark.parametrize('signum, to_group', [
+    (signal.SIGTERM, False),  # `kill PID`.
+    (signal.SIGINT, True),  # Ctrl-C: the terminal signals the whole group.
+])
+def test_a_signal_stops_the_binary_its_worker_and_says_how_to_resume(
+    signum, to_group, tmp_path):
+  stderr = _stop_at_round_3(_start(tmp_path / 'run'), signum, to_group)
   assert re.search(r'The state of round \d+ is saved in .*run the same '
                    'command again', stderr), stderr[-3000:]
-  assert not leaked, f'TFF worker {leaked} outlived the stopped binary'
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='uses /proc')
+@pytest.mark.parametrize('module, args', [
+    ('research.baffle.experiments',
+     ['--experiment=estimators', '--Ks=4', '--estimators=forward',
+      '--baselines=']),
+    ('research.hypergradient_fedavg.experiments',
+     ['--experiment=weighting', '--seeds=0']),
+])
+def test_a_signal_stops_an_experiment_grid_and_says_how_to_resume(
+    module, args, tmp_path):
+  stderr = _stop_at_round_3(_start(tmp_path / 'grid', module, args),
+                            signal.SIGTERM)
+  assert 'finished runs are kept, and the stopped run resumes' in stderr, (
+      stderr[-3000:])
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='uses /proc')
