@@ -135,17 +135,13 @@ def flag_values(binary_module_name: str) -> dict:
   return values
 
 
-GRID_RESUME_HINT = (' Run the same command again: finished runs are kept, '
-                    'and the stopped run resumes from its last save.')
-
-
 def run_main(run: Callable[[], Any], argv: Sequence[str],
-             resume_hint: Optional[str] = None) -> None:
+             grid: bool = False) -> None:
   """A binary's `main`: rejects stray arguments, runs, stops TFF's worker.
 
-  `resume_hint` is said when a signal stops it (default: where the state
-  of --output_dir is saved; `GRID_RESUME_HINT` for scripts that run several
-  binaries' runs).
+  `grid`: `run` trains several runs, each in its own directory under
+  --output_dir (the experiment scripts), which changes how a stop says to
+  resume.
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -162,18 +158,24 @@ def run_main(run: Callable[[], Any], argv: Sequence[str],
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except (workers.WorkerError, workers.NotMergeableError) as e:
-    print(f'error: {e}{_resume_hint(" (with working --workers, or none)")}',
-          file=sys.stderr)
+    hint = _resume_hint(' (with working --workers, or none)', grid)
+    print(f'error: {e}{hint}', file=sys.stderr)
     sys.exit(3)
   except runtime.TerminatedBySignal as e:
-    hint = _resume_hint() if resume_hint is None else resume_hint
-    print(f'stopped by {e.signal_name}.{hint}', file=sys.stderr)
+    print(f'stopped by {e.signal_name}.{_resume_hint(grid=grid)}',
+          file=sys.stderr)
     raise
   finally:
     runtime.shutdown_local_workers()
 
 
-def _resume_hint(how: str = '') -> str:
+def _resume_hint(how: str = '', grid: bool = False) -> str:
+  if grid:  # The stopped run's directory is not --output_dir.
+    if SAVE_EVERY.value <= 0:
+      return ''
+    return (f' Run the same command again{how} to go on: each run resumes '
+            'from its last save in its directory under '
+            f'{OUTPUT_DIR.value}.')
   saved = None
   if OUTPUT_DIR.value and SAVE_EVERY.value > 0:
     saved = run_dir.latest_saved_round(OUTPUT_DIR.value)

@@ -362,8 +362,7 @@ def make_table(rows: Sequence[dict], report_rounds: Sequence[int]) -> str:
 
 
 def main(argv):
-  experiment.run_main(run_experiment, argv,
-                      resume_hint=experiment.GRID_RESUME_HINT)
+  experiment.run_main(run_experiment, argv, grid=True)
 
 
 def run_experiment() -> None:

@@ -151,8 +151,7 @@ def plot_learned_rates(run_dirs, path: str) -> list[tuple[str, str]]:
 
 
 def main(argv):
-  experiment.run_main(run_experiment, argv,
-                      resume_hint=experiment.GRID_RESUME_HINT)
+  experiment.run_main(run_experiment, argv, grid=True)
 
 
 def run_experiment() -> None:

@@ -526,10 +526,12 @@ def test_shared_jvp_round_is_the_cores_seeded_forward_mode(sklearn_digits):
       list(trainable), [next(iter(ds)) for ds in data], round_seed.numpy())
   assert float(output.metrics['client_work']['train']['loss']) == (
       pytest.approx(value, rel=1e-6))
-  rebuilt = baffle.rebuild_gradient([np.shape(w) for w in trainable],
-                                    round_seed, tf.constant(scores))
-  for got, want in zip(applied, rebuilt, strict=True):
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
+  # The server's rebuild, (1/K) sum_k score_k z_k, from the core's own
+  # directions (not BAFFLE's rebuild_gradient).
+  directions = tff_fad.seeded_tangents(round_seed, [list(trainable)], k)[0]
+  for got, z in zip(applied, directions, strict=True):
+    want = np.tensordot(np.asarray(scores), np.asarray(z), axes=1) / k
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_per_client_directions_refuse_secure_sums():
