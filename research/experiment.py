@@ -152,8 +152,8 @@ def run_main(run: Callable[[], Any], argv: Sequence[str],
   runtime.set_up_entry_point()
   try:
     run()
-  except (fad_data.EmnistUnavailableError, tasks.TaskDataUnavailableError,
-          run_dir.RunDirError) as e:
+  except (FlagError, fad_data.EmnistUnavailableError,
+          tasks.TaskDataUnavailableError, run_dir.RunDirError) as e:
     # A user-facing condition with instructions, not a bug: no traceback.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -185,11 +185,44 @@ def _resume_hint(how: str = '', grid: bool = False) -> str:
           f'run the same command again{how} to resume from it.')
 
 
+class FlagError(ValueError):
+  """A flag's value is wrong; the message names the flag.
+
+  `run_main` prints it as one line, without a traceback: it is the user's
+  input, not a bug.
+  """
+
+
+def require_positive(*holders: flags.FlagHolder,
+                     allow_zero: bool = False) -> None:
+  """FlagError naming the first of `holders` not > 0 (>= 0: `allow_zero`)."""
+  for holder in holders:
+    if not (holder.value >= 0 if allow_zero else holder.value > 0):
+      raise FlagError(f'--{holder.name} must be '
+                      f'{">= 0" if allow_zero else "> 0"}, got {holder.value}.')
+
+
+def require_unit_interval(*holders: flags.FlagHolder) -> None:
+  """FlagError naming the first of `holders` outside [0, 1) (decays, betas)."""
+  for holder in holders:
+    if not 0 <= holder.value < 1:
+      raise FlagError(f'--{holder.name} must be in [0, 1), got '
+                      f'{holder.value}.')
+
+
+def required_output_dir() -> str:
+  """--output_dir, or a FlagError saying it is needed."""
+  if not OUTPUT_DIR.value:
+    raise FlagError('--output_dir is required: the directory for the run\'s '
+                    'metrics, saves and summary.')
+  return OUTPUT_DIR.value
+
+
 def validate_execution_flags() -> None:
   """Checks every float flag, --workers and --save_every up front.
 
   Raises:
-    ValueError: Naming the flag (a float flag that is not finite, a
+    FlagError: Naming the flag (a float flag that is not finite, a
       non-loopback worker without --allow_remote_workers, a malformed
       address, a negative --save_every).
   """
@@ -199,26 +232,23 @@ def validate_execution_flags() -> None:
     # computes in float32.
     if isinstance(value, float) and not (
         math.isfinite(value) and abs(value) <= np.finfo(np.float32).max):
-      raise ValueError(f'--{name} must be a finite number (in float32), got '
-                       f'{value}.')
+      raise FlagError(f'--{name} must be a finite number (in float32), got '
+                      f'{value}.')
   if SAVE_EVERY.value < 0:
-    raise ValueError(f'--save_every must be >= 0, got {SAVE_EVERY.value}.')
+    raise FlagError(f'--save_every must be >= 0, got {SAVE_EVERY.value}.')
   if WORKERS.value:
     try:
       workers.parse_addresses(WORKERS.value,
                               allow_remote=ALLOW_REMOTE_WORKERS.value)
     except ValueError as e:
-      raise ValueError(f'--workers: {e}') from None
+      raise FlagError(f'--workers: {e}') from None
 
 
 def validate_task_flags() -> None:
   """Checks the task and evaluation flags up front, naming the flag."""
-  for flag in (MAX_ELEMENTS, EVAL_CLIENTS):
-    if flag.value < 0:
-      raise ValueError(f'--{flag.name} must be >= 0, got {flag.value}.')
-  for flag in (CLIENT_EPOCHS, EVAL_BATCH_SIZE):
-    if flag.value <= 0:
-      raise ValueError(f'--{flag.name} must be > 0, got {flag.value}.')
+  require_positive(MAX_ELEMENTS, EVAL_CLIENTS, allow_zero=True)
+  require_positive(CLIENT_EPOCHS, EVAL_BATCH_SIZE)
+
   def given(flag):  # Set on the command line (or by a test's flagsaver).
     return flags.FLAGS[flag.name].present or (
         flag.value != flags.FLAGS[flag.name].default)
@@ -226,33 +256,33 @@ def validate_task_flags() -> None:
   if TASK.value == 'digits':
     for flag in (TASK_MODEL, USE_SYNTHETIC_DATA, ONLY_DIGITS):
       if given(flag):
-        raise ValueError(f'--{flag.name} applies to the '
-                         'tff.simulation.baselines tasks, not --task=digits.')
+        raise FlagError(f'--{flag.name} applies to the '
+                        'tff.simulation.baselines tasks, not --task=digits.')
     parse_alpha(DIRICHLET_ALPHA.value)
     if given(ACTIVATION) and MODEL.value == 'linear':
-      raise ValueError('--activation applies to --model=lenet|wrn; the linear '
-                       'model has none.')
+      raise FlagError('--activation applies to --model=lenet|wrn; the linear '
+                      'model has none.')
   else:
     if given(MODEL) or given(ACTIVATION):
-      raise ValueError(f'--model and --activation apply to --task=digits; '
-                       f'--task='
-                       f'{TASK.value} trains its own model (--task_model).')
+      raise FlagError(f'--model and --activation apply to --task=digits; '
+                      f'--task='
+                      f'{TASK.value} trains its own model (--task_model).')
     if TASK.value != 'emnist_character' and given(ONLY_DIGITS):
-      raise ValueError('--only_digits applies to --task=emnist_character.')
+      raise FlagError('--only_digits applies to --task=emnist_character.')
     default, model_ids = tasks.MODEL_IDS[TASK.value]
     if TASK_MODEL.value is not None and TASK_MODEL.value not in model_ids:
-      raise ValueError(f'--task_model={TASK_MODEL.value!r} is not a model of '
-                       f'--task={TASK.value}: {", ".join(model_ids)} '
-                       f'(default {default}).')
+      raise FlagError(f'--task_model={TASK_MODEL.value!r} is not a model of '
+                      f'--task={TASK.value}: {", ".join(model_ids)} '
+                      f'(default {default}).')
 
 
 def experiment_name(choices: Sequence[str]) -> str:
-  """--experiment, or the script's default `choices[0]`; ValueError naming
+  """--experiment, or the script's default `choices[0]`; FlagError naming
   the flag if it is not one of `choices`."""
   name = EXPERIMENT.value or choices[0]
   if name not in choices:
-    raise ValueError(f'--experiment={name!r} is not one of this script\'s '
-                     f'experiments: {", ".join(choices)}.')
+    raise FlagError(f'--experiment={name!r} is not one of this script\'s '
+                    f'experiments: {", ".join(choices)}.')
   return name
 
 
@@ -280,7 +310,7 @@ def accuracy_key(history: dict) -> Optional[str]:
 
 
 def parse_alpha(value: str) -> Optional[float]:
-  """'iid' -> None; a positive float string -> that float."""
+  """'iid' -> None; a positive float string -> that float; else FlagError."""
   if value.lower() == 'iid':
     return None
   try:
@@ -288,7 +318,7 @@ def parse_alpha(value: str) -> Optional[float]:
   except ValueError:
     alpha = -1.0
   if not alpha > 0:
-    raise ValueError(
+    raise FlagError(
         f"--dirichlet_alpha must be 'iid' or a positive number, got {value!r}.")
   return alpha
 
@@ -386,8 +416,8 @@ def client_selector(task: TrainingTask, *, clients_per_round: int, seed: int,
   """
   client_ids = list(task.train.client_ids)
   if clients_per_round > len(client_ids):
-    raise ValueError(f'--clients_per_round={clients_per_round} exceeds the '
-                     f'{len(client_ids)} training clients.')
+    raise FlagError(f'--clients_per_round={clients_per_round} exceeds the '
+                    f'{len(client_ids)} training clients.')
 
   def select(round_num: int) -> list:
     rng = np.random.default_rng([seed, round_num])

@@ -332,8 +332,8 @@ def paper_main(output_dir: str) -> None:
   names = _PAPER_RUNS.value or list(PAPER_RUNS)
   for name in names:
     if name not in PAPER_RUNS:
-      raise ValueError(f'--paper_runs: {name!r} is not one of '
-                       f'{list(PAPER_RUNS)}.')
+      raise experiment.FlagError(f'--paper_runs: {name!r} is not one of '
+                                 f'{list(PAPER_RUNS)}.')
   os.makedirs(output_dir, exist_ok=True)
   rows = run_paper_grid(output_dir, names)
   table = make_paper_table(rows)
@@ -367,17 +367,16 @@ def main(argv):
 
 def run_experiment() -> None:
   """--experiment=estimators or paper, into --output_dir."""
-  output_dir = experiment.OUTPUT_DIR.value
-  if not output_dir:
-    raise ValueError('--output_dir is required.')
+  output_dir = experiment.required_output_dir()
   which = experiment.experiment_name(EXPERIMENTS)
   for name in _ESTIMATORS.value:
     if name not in baffle.ESTIMATORS:
-      raise ValueError(f'--estimators: {name!r} is not one of '
-                       f'{baffle.ESTIMATORS}.')
+      raise experiment.FlagError(f'--estimators: {name!r} is not one of '
+                                 f'{baffle.ESTIMATORS}.')
   for name in _BASELINES.value:
     if name not in BASELINES:
-      raise ValueError(f'--baselines: {name!r} is not one of {BASELINES}.')
+      raise experiment.FlagError(
+          f'--baselines: {name!r} is not one of {BASELINES}.')
   if which == 'paper':
     paper_main(output_dir)
     return

@@ -150,43 +150,33 @@ _SEED = experiment.SEED
 _OUTPUT_DIR = experiment.OUTPUT_DIR
 
 
-def _positive(flag: flags.FlagHolder, allow_zero: bool = False) -> None:
-  ok = flag.value >= 0 if allow_zero else flag.value > 0
-  if not ok:
-    raise ValueError(f'--{flag.name} must be {">= 0" if allow_zero else "> 0"}'
-                     f', got {flag.value}.')
-
-
 def validate_flags() -> None:
-  """Raises ValueError naming the first bad flag."""
+  """Raises experiment.FlagError naming the first bad flag."""
   apply_recipe()
-  if not _OUTPUT_DIR.value:
-    raise ValueError('--output_dir is required.')
-  for flag in (_K, _SIGMA, _ROUNDS, _CLIENTS_PER_ROUND, _NUM_CLIENTS,
-               _BATCH_SIZE, _LR, _CLIENT_LR, _EVAL_EVERY, _PARALLEL,
-               _DP_CLIP):
-    _positive(flag)
-  for flag in (_CLIP, _DP_NOISE, _CLIENT_CLIP, _WEIGHT_DECAY, _EMA_EVERY,
-               _EPOCHS, _ADAM_EPSILON):
-    _positive(flag, allow_zero=True)
-  for flag in (_ADAM_BETA1, _ADAM_BETA2):
-    if not 0.0 <= flag.value < 1.0:
-      raise ValueError(f'--{flag.name} must be in [0, 1), got {flag.value}.')
-  if not 0.0 <= _EMA.value < 1.0:
-    raise ValueError(f'--ema must be in [0, 1), got {_EMA.value}.')
+  experiment.required_output_dir()
+  experiment.validate_execution_flags()  # First: it names a nan as such.
+  experiment.require_positive(
+      _K, _SIGMA, _ROUNDS, _CLIENTS_PER_ROUND, _NUM_CLIENTS, _BATCH_SIZE, _LR,
+      _CLIENT_LR, _EVAL_EVERY, _PARALLEL, _DP_CLIP)
+  experiment.require_positive(
+      _CLIP, _DP_NOISE, _CLIENT_CLIP, _WEIGHT_DECAY, _EMA_EVERY, _EPOCHS,
+      _ADAM_EPSILON, allow_zero=True)
+  experiment.require_unit_interval(_ADAM_BETA1, _ADAM_BETA2, _EMA)
   if experiment.TASK.value == 'digits' and (
       _CLIENTS_PER_ROUND.value > _NUM_CLIENTS.value):
-    raise ValueError(f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must '
-                     f'be <= --num_clients ({_NUM_CLIENTS.value}).')
+    raise experiment.FlagError(
+        f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must be <= '
+        f'--num_clients ({_NUM_CLIENTS.value}).')
   if _DIRECTIONS.value == 'per_client' and _MODE.value != 'fedsgd':
-    raise ValueError("--directions=per_client applies to --mode=fedsgd "
-                     "(one_epoch clients already draw their own).")
+    raise experiment.FlagError(
+        '--directions=per_client applies to --mode=fedsgd (one_epoch '
+        'clients already draw their own).')
   if _DIRECTIONS.value == 'per_client' and _AGGREGATOR.value == 'dp':
-    raise ValueError('--directions=per_client cannot use --aggregator=dp: '
-                     "the server rebuilds each client's estimate from its "
-                     'own scores; use --directions=shared.')
+    raise experiment.FlagError(
+        '--directions=per_client cannot use --aggregator=dp: the server '
+        "rebuilds each client's estimate from its own scores; use "
+        '--directions=shared.')
   experiment.validate_task_flags()
-  experiment.validate_execution_flags()
 
 
 def _plot(history: dict[int, dict[str, float]], key: str, path: str,

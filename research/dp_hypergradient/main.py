@@ -30,12 +30,15 @@ from tff_fad import aggregation
 FLAGS = flags.FlagValues()
 
 # Federated setting and data.
+# Bounds are checked when the flags are parsed: a bad value is a one-line
+# error before any work.
 _ROUNDS = flags.DEFINE_integer(
-    'rounds', 10, 'Training rounds.', flag_values=FLAGS)
+    'rounds', 10, 'Training rounds.', lower_bound=1, flag_values=FLAGS)
 _NUM_CLIENTS = flags.DEFINE_integer(
-    'num_clients', 20, 'Clients per round.', flag_values=FLAGS)
+    'num_clients', 20, 'Clients per round.', lower_bound=1, flag_values=FLAGS)
 _EXAMPLES = flags.DEFINE_integer(
-    'examples_per_client', 16, 'Examples per client.', flag_values=FLAGS)
+    'examples_per_client', 16, 'Examples per client.', lower_bound=1,
+    flag_values=FLAGS)
 _SEED = flags.DEFINE_integer('seed', 0, 'Data seed.', flag_values=FLAGS)
 # Learning rates.
 _CLIENT_LR = flags.DEFINE_float(
@@ -48,7 +51,7 @@ _HYPER_LR = flags.DEFINE_float(
 # Differential privacy.
 _NOISE = flags.DEFINE_float(
     'noise_multiplier', 1.0, 'Noise multiplier of each DP-Gaussian release.',
-    flag_values=FLAGS)
+    lower_bound=0.0, flag_values=FLAGS)
 _UPDATE_CLIP = flags.DEFINE_float(
     'update_clip', 2.0, 'L2 clip of the client updates.', flag_values=FLAGS)
 _LOSS_CLIP = flags.DEFINE_float(
@@ -59,6 +62,15 @@ _SAMPLING_RATE = flags.DEFINE_float(
     "round's clients are Poisson-sampled from the population.",
     flag_values=FLAGS)
 _DELTA = flags.DEFINE_float('delta', 1e-5, 'Target delta.', flag_values=FLAGS)
+flags.register_validator('sampling_rate', lambda rate: 0 < rate <= 1,
+                         '--sampling_rate must be in (0, 1].',
+                         flag_values=FLAGS)
+flags.register_validator('delta', lambda delta: 0 < delta < 1,
+                         '--delta must be in (0, 1).', flag_values=FLAGS)
+flags.register_validator('update_clip', lambda clip: clip > 0,
+                         '--update_clip must be > 0.', flag_values=FLAGS)
+flags.register_validator('loss_clip', lambda clip: clip > 0,
+                         '--loss_clip must be > 0.', flag_values=FLAGS)
 
 DIM = 3
 
@@ -124,11 +136,6 @@ def build_round(num_clients: int, examples: int, client_lr: float):
 
 def run() -> aggregation.PrivacyReport:
   """Trains with the flags' settings; returns the privacy report."""
-  for flag in (_NUM_CLIENTS, _EXAMPLES, _ROUNDS):
-    if flag.value < 1:
-      raise ValueError(f'--{flag.name} must be positive, got {flag.value}.')
-  if not 0 < _SAMPLING_RATE.value <= 1:
-    raise ValueError('--sampling_rate must be in (0, 1].')
   data = make_data(_NUM_CLIENTS.value, _EXAMPLES.value, _SEED.value)
   fedavg_round, update_point, loss_point = build_round(
       _NUM_CLIENTS.value, _EXAMPLES.value, _CLIENT_LR.value)

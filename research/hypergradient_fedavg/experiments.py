@@ -156,15 +156,17 @@ def main(argv):
 
 def run_experiment() -> None:
   """--experiment=rates or weighting, into --output_dir."""
-  output_dir = experiment.OUTPUT_DIR.value
-  if not output_dir:
-    raise ValueError('--output_dir is required.')
+  output_dir = experiment.required_output_dir()
   which = experiment.experiment_name(EXPERIMENTS)
   if _PLOT_WITH.value and which != 'rates':
-    raise ValueError('--plot_with is for --experiment=rates, which plots the '
-                     f'learned rates; got --experiment={which}.')
+    raise experiment.FlagError(
+        '--plot_with is for --experiment=rates, which plots the learned '
+        f'rates; got --experiment={which}.')
   # Checked before any training, so a typo loses no run.
-  earlier = [run for d in _PLOT_WITH.value for run in finished_runs(d)]
+  try:
+    earlier = [run for d in _PLOT_WITH.value for run in finished_runs(d)]
+  except ValueError as e:
+    raise experiment.FlagError(f'--plot_with: {e}') from None
   if which == 'rates':
     configs = [dict(algorithm='fedavg', server_lr=float(r))
                for r in _FIXED.value] + [

@@ -107,26 +107,34 @@ _LR_KEY = 'hyperparameters/server_learning_rate'
 
 
 def validate_flags() -> None:
-  """Raises ValueError naming the first bad flag."""
-  positive = [_SERVER_LR, _CLIENT_LR, _CLIENT_EPOCHS, _BATCH_SIZE, _ROUNDS,
-              _CLIENTS_PER_ROUND, _NUM_CLIENTS, _EVAL_EVERY, _DP_CLIP,
-              _DP_LOSS_CLIP, _DP_HYPERGRADIENT_CLIP]
-  for flag in positive:
-    if not flag.value > 0:
-      raise ValueError(f'--{flag.name} must be > 0, got {flag.value!r}.')
-  for flag in (_HYPER_LR, _DP_NOISE):
-    if flag.value < 0:
-      raise ValueError(f'--{flag.name} must be >= 0, got {flag.value!r}.')
-  for flag in (_TANGENT_DECAY, _HYPER_BETA_1, _HYPER_BETA_2):
-    if not 0 <= flag.value < 1:
-      raise ValueError(f'--{flag.name} must be in [0, 1), got '
-                       f'{flag.value!r}.')
+  """Raises experiment.FlagError naming the first bad flag."""
+  experiment.validate_execution_flags()  # First: it names a nan as such.
+  experiment.require_positive(
+      _SERVER_LR, _CLIENT_LR, _CLIENT_EPOCHS, _BATCH_SIZE, _ROUNDS,
+      _CLIENTS_PER_ROUND, _NUM_CLIENTS, _EVAL_EVERY, _DP_CLIP, _DP_LOSS_CLIP,
+      _DP_HYPERGRADIENT_CLIP)
+  experiment.require_positive(_HYPER_LR, _DP_NOISE, allow_zero=True)
+  experiment.require_unit_interval(_TANGENT_DECAY, _HYPER_BETA_1, _HYPER_BETA_2)
   if not 0 < _DP_DELTA.value < 1:
-    raise ValueError(f'--dp_delta must be in (0, 1), got {_DP_DELTA.value!r}.')
-  if _OUTPUT_DIR.value is None:
-    raise ValueError('--output_dir is required.')
+    raise experiment.FlagError(
+        f'--dp_delta must be in (0, 1), got {_DP_DELTA.value}.')
+  if _ALGORITHM.value == 'fedavg' and _AGGREGATOR.value == 'dp':
+    raise experiment.FlagError('--aggregator=dp is supported with '
+                               '--algorithm=hypergradient only.')
+  if _AGGREGATOR.value == 'dp' and _MODE.value != 'forward':
+    raise experiment.FlagError(
+        '--aggregator=dp needs --fad_mode=forward: in reverse mode each '
+        "client would upload its model-sized loss gradient, which no DP "
+        'aggregator here covers.')
+  if _WEIGHTING.value == 'learned' and (
+      _ALGORITHM.value != 'hypergradient' or _AGGREGATOR.value != 'mean' or
+      _MODE.value != 'forward'):
+    raise experiment.FlagError(
+        '--weighting=learned needs --algorithm=hypergradient, '
+        '--aggregator=mean and --fad_mode=forward (its average must be '
+        'differentiable in the weights).')
+  experiment.required_output_dir()
   experiment.validate_task_flags()
-  experiment.validate_execution_flags()
 
 
 def _dp_gaussian(clip: float):
@@ -216,20 +224,6 @@ def build_process(model):
 def run() -> dict[str, Any]:
   """Trains and writes the outputs; returns the summary."""
   validate_flags()
-  if _ALGORITHM.value == 'fedavg' and _AGGREGATOR.value == 'dp':
-    raise ValueError('--aggregator=dp is supported with '
-                     '--algorithm=hypergradient only.')
-  if _AGGREGATOR.value == 'dp' and _MODE.value != 'forward':
-    raise ValueError(
-        '--aggregator=dp needs --fad_mode=forward: in reverse mode each '
-        "client would upload its model-sized loss gradient, which no DP "
-        'aggregator here covers.')
-  if _WEIGHTING.value == 'learned' and (
-      _ALGORITHM.value != 'hypergradient' or _AGGREGATOR.value != 'mean' or
-      _MODE.value != 'forward'):
-    raise ValueError('--weighting=learned needs --algorithm=hypergradient, '
-                     '--aggregator=mean and --fad_mode=forward (its average '
-                     'must be differentiable in the weights).')
   with run_dir.lock(_OUTPUT_DIR.value):
     return _run()
 

@@ -1,6 +1,7 @@
 """End-to-end test of research/dp_hypergradient/main.py with tiny settings."""
 
 import math
+import re
 
 from absl import app
 import pytest
@@ -31,3 +32,24 @@ def test_trains_and_reports_three_dp_releases_per_round(tiny_flags, capfd):
 def test_stray_arguments_are_rejected():
   with pytest.raises(app.UsageError, match='stray'):
     dp_main.main(['main', 'stray'])
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--rounds=0', 'flag --rounds=0: 0 is not a positive integer'),
+    ('--sampling_rate=0', 'flag --sampling_rate=0.0: --sampling_rate must be '
+                          r'in \(0, 1\]'),
+    ('--delta=1', r'flag --delta=1.0: --delta must be in \(0, 1\)'),
+    ('--update_clip=0', 'flag --update_clip=0.0: --update_clip must be > 0'),
+    ('--noise_multiplier=-1',
+     'flag --noise_multiplier=-1: -1.0 is not a non-negative number'),
+])
+def test_a_bad_flag_is_a_one_line_error_when_parsed(flag, message, capsys):
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      dp_main.parse_flags(['main', flag])
+  finally:
+    dp_main.FLAGS.unparse_flags()
+  assert exit_info.value.code == 1
+  printed = capsys.readouterr().err
+  assert re.match('FATAL Flags parsing error: ' + message, printed), printed
+  assert printed.count('\n') == 1

@@ -132,7 +132,7 @@ def test_paper_grid_names_an_unknown_run(tmp_path):
   with flagsaver.flagsaver(output_dir=str(tmp_path), experiment='paper',
                            paper_runs=['baffle_vgg']):
     with pytest.raises(ValueError, match="'baffle_vgg' is not one of"):
-      experiments.main(['experiments'])
+      experiments.run_experiment()
   assert not os.listdir(tmp_path)
 
 
@@ -143,5 +143,5 @@ def test_experiment_flag_is_shared_with_the_hypergradient_script(tmp_path):
   with flagsaver.flagsaver(output_dir=str(tmp_path), experiment='rates'):
     with pytest.raises(ValueError, match="--experiment='rates' is not one "
                        "of this script's experiments: estimators, paper"):
-      experiments.main(['experiments'])
+      experiments.run_experiment()
   assert not os.listdir(tmp_path)

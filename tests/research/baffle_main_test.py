@@ -114,7 +114,7 @@ def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
   values.update(overrides)
   with flagsaver.flagsaver(**values):
     with pytest.raises(ValueError, match=flag_name):
-      baffle_main.main(['main'])
+      baffle_main.run()
   assert not os.listdir(tmp_path)  # Failed before writing anything.
 
 

@@ -1,6 +1,7 @@
 """Tests of the binaries' shared plumbing: tasks, evaluation, workers."""
 
 import asyncio
+import re
 
 from absl import flags
 from absl.testing import flagsaver
@@ -11,7 +12,9 @@ import tensorflow_federated as tff
 from research import experiment
 from research import run_dir
 from research import tasks
+from research.baffle import experiments as baffle_experiments
 from research.baffle import main as baffle_main
+from research.hypergradient_fedavg import experiments as hypergradient_experiments
 from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import local_workers
 
@@ -60,6 +63,38 @@ def test_remote_workers_need_the_opt_in_flag():
   with flagsaver.flagsaver(workers=['10.1.2.3:8000'],
                            allow_remote_workers=True):
     experiment.validate_execution_flags()
+
+
+@pytest.mark.parametrize('main, values, message', [
+    (baffle_main.main, dict(rounds=0), '--rounds must be > 0, got 0.'),
+    (baffle_main.main, dict(output_dir=None), '--output_dir is required'),
+    (baffle_main.main, dict(ema=1.0), r'--ema must be in \[0, 1\), got 1.0.'),
+    (baffle_main.main, dict(directions='per_client', mode='one_epoch'),
+     '--directions=per_client applies to --mode=fedsgd'),
+    (hypergradient_main.main, dict(tangent_decay=1.0),
+     r'--tangent_decay must be in \[0, 1\), got 1.0.'),
+    (hypergradient_main.main, dict(algorithm='fedavg', aggregator='dp'),
+     '--aggregator=dp is supported with --algorithm=hypergradient only.'),
+    (hypergradient_main.main, dict(dirichlet_alpha='lots'),
+     "--dirichlet_alpha must be 'iid' or a positive number"),
+    (baffle_experiments.main, dict(experiment='paper', paper_runs=['typo']),
+     "--paper_runs: 'typo' is not one of"),
+    (baffle_experiments.main, dict(output_dir=None), '--output_dir is required'),
+    (hypergradient_experiments.main, dict(experiment='typo'),
+     "--experiment='typo' is not one of this script's experiments"),
+])
+def test_a_bad_flag_exits_with_one_line_naming_it_before_any_work(
+    main, values, message, tmp_path, capsys):
+  # Before, each was a ValueError traceback.
+  output_dir = tmp_path / 'run'
+  with flagsaver.flagsaver(**{'output_dir': str(output_dir), **values}):
+    with pytest.raises(SystemExit) as exit_info:
+      main(['binary'])
+  assert exit_info.value.code == 2
+  printed = capsys.readouterr().err
+  assert re.match('error: ' + message, printed), printed
+  assert printed.count('\n') == 1
+  assert not output_dir.exists()
 
 
 def test_worker_failure_exits_naming_it_and_how_to_resume(tmp_path, capsys):

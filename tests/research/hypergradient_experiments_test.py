@@ -124,16 +124,16 @@ def test_plot_with_is_checked_before_any_training(tmp_path):
   with flagsaver.flagsaver(output_dir=out, experiment='rates',
                            plot_with=[str(tmp_path / 'typo')], **TINY):
     with pytest.raises(ValueError, match='typo.* is not a directory of runs'):
-      experiments.main(['experiments'])
+      experiments.run_experiment()
   os.makedirs(tmp_path / 'empty')
   with flagsaver.flagsaver(output_dir=out, experiment='rates',
                            plot_with=[str(tmp_path / 'empty')], **TINY):
     with pytest.raises(ValueError, match='holds no finished run'):
-      experiments.main(['experiments'])
+      experiments.run_experiment()
   with flagsaver.flagsaver(output_dir=out, experiment='weighting',
                            plot_with=[str(tmp_path / 'empty')], **TINY):
     with pytest.raises(ValueError, match='--plot_with is for --experiment=rates'):
-      experiments.main(['experiments'])
+      experiments.run_experiment()
   assert not os.path.exists(out)
 
 
