@@ -392,7 +392,9 @@ def run_experiment() -> None:
           final_test_accuracy=summary['final_test_accuracy'],
           accuracy_by_round=summary['accuracy_by_round'],
           upload_bytes=summary['upload_bytes_per_client_per_round'],
-          wall_time_seconds=summary['wall_time_seconds']))
+          wall_time_seconds=summary['wall_time_seconds'],
+          wall_time_seconds_before_resuming=summary[
+              'wall_time_seconds_before_resuming']))
   for algorithm in _BASELINES.value:
     summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))
     rows.append(collections.OrderedDict(

@@ -53,6 +53,8 @@ def test_one_round_grid_writes_table(tmp_path):
       ('FedSGD (backprop)', None, None),
       ('FedAvg (backprop, 1 epoch)', None, None)]
   for r in rows:
+    assert list(r) == list(rows[0])  # One layout for BAFFLE and baselines.
+    assert r['wall_time_seconds_before_resuming'] == 0  # Not resumed.
     assert set(r['accuracy_by_round']) == {'0', '1'}
     assert 0.0 <= r['final_test_accuracy'] <= 1.0
   # BAFFLE uploads K float32 scores plus a few float32 weights and metrics;
