@@ -556,8 +556,7 @@ def _emit_jvp_body(program, wrt, args, tangents, num_directions, has_aux,
   seeded standard normal directions instead of `tangents`.
   """
   main, aux = _split_aux(program, has_aux)
-  active, nodes = activity(program, wrt)
-  active, partial = prune_tangents(nodes, active, main)
+  active, nodes, partial = _forward_activity(program, wrt, main)
   _check_differentiable(nodes, active, 'forward')
   if tangent_seed is not None:
     specs = [_tensor_specs(program.parameter_types[i].member) for i in wrt]
@@ -770,11 +769,20 @@ def derivative_activity(program: ir.Program, positions: Sequence[int],
   `activity`, and in forward mode only the tangents the differentiated
   outputs need (`prune_tangents`), as `jvp` emits them.
   """
-  active, nodes = activity(program, positions)
   if mode == 'forward':
     main, _ = _split_aux(program, has_aux)
-    active, _ = prune_tangents(nodes, active, main)
-  return active, nodes
+    active, nodes, _ = _forward_activity(program, positions, main)
+    return active, nodes
+  return activity(program, positions)
+
+
+def _forward_activity(program: ir.Program, positions: Sequence[int], outputs):
+  """`(active, nodes, partial)` of the tangents `jvp` carries: `activity`
+  pruned to those `outputs` need (`prune_tangents`). One function for `jvp`
+  and `derivative_activity`, so the privacy report sees what `jvp` emits."""
+  active, nodes = activity(program, positions)
+  active, partial = prune_tangents(nodes, active, outputs)
+  return active, nodes, partial
 
 
 def check_derivative(comp: FederatedComputation, wrt: Wrt, mode: str,
