@@ -3,7 +3,8 @@
 The federated-setting, data and bookkeeping flags are defined here once, so
 both binaries can be imported into one process (tests, notebooks); each
 binary sets its own defaults with `set_flag_defaults` when it is imported.
-The helper functions take values, not flags.
+The checks (`validate_*`, `require_*`) read flags and raise `FlagError`; the
+other helpers take values.
 """
 
 import collections
@@ -218,6 +219,18 @@ def required_output_dir() -> str:
   return OUTPUT_DIR.value
 
 
+def parse_numbers(holder: flags.FlagHolder, kind: type = float) -> list:
+  """The items of a list flag as `kind`s; a FlagError naming the item."""
+  numbers = []
+  for item in holder.value:
+    try:
+      numbers.append(kind(item))
+    except ValueError:
+      what = 'an integer' if kind is int else 'a number'
+      raise FlagError(f'--{holder.name}: {item!r} is not {what}.') from None
+  return numbers
+
+
 def validate_execution_flags() -> None:
   """Checks every float flag, --workers and --save_every up front.
 
@@ -259,6 +272,9 @@ def validate_task_flags() -> None:
         raise FlagError(f'--{flag.name} applies to the '
                         'tff.simulation.baselines tasks, not --task=digits.')
     parse_alpha(DIRICHLET_ALPHA.value)
+    if CLIENTS_PER_ROUND.value > NUM_CLIENTS.value:
+      raise FlagError(f'--clients_per_round ({CLIENTS_PER_ROUND.value}) must '
+                      f'be <= --num_clients ({NUM_CLIENTS.value}).')
     if given(ACTIVATION) and MODEL.value == 'linear':
       raise FlagError('--activation applies to --model=lenet|wrn; the linear '
                       'model has none.')
@@ -412,7 +428,8 @@ def client_selector(task: TrainingTask, *, clients_per_round: int, seed: int,
   without replacement by `default_rng([seed, round])` and shuffled with a
   seed of `(seed, round)`, so a resumed run sees the same data.
   `batches_per_client` keeps only the first batches (BAFFLE's FedSGD and
-  TFF's FedSGD take one).
+  TFF's FedSGD take one). A FlagError if the task has fewer training clients
+  than `clients_per_round` (--clients_per_round).
   """
   client_ids = list(task.train.client_ids)
   if clients_per_round > len(client_ids):

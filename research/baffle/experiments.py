@@ -128,6 +128,8 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
   differs from the BAFFLE runs.
   """
   start = time.time()
+  # The shared flags and the optimizers' (and --recipe's, as BAFFLE's runs).
+  baffle_main.validate_flags()
   seed = experiment.SEED.value
   tf.random.set_seed(seed)
   task = experiment.load_task(
@@ -334,6 +336,13 @@ def paper_main(output_dir: str) -> None:
     if name not in PAPER_RUNS:
       raise experiment.FlagError(f'--paper_runs: {name!r} is not one of '
                                  f'{list(PAPER_RUNS)}.')
+  # Every run's flags are checked before the first one trains.
+  for name in names:
+    overrides = {k: v for k, v in PAPER_RUNS[name].items() if k != 'method'}
+    with flagsaver.flagsaver(recipe='paper',
+                             output_dir=os.path.join(output_dir, name),
+                             **overrides):
+      baffle_main.validate_flags()
   os.makedirs(output_dir, exist_ok=True)
   rows = run_paper_grid(output_dir, names)
   table = make_paper_table(rows)
@@ -380,8 +389,18 @@ def run_experiment() -> None:
   if which == 'paper':
     paper_main(output_dir)
     return
+  ks = experiment.parse_numbers(_KS, int)
+  report_rounds = experiment.parse_numbers(_REPORT_ROUNDS, int)
+  # Every run's flags are checked before the first one trains, so a bad
+  # value in the grid loses no run.
+  for k in ks:
+    for estimator in _ESTIMATORS.value:
+      with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd'):
+        baffle_main.validate_flags()
+  with flagsaver.flagsaver():  # validate_flags applies --recipe.
+    baffle_main.validate_flags()  # The baselines'.
   rows = []
-  for k in [int(k) for k in _KS.value]:
+  for k in ks:
     for estimator in _ESTIMATORS.value:
       path = os.path.join(output_dir, f'baffle_K{k}_{estimator}')
       with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd',
@@ -396,14 +415,13 @@ def run_experiment() -> None:
           wall_time_seconds_before_resuming=summary[
               'wall_time_seconds_before_resuming']))
   for algorithm in _BASELINES.value:
-    summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))
+    with flagsaver.flagsaver():  # run_baseline applies --recipe.
+      summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))
     rows.append(collections.OrderedDict(
         method={'fedsgd': 'FedSGD (backprop)',
                 'fedavg': 'FedAvg (backprop, 1 epoch)'}[algorithm],
         K=None, estimator=None, **summary))
-  if _REPORT_ROUNDS.value:
-    report_rounds = [int(r) for r in _REPORT_ROUNDS.value]
-  else:
+  if not report_rounds:
     report_rounds = sorted({int(r) for row in rows
                             for r in row['accuracy_by_round']} - {0})
   table = make_table(rows, report_rounds)

@@ -162,11 +162,6 @@ def validate_flags() -> None:
       _CLIP, _DP_NOISE, _CLIENT_CLIP, _WEIGHT_DECAY, _EMA_EVERY, _EPOCHS,
       _ADAM_EPSILON, allow_zero=True)
   experiment.require_unit_interval(_ADAM_BETA1, _ADAM_BETA2, _EMA)
-  if experiment.TASK.value == 'digits' and (
-      _CLIENTS_PER_ROUND.value > _NUM_CLIENTS.value):
-    raise experiment.FlagError(
-        f'--clients_per_round ({_CLIENTS_PER_ROUND.value}) must be <= '
-        f'--num_clients ({_NUM_CLIENTS.value}).')
   if _DIRECTIONS.value == 'per_client' and _MODE.value != 'fedsgd':
     raise experiment.FlagError(
         '--directions=per_client applies to --mode=fedsgd (one_epoch '

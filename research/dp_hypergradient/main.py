@@ -13,8 +13,9 @@ report counts the three DP releases per round and prints (epsilon, delta):
 """
 
 import collections
+import math
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -51,7 +52,7 @@ _HYPER_LR = flags.DEFINE_float(
 # Differential privacy.
 _NOISE = flags.DEFINE_float(
     'noise_multiplier', 1.0, 'Noise multiplier of each DP-Gaussian release.',
-    lower_bound=0.0, flag_values=FLAGS)
+    flag_values=FLAGS)
 _UPDATE_CLIP = flags.DEFINE_float(
     'update_clip', 2.0, 'L2 clip of the client updates.', flag_values=FLAGS)
 _LOSS_CLIP = flags.DEFINE_float(
@@ -62,15 +63,19 @@ _SAMPLING_RATE = flags.DEFINE_float(
     "round's clients are Poisson-sampled from the population.",
     flag_values=FLAGS)
 _DELTA = flags.DEFINE_float('delta', 1e-5, 'Target delta.', flag_values=FLAGS)
-flags.register_validator('sampling_rate', lambda rate: 0 < rate <= 1,
-                         '--sampling_rate must be in (0, 1].',
-                         flag_values=FLAGS)
-flags.register_validator('delta', lambda delta: 0 < delta < 1,
-                         '--delta must be in (0, 1).', flag_values=FLAGS)
-flags.register_validator('update_clip', lambda clip: clip > 0,
-                         '--update_clip must be > 0.', flag_values=FLAGS)
-flags.register_validator('loss_clip', lambda clip: clip > 0,
-                         '--loss_clip must be > 0.', flag_values=FLAGS)
+
+
+def _require(name: str, holds: Callable[[float], bool], what: str) -> None:
+  flags.register_validator(
+      name, lambda value: math.isfinite(value) and holds(value),
+      f'must be a finite number {what}.', flag_values=FLAGS)
+
+
+_require('noise_multiplier', lambda noise: noise >= 0, '>= 0')
+_require('update_clip', lambda clip: clip > 0, '> 0')
+_require('loss_clip', lambda clip: clip > 0, '> 0')
+_require('sampling_rate', lambda rate: 0 < rate <= 1, 'in (0, 1]')
+_require('delta', lambda delta: 0 < delta < 1, 'in (0, 1)')
 
 DIM = 3
 

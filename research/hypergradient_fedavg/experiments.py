@@ -34,6 +34,7 @@ import numpy as np
 from research import experiment
 from research import run_dir
 from research.hypergradient_fedavg import main as hypergradient_main
+from tff_fad.learning import hypergradient_fed_avg
 
 EXPERIMENTS = ('rates', 'weighting')  # --experiment; the first is the default.
 _FIXED = flags.DEFINE_list('fixed_rates', ['0.1', '0.3', '1.0', '3.0', '10.0'],
@@ -167,24 +168,36 @@ def run_experiment() -> None:
     earlier = [run for d in _PLOT_WITH.value for run in finished_runs(d)]
   except ValueError as e:
     raise experiment.FlagError(f'--plot_with: {e}') from None
+  seeds = experiment.parse_numbers(_SEEDS, int)
   if which == 'rates':
-    configs = [dict(algorithm='fedavg', server_lr=float(r))
-               for r in _FIXED.value] + [
-                   dict(algorithm='hypergradient', server_lr=float(r),
-                        tangent_decay=float(d), post_update_loss=loss)
-                   for d in _DECAYS.value for loss in _POST_UPDATE_LOSSES.value
-                   for r in _STARTS.value]
+    for loss in _POST_UPDATE_LOSSES.value:
+      if loss not in hypergradient_fed_avg.POST_UPDATE_LOSSES:
+        raise experiment.FlagError(
+            f'--post_update_losses: {loss!r} is not one of '
+            f'{", ".join(hypergradient_fed_avg.POST_UPDATE_LOSSES)}.')
+    configs = [dict(algorithm='fedavg', server_lr=r)
+               for r in experiment.parse_numbers(_FIXED)] + [
+                   dict(algorithm='hypergradient', server_lr=r,
+                        tangent_decay=d, post_update_loss=loss)
+                   for d in experiment.parse_numbers(_DECAYS)
+                   for loss in _POST_UPDATE_LOSSES.value
+                   for r in experiment.parse_numbers(_STARTS)]
   else:
     configs = [dict(algorithm='hypergradient', weighting=w)
                for w in ('uniform', 'example_count', 'learned')]
+  # Every run's flags are checked before the first one trains, so a bad
+  # value in the grid loses no run.
+  for config in configs:
+    with flagsaver.flagsaver(output_dir=output_dir, **config):
+      hypergradient_main.validate_flags()
   rows, run_dirs = [], []
   for config in configs:
     runs = []
-    for seed in _SEEDS.value:
+    for seed in seeds:
       name = '_'.join(f'{k}{v}' for k, v in config.items())
       path = os.path.join(output_dir, f'{name}_seed{seed}')
       run_dirs.append(path)
-      with flagsaver.flagsaver(seed=int(seed), output_dir=path,
+      with flagsaver.flagsaver(seed=seed, output_dir=path,
                                eval_every=1, **config):
         finished = None if experiment.OVERWRITE.value else (
             run_dir.finished_summary(
@@ -210,7 +223,7 @@ def run_experiment() -> None:
         final_server_lr=_mean(runs, 'final_server_learning_rate'),
         final_test_accuracy_per_seed=[s['final_test_accuracy'] for s in runs],
         wall_seconds=_mean(runs, 'wall_time_seconds'),
-        seeds=[int(seed) for seed in _SEEDS.value],
+        seeds=seeds,
         rounds=runs[0]['rounds']))
   lines = [
       f'| algorithm | server optimizer | client weighting | server lr '

@@ -133,6 +133,11 @@ def validate_flags() -> None:
         '--weighting=learned needs --algorithm=hypergradient, '
         '--aggregator=mean and --fad_mode=forward (its average must be '
         'differentiable in the weights).')
+  if _WEIGHTING.value == 'learned' and _SERVER_OPTIMIZER.value != 'sgd':
+    raise experiment.FlagError(
+        '--weighting=learned needs --server_optimizer=sgd: its learned rate '
+        'is that of plain server SGD (w - lr * delta); got '
+        f'--server_optimizer={_SERVER_OPTIMIZER.value}.')
   experiment.required_output_dir()
   experiment.validate_task_flags()
 

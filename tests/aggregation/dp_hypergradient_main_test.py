@@ -36,12 +36,15 @@ def test_stray_arguments_are_rejected():
 
 @pytest.mark.parametrize('flag, message', [
     ('--rounds=0', 'flag --rounds=0: 0 is not a positive integer'),
-    ('--sampling_rate=0', 'flag --sampling_rate=0.0: --sampling_rate must be '
-                          r'in \(0, 1\]'),
-    ('--delta=1', r'flag --delta=1.0: --delta must be in \(0, 1\)'),
-    ('--update_clip=0', 'flag --update_clip=0.0: --update_clip must be > 0'),
+    ('--sampling_rate=0',
+     r'flag --sampling_rate=0.0: must be a finite number in \(0, 1\]'),
+    ('--delta=1', r'flag --delta=1.0: must be a finite number in \(0, 1\)'),
+    ('--update_clip=0', 'flag --update_clip=0.0: must be a finite number > 0'),
+    ('--loss_clip=inf', 'flag --loss_clip=inf: must be a finite number > 0'),
     ('--noise_multiplier=-1',
-     'flag --noise_multiplier=-1: -1.0 is not a non-negative number'),
+     'flag --noise_multiplier=-1.0: must be a finite number >= 0'),
+    ('--noise_multiplier=nan',
+     'flag --noise_multiplier=nan: must be a finite number >= 0'),
 ])
 def test_a_bad_flag_is_a_one_line_error_when_parsed(flag, message, capsys):
   try:

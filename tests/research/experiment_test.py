@@ -82,6 +82,26 @@ def test_remote_workers_need_the_opt_in_flag():
     (baffle_experiments.main, dict(output_dir=None), '--output_dir is required'),
     (hypergradient_experiments.main, dict(experiment='typo'),
      "--experiment='typo' is not one of this script's experiments"),
+    (hypergradient_main.main, dict(weighting='learned',
+                                   server_optimizer='adam'),
+     '--weighting=learned needs --server_optimizer=sgd'),
+    (hypergradient_main.main, dict(clients_per_round=30, num_clients=20),
+     r'--clients_per_round \(30\) must be <= --num_clients \(20\)'),
+    # A grid checks every run's flags before the first run trains.
+    (baffle_experiments.main, dict(Ks=['100', 'many']),
+     "--Ks: 'many' is not an integer."),
+    (baffle_experiments.main, dict(experiment='paper',
+                                   paper_runs=['fedsgd_lenet'], lr=-1.0),
+     '--lr must be > 0, got -1.0.'),
+    (hypergradient_experiments.main, dict(experiment='rates',
+                                          tangent_decays=['0.5', '1']),
+     r'--tangent_decay must be in \[0, 1\), got 1.0.'),
+    (hypergradient_experiments.main, dict(experiment='rates',
+                                          post_update_losses=['typo']),
+     "--post_update_losses: 'typo' is not one of"),
+    (hypergradient_experiments.main, dict(experiment='weighting',
+                                          fad_mode='reverse'),
+     '--weighting=learned needs --algorithm=hypergradient'),
 ])
 def test_a_bad_flag_exits_with_one_line_naming_it_before_any_work(
     main, values, message, tmp_path, capsys):
