@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 from absl import flags
 from absl.testing import flagsaver
@@ -11,6 +12,7 @@ import tff_fad  # pylint: disable=unused-import  # Stops leaked TFF workers.
 from research.baffle import experiments
 
 FLAGS = flags.FLAGS
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -147,3 +149,14 @@ def test_experiment_flag_is_shared_with_the_hypergradient_script(tmp_path):
                        "of this script's experiments: estimators, paper"):
       experiments.run_experiment()
   assert not os.listdir(tmp_path)
+
+
+def test_committed_paper_results_have_the_fields_and_are_the_readme_table():
+  rows = json.loads(
+      (_ROOT / 'research' / 'baffle' / 'results' / 'paper.json').read_text())
+  for row in rows:
+    assert set(_PAPER_FIELDS) <= set(row), row['run']
+    assert row['method'] in ('baffle', 'fedsgd', 'fedavg')
+  assert {row['directions'] for row in rows} == {'per_client', 'shared', None}
+  # The README's table is the one these rows make, so neither drifts.
+  assert experiments.make_paper_table(rows) in (_ROOT / 'README.md').read_text()
