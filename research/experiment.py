@@ -24,6 +24,7 @@ import tensorflow_federated as tff
 from absl import app
 from absl import flags
 from absl import logging
+from absl.testing import flagsaver
 
 from research import run_dir
 from research import tasks
@@ -229,6 +230,14 @@ def parse_numbers(holder: flags.FlagHolder, kind: type = float) -> list:
       what = 'an integer' if kind is int else 'a number'
       raise FlagError(f'--{holder.name}: {item!r} is not {what}.') from None
   return numbers
+
+
+def validate_runs(validate: Callable[[], None], runs: Iterable[dict]) -> None:
+  """Calls `validate` under each run's flag values (an experiment grid's),
+  before any run trains: a bad value anywhere in the grid loses no run."""
+  for values in runs:
+    with flagsaver.flagsaver(**values):
+      validate()
 
 
 def validate_execution_flags() -> None:

@@ -186,6 +186,14 @@ def _paper_row(name: str, *, method: str, rounds: int,
   return row
 
 
+def _paper_run_flags(name: str, output_dir: str) -> tuple[str, dict]:
+  """A PAPER_RUNS entry's method and the flag values its run trains with."""
+  values = dict(PAPER_RUNS[name])
+  method = values.pop('method', 'baffle')
+  return method, dict(recipe='paper', output_dir=os.path.join(output_dir, name),
+                      **values)
+
+
 def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
   """Runs `names` of PAPER_RUNS not yet in `<output_dir>/paper.json`.
 
@@ -202,11 +210,9 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
     if name in done:
       print(f'{name}: in {results_path}, not rerun', flush=True)
       continue
-    overrides = dict(PAPER_RUNS[name])
-    method = overrides.pop('method', 'baffle')
-    run_dir_path = os.path.join(output_dir, name)
-    with flagsaver.flagsaver(recipe='paper', output_dir=run_dir_path,
-                             **overrides):
+    method, values = _paper_run_flags(name, output_dir)
+    run_dir_path = values['output_dir']
+    with flagsaver.flagsaver(**values):
       baffle_main.apply_recipe()
       task = experiment.load_task(
           pad_digits_to_32x32=True,
@@ -336,13 +342,9 @@ def paper_main(output_dir: str) -> None:
     if name not in PAPER_RUNS:
       raise experiment.FlagError(f'--paper_runs: {name!r} is not one of '
                                  f'{list(PAPER_RUNS)}.')
-  # Every run's flags are checked before the first one trains.
-  for name in names:
-    overrides = {k: v for k, v in PAPER_RUNS[name].items() if k != 'method'}
-    with flagsaver.flagsaver(recipe='paper',
-                             output_dir=os.path.join(output_dir, name),
-                             **overrides):
-      baffle_main.validate_flags()
+  experiment.validate_runs(
+      baffle_main.validate_flags,
+      [_paper_run_flags(name, output_dir)[1] for name in names])
   os.makedirs(output_dir, exist_ok=True)
   rows = run_paper_grid(output_dir, names)
   table = make_paper_table(rows)
@@ -391,29 +393,25 @@ def run_experiment() -> None:
     return
   ks = experiment.parse_numbers(_KS, int)
   report_rounds = experiment.parse_numbers(_REPORT_ROUNDS, int)
-  # Every run's flags are checked before the first one trains, so a bad
-  # value in the grid loses no run.
-  for k in ks:
-    for estimator in _ESTIMATORS.value:
-      with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd'):
-        baffle_main.validate_flags()
-  with flagsaver.flagsaver():  # validate_flags applies --recipe.
-    baffle_main.validate_flags()  # The baselines'.
+  baffle_runs = [
+      dict(K=k, estimator=estimator, mode='fedsgd',
+           output_dir=os.path.join(output_dir, f'baffle_K{k}_{estimator}'))
+      for k in ks for estimator in _ESTIMATORS.value]
+  # {}: the baselines' flags (under a flagsaver, as validate_flags applies
+  # --recipe).
+  experiment.validate_runs(baffle_main.validate_flags, baffle_runs + [{}])
   rows = []
-  for k in ks:
-    for estimator in _ESTIMATORS.value:
-      path = os.path.join(output_dir, f'baffle_K{k}_{estimator}')
-      with flagsaver.flagsaver(K=k, estimator=estimator, mode='fedsgd',
-                               output_dir=path):
-        summary = baffle_main.run()
-      rows.append(collections.OrderedDict(
-          method='BAFFLE', K=k, estimator=estimator,
-          final_test_accuracy=summary['final_test_accuracy'],
-          accuracy_by_round=summary['accuracy_by_round'],
-          upload_bytes=summary['upload_bytes_per_client_per_round'],
-          wall_time_seconds=summary['wall_time_seconds'],
-          wall_time_seconds_before_resuming=summary[
-              'wall_time_seconds_before_resuming']))
+  for values in baffle_runs:
+    with flagsaver.flagsaver(**values):
+      summary = baffle_main.run()
+    rows.append(collections.OrderedDict(
+        method='BAFFLE', K=values['K'], estimator=values['estimator'],
+        final_test_accuracy=summary['final_test_accuracy'],
+        accuracy_by_round=summary['accuracy_by_round'],
+        upload_bytes=summary['upload_bytes_per_client_per_round'],
+        wall_time_seconds=summary['wall_time_seconds'],
+        wall_time_seconds_before_resuming=summary[
+            'wall_time_seconds_before_resuming']))
   for algorithm in _BASELINES.value:
     with flagsaver.flagsaver():  # run_baseline applies --recipe.
       summary = run_baseline(algorithm, os.path.join(output_dir, algorithm))

@@ -175,21 +175,19 @@ def run_experiment() -> None:
         raise experiment.FlagError(
             f'--post_update_losses: {loss!r} is not one of '
             f'{", ".join(hypergradient_fed_avg.POST_UPDATE_LOSSES)}.')
+    starts = experiment.parse_numbers(_STARTS)
     configs = [dict(algorithm='fedavg', server_lr=r)
                for r in experiment.parse_numbers(_FIXED)] + [
                    dict(algorithm='hypergradient', server_lr=r,
                         tangent_decay=d, post_update_loss=loss)
                    for d in experiment.parse_numbers(_DECAYS)
-                   for loss in _POST_UPDATE_LOSSES.value
-                   for r in experiment.parse_numbers(_STARTS)]
+                   for loss in _POST_UPDATE_LOSSES.value for r in starts]
   else:
     configs = [dict(algorithm='hypergradient', weighting=w)
                for w in ('uniform', 'example_count', 'learned')]
-  # Every run's flags are checked before the first one trains, so a bad
-  # value in the grid loses no run.
-  for config in configs:
-    with flagsaver.flagsaver(output_dir=output_dir, **config):
-      hypergradient_main.validate_flags()
+  experiment.validate_runs(
+      hypergradient_main.validate_flags,
+      [dict(output_dir=output_dir, **config) for config in configs])
   rows, run_dirs = [], []
   for config in configs:
     runs = []
