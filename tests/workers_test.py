@@ -130,34 +130,60 @@ def test_two_workers_give_the_one_process_result(name, two_workers,
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(initial, final)) > 1e-3
 
 
-@tff.tensorflow.computation(np.int32)
-def _busy_for_a_second(index):
-  """Spins for 1 s; returns a vector with [start, end] at slots 2i, 2i+1."""
-  start = tf.timestamp()
-  end = tf.while_loop(lambda t: t - start < 1.0, lambda t: tf.timestamp(),
-                      [start])[0]
-  return tf.scatter_nd([[2 * index], [2 * index + 1]], tf.stack([start, end]),
-                       [4])
+def _arrive_and_wait_for_the_other_client(directory):
+  """A client computation: mark arrival in `directory`, wait for both marks.
+
+  Each client returns 1 if it saw the other client's mark while it was still
+  running, 0 if 60 s passed first. A runtime that computes the parts one after
+  the other can never return [1, 1]; one that computes them at the same time
+  does so however loaded the machine is.
+  """
+
+  @tff.tensorflow.computation(np.int32)
+  def arrive_and_wait(index):
+    arrived = tf.io.write_file(
+        tf.strings.join([directory, '/arrived_', tf.strings.as_string(index)]),
+        '')
+    with tf.control_dependencies([arrived]):
+      start = tf.timestamp()
+
+    def still_waiting(now, seen):
+      return tf.logical_and(seen < 2, now - start < 60.0)
+
+    def look_again(now, unused_seen):
+      # The empty suffix depends on the loop variable so that no graph
+      # optimization can evaluate the pattern's matches only once.
+      pattern = tf.strings.join(
+          [directory, '/arrived_*',
+           tf.strings.substr(tf.strings.as_string(now), 0, 0)])
+      return tf.timestamp(), tf.size(tf.io.matching_files(pattern))
+
+    _, seen = tf.while_loop(still_waiting, look_again, [start, 0])
+    # tf.equal: in TFF's graph context `==` compares tensors by identity.
+    return tf.cast(tf.equal(seen, 2), tf.int32)
+
+  @tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+  def both_arrive(indices):
+    return tff.federated_map(arrive_and_wait, indices)
+
+  return both_arrive
 
 
-@tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
-def _busy_spans(indices):
-  return tff.federated_sum(tff.federated_map(_busy_for_a_second, indices))
-
-
-def test_workers_compute_their_parts_at_the_same_time(two_workers):
+def test_workers_compute_their_parts_at_the_same_time(two_workers, tmp_path):
   # TFF's remote executor blocks its event loop on each gRPC call; without a
-  # loop per worker, the second part would start after the first ended.
+  # loop per worker, the second part would start after the first ended, and
+  # the first client would give up waiting for the second.
+  both_arrive = _arrive_and_wait_for_the_other_client(str(tmp_path))
   with workers.worker_context(two_workers.addresses):
-    spans = _busy_spans([0, 1])
-  starts, ends = spans[0::2], spans[1::2]
-  assert min(ends) - max(starts) > 0.5, spans  # They overlap.
+    saw_the_other = both_arrive([0, 1])
+  np.testing.assert_array_equal(saw_the_other, [1, 1])
+  assert sorted(os.listdir(tmp_path)) == ['arrived_0', 'arrived_1']
 
 
 @tff.tensorflow.computation(np.int32)
 def _index_a_second_late_for_client_0(index):
   start = tf.timestamp()
-  wait = tf.where(index == 0, tf.constant(1.0, tf.float64), 0.0)
+  wait = tf.where(tf.equal(index, 0), tf.constant(1.0, tf.float64), 0.0)
   end = tf.while_loop(lambda t: t - start < wait, lambda t: tf.timestamp(),
                       [start])[0]
   with tf.control_dependencies([end]):
