@@ -643,7 +643,9 @@ def train(process, select_clients, *, output_dir: str, rounds: int,
   `run_dir.lock(output_dir)`.
 
   Returns:
-    `(final state, resumed-from round or None)`.
+    `(final state, resumed-from round or None, evaluate(final state))`: the
+    loop's own evaluation of the last round when it made one (rounds a
+    multiple of `eval_every`), so the final state is not evaluated twice.
   """
   save_every = SAVE_EVERY.value
   resumed_from = run_dir.prepare(output_dir, flag_values,
@@ -658,13 +660,23 @@ def train(process, select_clients, *, output_dir: str, rounds: int,
   if WORKERS.value:
     print(f'Rounds run on {len(WORKERS.value)} TFF worker(s): '
           f'{",".join(WORKERS.value)}', flush=True)
+  last_evaluation = {}
+
+  def evaluate_and_keep(state, data):
+    last_evaluation.update(state=state, result=evaluate(state, data))
+    return last_evaluation['result']
+
   with execution_context():
     state = tff.simulation.run_training_process(
-        process, select_clients, rounds, evaluation_fn=evaluate,
+        process, select_clients, rounds, evaluation_fn=evaluate_and_keep,
         evaluation_selection_fn=lambda _: None,
         rounds_per_evaluation=eval_every,
         metrics_managers=release_managers(output_dir, progress), **kwargs)
-  return state, resumed_from
+    if last_evaluation.get('state') is state:
+      final = last_evaluation['result']
+    else:
+      final = evaluate(state, None)
+  return state, resumed_from, final
 
 
 def release_managers(output_dir: str, progress: ProgressReleaseManager):

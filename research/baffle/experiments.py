@@ -147,7 +147,7 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
   rounds = experiment.ROUNDS.value
   os.makedirs(output_dir, exist_ok=True)
   with run_dir.lock(output_dir):
-    state, resumed_from = experiment.train(
+    _, resumed_from, final = experiment.train(
         process, select, output_dir=output_dir, rounds=rounds,
         evaluate=evaluate, eval_every=experiment.EVAL_EVERY.value,
         progress=experiment.ProgressReleaseManager(rounds, [
@@ -156,8 +156,7 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
         flag_values=dict(experiment.flag_values(baffle_main.__name__),
                          baseline=algorithm))
     history = experiment.read_metrics(output_dir)
-    _, test_summary = experiment.final_evaluation(
-        evaluate(state, None), history, rounds)
+    _, test_summary = experiment.final_evaluation(final, history, rounds)
   print(f'{algorithm}: final test accuracy '
         f'{test_summary["final_test_accuracy"]:.4f}', flush=True)
   return collections.OrderedDict(

@@ -331,13 +331,13 @@ def _run() -> dict[str, Any]:
         f'mode={_MODE.value}, {rounds} rounds x '
         f'{_CLIENTS_PER_ROUND.value} clients ({rounds_per_epoch} rounds per '
         f'epoch); upload {upload} bytes per client per round', flush=True)
-  state, resumed_from = experiment.train(
+  state, resumed_from, final = experiment.train(
       process, select_clients, output_dir=output_dir, rounds=rounds,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
       flag_values=experiment.flag_values(__name__))
   history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
   accuracy_key, test_summary = experiment.final_evaluation(
-      evaluate(state, None), history, rounds)
+      final, history, rounds)
   plot_path = os.path.join(output_dir, 'accuracy.png')
   _plot(history, accuracy_key, plot_path,
         f'BAFFLE {_ESTIMATOR.value}, K={_K.value}, {task.description}')

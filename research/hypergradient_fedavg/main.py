@@ -271,13 +271,13 @@ def _run() -> dict[str, Any]:
     print(f'({report.epsilon:.4g}, {report.delta:g})-DP over '
           f'{report.rounds} rounds; training metrics are not released.',
           flush=True)
-  state, resumed_from = experiment.train(
+  state, resumed_from, final = experiment.train(
       process, select, output_dir=output_dir, rounds=_ROUNDS.value,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
       flag_values=experiment.flag_values(__name__))
   history = experiment.read_metrics(output_dir)  # Includes resumed rounds.
   accuracy_key, test_summary = experiment.final_evaluation(
-      evaluate(state, None), history, _ROUNDS.value)
+      final, history, _ROUNDS.value)
 
   final_hparams = process.get_hparams(state)['finalizer']
   final_lr = float(final_hparams['learning_rate'])

@@ -168,6 +168,35 @@ def test_federated_evaluation_is_tffs_build_fed_eval_on_the_same_weights():
       everyone['central']['loss'], rel=1e-5)
 
 
+@pytest.mark.parametrize('rounds, eval_every, evaluated', [
+    (2, 1, [0, 1, 2]),  # The loop evaluates the last round: kept.
+    (3, 2, [0, 2, 3]),  # It does not: the final state is evaluated once.
+])
+def test_the_final_state_is_evaluated_once(rounds, eval_every, evaluated,
+                                           tmp_path, monkeypatch):
+  evaluator = experiment.evaluator
+  calls = []
+
+  def counting_evaluator(task, eval_clients):
+    evaluate = evaluator(task, eval_clients)
+
+    def counted(weights):
+      calls.append(weights)
+      return evaluate(weights)
+    return counted
+
+  monkeypatch.setattr(experiment, 'evaluator', counting_evaluator)
+  with flagsaver.flagsaver(output_dir=str(tmp_path), rounds=rounds,
+                           eval_every=eval_every, num_clients=4,
+                           clients_per_round=2, batch_size=32, save_every=0):
+    summary = hypergradient_main.run()
+  assert len(calls) == len(evaluated)
+  assert sorted(int(r) for r in summary['accuracy_by_round']) == evaluated
+  # The summary's final accuracy is that of the last state evaluated.
+  assert summary['final_test_accuracy'] == summary['accuracy_by_round'][
+      str(rounds)]
+
+
 @pytest.mark.parametrize('binary', [hypergradient_main, baffle_main])
 @pytest.mark.parametrize('task_name', tasks.TASK_NAMES)
 def test_each_task_runs_through_each_binary_on_synthetic_data(
