@@ -14,6 +14,7 @@ from tff_fad.data import digits
 from tff_fad.learning import baffle
 from tff_fad.learning import functional_models as fm
 from tff_fad.learning import models
+from tff_fad.learning import optimizers
 
 
 def _linear_net(num_features: int, num_classes: int) -> models.FunctionalNet:
@@ -289,6 +290,47 @@ def test_upload_is_k_scalars():
   assert cost.client_to_server_bytes_per_client == 4 * (100 + 1 + 3)
 
 
+def _counting_net(path: str) -> models.FunctionalNet:
+  """A softmax regression that appends a line to `path` at each pass."""
+  net = _linear_net(4, 2)
+
+  def apply(params, x):
+    # The weights in the line: TF merges prints of equal inputs.
+    marked = tf.print('pass', tf.reduce_sum(params[0]),
+                      output_stream=f'file://{path}')
+    with tf.control_dependencies([marked]):
+      return net.apply(params, x)
+
+  return models.FunctionalNet(net.name, net.param_specs, apply)
+
+
+@pytest.mark.parametrize('mode', baffle.MODES)
+@pytest.mark.parametrize('estimator', baffle.ESTIMATORS)
+def test_forward_passes_counted_are_those_a_client_runs(estimator, mode,
+                                                        tmp_path):
+  path = tmp_path / 'passes.txt'
+  model = models.to_functional_model(_counting_net(str(path)), (2, 2, 1))
+  k = 7
+  client = baffle.build_client_work(model, num_perturbations=k,
+                                    estimator=estimator, mode=mode)
+  batches = 3  # one_epoch takes a step per batch; fedsgd the first only.
+  rng = np.random.default_rng(0)
+  data = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
+      x=rng.normal(size=(12, 2, 2, 1)).astype(np.float32),
+      y=rng.integers(0, 2, 12).astype(np.int32))).batch(4)
+  initial = fm.initial_model_weights(model)
+  client(initial, np.array([0, 1], np.int64), data)
+  steps = 1 if mode == 'fedsgd' else batches
+  ran = path.read_text().count('pass')
+  # A jvp pass carries a primal and a tangent: counted as two.
+  counted = baffle.forward_passes_per_step(estimator, k)
+  assert counted == {'forward': k + 1, 'central': 2 * k + 1,
+                     'jvp': 2 * k + 1}[estimator]
+  per_step = 1 + k if estimator in ('forward', 'jvp') else 1 + 2 * k
+  assert ran == steps * per_step
+  assert counted == ran // steps + (k if estimator == 'jvp' else 0)
+
+
 @pytest.mark.parametrize('kwargs, name', [
     (dict(num_perturbations=0), 'num_perturbations'),
     (dict(num_perturbations=-3), 'num_perturbations'),
@@ -531,6 +573,62 @@ def test_shared_jvp_round_is_the_cores_seeded_forward_mode(sklearn_digits):
   directions = tff_fad.seeded_tangents(round_seed, [list(trainable)], k)[0]
   for got, z in zip(applied, directions, strict=True):
     want = np.tensordot(np.asarray(scores), np.asarray(z), axes=1) / k
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('server', ['nesterov', 'sgdm'])
+def test_momentum_and_schedule_are_the_hand_written_update(sklearn_digits,
+                                                           server):
+  """Three rounds of the exact (jvp) estimator with a warmed-up, decaying
+  momentum server equal the update written out by hand: backprop
+  directional derivatives along the round's seeded directions, rebuilt,
+  then `w -= lr_t * (g + m v)` (Nesterov) or `w -= lr_t * v` (heavy ball)
+  with `v = m v + g`."""
+  model = models.to_functional_model(_linear_net(64, 10),
+                                     sklearn_digits.image_shape, seed=0)
+  k, seed, rounds, momentum = 6, 3, 3, 0.9
+  schedule = optimizers.learning_rate_schedule(0.5, total_steps=rounds,
+                                               decay='cosine', warmup_steps=1)
+  inner = (optimizers.build_nesterov_sgdm(0.5, momentum) if server ==
+           'nesterov' else tff.learning.optimizers.build_sgdm(0.5, momentum))
+  process = baffle.build_baffle(
+      model, server_optimizer_fn=(
+          tff.learning.optimizers.schedule_learning_rate(inner, schedule)),
+      num_perturbations=k, estimator='jvp', clip_value=None, seed=seed)
+  data = [sklearn_digits.train.create_tf_dataset_for_client(c).batch(b).take(1)
+          for c, b in zip(sklearn_digits.client_ids, (16, 9, 5))]
+  state = process.initialize()
+  weights = [np.asarray(w, np.float64)
+             for w in state.global_model_weights.trainable]
+  for _ in range(rounds):
+    state = process.next(state, data).state
+
+  batches = [next(iter(ds)) for ds in data]
+  x = tf.concat([b['x'] for b in batches], 0)
+  y = tf.concat([b['y'] for b in batches], 0)
+  velocity = [np.zeros_like(w) for w in weights]
+  for t in range(rounds):
+    params = [tf.constant(w, tf.float32) for w in weights]
+    with tf.GradientTape() as tape:  # Test-side reference only.
+      tape.watch(params)
+      # The clients' example-weighted mean loss is the loss of their union.
+      loss = fm.batch_loss(model, (tuple(params), ()), dict(x=x, y=y),
+                           training=True)[0]
+    gradient = [g.numpy() for g in tape.gradient(loss, params)]
+    directions = tff_fad.seeded_tangents(baffle.round_seed(seed, t),
+                                         [params], k)[0]
+    scores = [sum(float(np.vdot(g, z[i])) for g, z in zip(gradient,
+                                                          directions))
+              for i in range(k)]
+    estimate = [np.tensordot(scores, np.asarray(z), axes=1) / k
+                for z in directions]
+    rate = float(schedule(t))
+    for i, g in enumerate(estimate):
+      velocity[i] = momentum * velocity[i] + g
+      step = g + momentum * velocity[i] if server == 'nesterov' else (
+          velocity[i])
+      weights[i] = weights[i] - rate * step
+  for got, want in zip(state.global_model_weights.trainable, weights):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 

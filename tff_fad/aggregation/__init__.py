@@ -12,6 +12,7 @@ from tff_fad.aggregation.privacy import privacy_report
 from tff_fad.aggregation.privacy import PrivacyReport
 from tff_fad.aggregation.privacy import Release
 from tff_fad.aggregation.privacy import releases
+from tff_fad.aggregation.privacy import releases_report
 from tff_fad.aggregation.secure_sum import federated_secure_sum
 from tff_fad.aggregation.secure_sum import Quantizer
 from tff_fad.aggregation.secure_sum import secure_simulation_context

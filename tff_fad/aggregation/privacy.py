@@ -305,13 +305,29 @@ def privacy_report(comp: transforms.FederatedComputation, *,
       delta outside (0, 1), or DP releases the RDP accountant cannot account
       (tree aggregation).
   """
+  _check_accounting_args(sampling_rate, rounds, delta)
+  return releases_report(
+      releases(comp, mode, wrt, has_aux) + list(extra_releases),
+      mode=mode, sampling_rate=sampling_rate, rounds=rounds, delta=delta)
+
+
+def _check_accounting_args(sampling_rate, rounds, delta) -> None:
   if not 0 < sampling_rate <= 1:
     raise ValueError(f'sampling_rate must be in (0, 1], found {sampling_rate}.')
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
     raise ValueError(f'rounds must be a positive int, found {rounds!r}.')
   if not 0 < delta < 1:
     raise ValueError(f'delta must be in (0, 1), found {delta}.')
-  found = releases(comp, mode, wrt, has_aux) + list(extra_releases)
+
+
+def releases_report(found: Sequence[Release], *, mode: str,
+                    sampling_rate: float, rounds: int,
+                    delta: float) -> PrivacyReport:
+  """(epsilon, delta) of `rounds` rounds that each make the releases
+  `found` (e.g. `factory_release`s of a process that is not a tff_fad
+  program); `privacy_report` for the arguments and what it returns."""
+  _check_accounting_args(sampling_rate, rounds, delta)
+  found = list(found)
   events = [r.event for r in found if r.mechanism == 'dp']
   multipliers = []
   for event in events:

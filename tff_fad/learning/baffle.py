@@ -68,6 +68,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_fad import aggregation
 from tff_fad import core as fad
 from tff_fad.core import local_ad
 from tff_fad.learning import functional_models as fm
@@ -141,6 +142,28 @@ def inf_norm_scale(tensors: Tensors, max_norm: float) -> tf.Tensor:
   """
   inf_norm = tf.reduce_max([tf.reduce_max(tf.abs(t)) for t in tensors])
   return tf.minimum(1.0, max_norm / (inf_norm + 1e-6))
+
+
+def forward_passes_per_step(estimator: str, num_perturbations: int) -> int:
+  """Passes through the network a client makes per BAFFLE step.
+
+  A step (a FedSGD round, or one local step of `'one_epoch'`) makes the
+  unperturbed pass, whose outputs update the metrics (and are the forward
+  estimator's base loss), then per direction: `'forward'` one perturbed pass,
+  `'central'` two, `'jvp'` one forward-mode pass, counted as two: it carries
+  a primal and a tangent through every layer, twice a forward pass's
+  arithmetic (README, BAFFLE: measured time per pass). So `K + 1`,
+  `2K + 1` and `2K + 1`.
+
+  Args:
+    estimator: One of `ESTIMATORS`.
+    num_perturbations: K.
+  """
+  per_direction = {'forward': 1, 'central': 2, 'jvp': 2}
+  if estimator not in per_direction:
+    raise ValueError(f'estimator must be one of {ESTIMATORS}, got '
+                     f'{estimator!r}.')
+  return 1 + per_direction[estimator] * num_perturbations
 
 
 def perturbation(shapes: Sequence[Sequence[int]], seed: tf.Tensor,
@@ -242,7 +265,10 @@ def estimate_scores(loss_fn: LossFn, weights: Tensors, seed: tf.Tensor,
     plus = loss_fn([w + sigma * t for w, t in zip(weights, z)])
     if estimator == 'forward':
       return (plus - base_loss) / sigma, base_loss
-    minus = loss_fn([w - sigma * t for w, t in zip(weights, z)])
+    # One perturbed model at a time (side by side, the two passes would hold
+    # two sets of activations).
+    with tf.control_dependencies([plus]):
+      minus = loss_fn([w - sigma * t for w, t in zip(weights, z)])
     return (plus - minus) / (2.0 * sigma), (plus + minus) / 2.0
 
   def body(k, scores, loss_sum):
@@ -967,3 +993,41 @@ def build_baffle(
   return tff.learning.templates.LearningProcess(
       initialize_fn, next_fn, get_model_weights, set_model_weights,
       get_hparams_fn=get_hparams, set_hparams_fn=set_hparams)
+
+
+def round_privacy_report(
+    model_fn: fm.ModelArg,
+    *,
+    num_perturbations: int,
+    model_aggregator: AggregationFactory,
+    mode: str = 'fedsgd',
+    metrics_released: bool = True,
+    sampling_rate: float,
+    rounds: int,
+    delta: float,
+) -> aggregation.PrivacyReport:
+  """(epsilon, delta) of `rounds` rounds of `build_baffle` with shared
+  directions and this `model_aggregator`.
+
+  A round releases the clients' uploads through `model_aggregator` (K
+  scores in `'fedsgd'`, a model delta in `'one_epoch'`; its DP event as
+  the factory reports it) and, unless `metrics_released=False` (the process
+  built with `metrics_aggregator=functional_models.release_no_metrics`), the
+  clients' training metrics, a plain sum that makes epsilon infinite (the
+  report names it). Per-client directions take no aggregator: the server
+  sees each client's scores.
+  """
+  model = fm.resolve_model(model_fn, 'round_privacy_report')
+  if mode == 'fedsgd':
+    update_type = tff.TensorType(np.float32, [num_perturbations])
+  else:
+    update_type = fm.weights_type(model).trainable
+  found = [aggregation.factory_release(
+      f'{"scores" if mode == "fedsgd" else "model delta"} (model_aggregator)',
+      model_aggregator, update_type)]
+  if metrics_released:
+    found.append(aggregation.Release(
+        'client_work/train metrics (metrics_aggregator)', 'value', 'plain'))
+  return aggregation.releases_report(found, mode='primal',
+                                     sampling_rate=sampling_rate,
+                                     rounds=rounds, delta=delta)
