@@ -50,6 +50,9 @@ DP_NOISE = flags.DEFINE_float('dp_noise_multiplier', 0.1,
                               'Gaussian noise multiplier (aggregator=dp).')
 DP_CLIP = flags.DEFINE_float('dp_clip', 1.0,
                              'L2 clip of each upload (aggregator=dp).')
+DP_DELTA = flags.DEFINE_float(
+    'dp_delta', 1e-5, 'With --aggregator=dp: the delta of the reported '
+    '(epsilon, delta).')
 
 # Task: data, model, client specs, evaluation.
 TASK = flags.DEFINE_enum(
@@ -210,6 +213,43 @@ def require_unit_interval(*holders: flags.FlagHolder) -> None:
     if not 0 <= holder.value < 1:
       raise FlagError(f'--{holder.name} must be in [0, 1), got '
                       f'{holder.value}.')
+
+
+# Above this epsilon an (epsilon, delta) guarantee bounds almost nothing
+# (deployed DP training reports single digits); the binaries say so.
+MEANINGFUL_EPSILON = 10.0
+
+
+def print_privacy(report) -> None:
+  """Prints a run's `PrivacyReport` and its (epsilon, delta); a warning
+  naming the flag to raise when epsilon is past `MEANINGFUL_EPSILON`."""
+  print(report, flush=True)
+  print(f'({report.epsilon:.4g}, {report.delta:g})-DP over {report.rounds} '
+        'rounds; training metrics are not released.', flush=True)
+  if report.epsilon > MEANINGFUL_EPSILON:
+    print(f'Warning: epsilon {report.epsilon:.4g} > {MEANINGFUL_EPSILON:g} '
+          'is no meaningful privacy guarantee: raise --dp_noise_multiplier '
+          f'(now {DP_NOISE.value:g}), or train fewer rounds or sample fewer '
+          'clients per round.', flush=True)
+
+
+def privacy_summary(report) -> Optional[collections.OrderedDict]:
+  """A summary's `privacy` field: the report's figures, None without DP."""
+  if report is None:
+    return None
+  return collections.OrderedDict(
+      epsilon=report.epsilon, delta=report.delta,
+      sampling_rate=report.sampling_rate, rounds=report.rounds,
+      noise_multiplier=DP_NOISE.value,
+      effective_noise_multiplier=report.effective_noise_multiplier,
+      releases_per_round=[
+          f'{r.kind} {r.mechanism}: {r.node}' for r in report.releases])
+
+
+def require_dp_delta() -> None:
+  """FlagError unless --dp_delta is in (0, 1)."""
+  if not 0 < DP_DELTA.value < 1:
+    raise FlagError(f'--dp_delta must be in (0, 1), got {DP_DELTA.value}.')
 
 
 def required_output_dir() -> str:

@@ -74,9 +74,6 @@ _DP_HYPERGRADIENT_CLIP = flags.DEFINE_float(
     'dp_hypergradient_clip', 1.0,
     "With --aggregator=dp: clip of each client's d loss / d log lr, "
     'aggregated by its own DP-Gaussian release.')
-_DP_DELTA = flags.DEFINE_float(
-    'dp_delta', 1e-5, 'With --aggregator=dp: the delta of the reported '
-    '(epsilon, delta).')
 _WEIGHTING = flags.DEFINE_enum(
     'weighting', 'example_count', ['example_count', 'uniform', 'learned'],
     "Client weights of the update average: 'example_count' (FedAvg), "
@@ -115,9 +112,7 @@ def validate_flags() -> None:
       _DP_HYPERGRADIENT_CLIP)
   experiment.require_positive(_HYPER_LR, _DP_NOISE, allow_zero=True)
   experiment.require_unit_interval(_TANGENT_DECAY, _HYPER_BETA_1, _HYPER_BETA_2)
-  if not 0 < _DP_DELTA.value < 1:
-    raise experiment.FlagError(
-        f'--dp_delta must be in (0, 1), got {_DP_DELTA.value}.')
+  experiment.require_dp_delta()
   if _ALGORITHM.value == 'fedavg' and _AGGREGATOR.value == 'dp':
     raise experiment.FlagError('--aggregator=dp is supported with '
                                '--algorithm=hypergradient only.')
@@ -179,7 +174,7 @@ def privacy(model) -> Optional[aggregation.PrivacyReport]:
       post_update_loss=_POST_UPDATE_LOSS.value,
       client_weighting=_client_weighting(), metrics_released=False,
       sampling_rate=_CLIENTS_PER_ROUND.value / _NUM_CLIENTS.value,
-      rounds=_ROUNDS.value, delta=_DP_DELTA.value)
+      rounds=_ROUNDS.value, delta=experiment.DP_DELTA.value)
 
 
 def _client_weighting():
@@ -267,10 +262,7 @@ def _run() -> dict[str, Any]:
   print(f'Communication per round: {cost}', flush=True)
   report = privacy(task.model)
   if report is not None:
-    print(report, flush=True)
-    print(f'({report.epsilon:.4g}, {report.delta:g})-DP over '
-          f'{report.rounds} rounds; training metrics are not released.',
-          flush=True)
+    experiment.print_privacy(report)
   state, resumed_from, final = experiment.train(
       process, select, output_dir=output_dir, rounds=_ROUNDS.value,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
@@ -315,13 +307,7 @@ def _run() -> dict[str, Any]:
           client_to_server_bytes_per_client=(
               cost.client_to_server_bytes_per_client),
           round_trips=cost.round_trips),
-      privacy=None if report is None else collections.OrderedDict(
-          epsilon=report.epsilon, delta=report.delta,
-          sampling_rate=report.sampling_rate, rounds=report.rounds,
-          noise_multiplier=_DP_NOISE.value,
-          effective_noise_multiplier=report.effective_noise_multiplier,
-          releases_per_round=[
-              f'{r.kind} {r.mechanism}: {r.node}' for r in report.releases]),
+      privacy=experiment.privacy_summary(report),
       server_learning_rate_by_round={str(r): history[r][_LR_KEY]
                                      for r in lr_rounds},
       resumed_from_round=resumed_from,
