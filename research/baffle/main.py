@@ -18,7 +18,7 @@ flag given explicitly overrides it.
 import collections
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
@@ -30,7 +30,9 @@ import tff_fad
 from research import experiment
 from research import run_dir
 from tff_fad.learning import baffle
+from tff_fad.learning import functional_models as fm
 from tff_fad.learning import models
+from tff_fad.learning import optimizers as fad_optimizers
 
 # BAFFLE hyperparameters.
 _K = flags.DEFINE_integer('K', 100, 'Number of perturbations per round (the '
@@ -45,8 +47,24 @@ _CLIP = flags.DEFINE_float('clip', 0.3, 'Elementwise clamp of the gradient '
                            'estimate; 0 disables it.')
 _EMA = flags.DEFINE_float('ema', 0.0, 'EMA decay of the evaluated weights; 0 '
                           'disables it.')
-_LR = flags.DEFINE_float('lr', 1e-2, 'Server Adam learning rate (fedsgd) or '
-                         'server SGD learning rate (one_epoch).')
+_LR = flags.DEFINE_float('lr', 1e-2, 'Server learning rate (of '
+                         '--optimizer; the peak of --lr_schedule).')
+_OPTIMIZER = flags.DEFINE_enum(
+    'optimizer', None, ['adam', 'sgd', 'nesterov'],
+    "Server optimizer (the official code's --optimizer): Adam (with "
+    "--adam_*), SGD with heavy-ball momentum --momentum (TFF's build_sgdm) "
+    'or with Nesterov momentum '
+    '(tff_fad.learning.optimizers.build_nesterov_sgdm); default adam for '
+    'fedsgd, sgd for one_epoch (FedAvg\'s server).')
+_MOMENTUM = flags.DEFINE_float(
+    'momentum', 0.0, 'Momentum of --optimizer=sgd|nesterov.')
+_LR_SCHEDULE = flags.DEFINE_enum(
+    'lr_schedule', 'constant', list(fad_optimizers.SCHEDULES),
+    'Decay of the server learning rate over the run, after --warmup_rounds '
+    '(tff.learning.optimizers.schedule_learning_rate).')
+_WARMUP_ROUNDS = flags.DEFINE_integer(
+    'warmup_rounds', 0, 'Rounds of linear warm-up of the server learning '
+    'rate.')
 _PARALLEL = flags.DEFINE_integer(
     'parallel_perturbations', 1, 'P: perturbed models evaluated per batched '
     'forward pass (1: one at a time, least memory).')
@@ -79,6 +97,11 @@ _EMA_WARMUP = flags.DEFINE_bool(
 _EPOCHS = flags.DEFINE_integer(
     'epochs', 0, 'If > 0, train this many epochs (sets --rounds: epochs x '
     'the rounds of an epoch, see --ema_every).')
+_FORWARD_PASSES = flags.DEFINE_integer(
+    'forward_passes', 0, 'If > 0, the forward-pass budget of each client: '
+    'sets --rounds to as many rounds as it pays for (the passes of a round: '
+    'tff_fad.learning.baffle.forward_passes_per_step, times the local steps '
+    'in one_epoch).')
 _RESIZE_DIGITS = flags.DEFINE_bool(
     'resize_digits', False, 'LeNet/WRN on the embedded digits: resize them '
     'to 32x32 (bilinear, as the official code) instead of zero-padding.')
@@ -90,9 +113,10 @@ _LOG_GRADIENT_COSINE = flags.DEFINE_bool(
     'the sqrt(K/n) of one gradient (baffle.estimate_cosine_to_gradient; it '
     'backpropagates, outside the federated round).')
 _RECIPE = flags.DEFINE_enum(
-    'recipe', 'none', ['none', 'paper'],
-    "'paper': the official code's MNIST recipe (PAPER_RECIPE); flags given "
-    'explicitly override it.')
+    'recipe', 'none', ['none', 'paper', 'budget'],
+    "'paper': the official code's MNIST recipe (PAPER_RECIPE); 'budget': "
+    'LeNet trained on a forward-pass budget with many cheap rounds '
+    '(BUDGET_RECIPE); flags given explicitly override it.')
 
 # The official code's README command for LeNet on MNIST
 # (`main.py --K 100 --dataset MNIST --epochs 20 --lr 1e-2 --optimizer Adam
@@ -113,6 +137,23 @@ PAPER_RECIPE = dict(
     client_optimizer='adam', client_lr=1e-2, directions='per_client')
 _PAPER_ONE_EPOCH = dict(lr=1.0, directions='shared')
 
+# Forward-only training on a forward-pass budget (README, "BAFFLE on a
+# forward-pass budget"): the paper recipe's clients and data, the budget
+# spent on many cheap rounds: K=10 central differences (21 passes a round),
+# sigma 1e-3 (float32 finite differences of a loss near 2 lose digits at
+# 1e-4), server Adam 1e-2 with beta_1 0.97 (momentum averages the estimates
+# of ~30 rounds) and a cosine decay over the run; no clipping, weight decay
+# or EMA. Shared directions: any aggregator applies (secure sums, DP).
+BUDGET_RECIPE = dict(
+    model='lenet', K=10, sigma=1e-3, estimator='central', lr=1e-2,
+    optimizer='adam', adam_beta1=0.97, lr_schedule='cosine',
+    clip=0.0, client_clip=0.0, weight_decay=0.0, ema=0.0,
+    forward_passes=130_000, eval_every=260, num_clients=10,
+    clients_per_round=10, dirichlet_alpha='iid', batch_size=32,
+    resize_digits=True, client_optimizer='adam', client_lr=1e-2,
+    directions='shared')
+RECIPES = {'paper': PAPER_RECIPE, 'budget': BUDGET_RECIPE}
+
 
 def apply_recipe() -> dict[str, Any]:
   """Sets the flags of --recipe that were not given explicitly.
@@ -122,8 +163,8 @@ def apply_recipe() -> dict[str, Any]:
   """
   if _RECIPE.value == 'none':
     return {}
-  recipe = dict(PAPER_RECIPE)
-  if _MODE.value == 'one_epoch':
+  recipe = dict(RECIPES[_RECIPE.value])
+  if _RECIPE.value == 'paper' and _MODE.value == 'one_epoch':
     recipe.update(_PAPER_ONE_EPOCH)
   applied = {}
   for name, value in recipe.items():
@@ -160,8 +201,19 @@ def validate_flags() -> None:
       _CLIENT_LR, _EVAL_EVERY, _PARALLEL, _DP_CLIP)
   experiment.require_positive(
       _CLIP, _DP_NOISE, _CLIENT_CLIP, _WEIGHT_DECAY, _EMA_EVERY, _EPOCHS,
-      _ADAM_EPSILON, allow_zero=True)
-  experiment.require_unit_interval(_ADAM_BETA1, _ADAM_BETA2, _EMA)
+      _ADAM_EPSILON, _FORWARD_PASSES, allow_zero=True)
+  if _FORWARD_PASSES.value and _EPOCHS.value:
+    raise experiment.FlagError(
+        '--forward_passes and --epochs each set the rounds; give one.')
+  experiment.require_unit_interval(_ADAM_BETA1, _ADAM_BETA2, _EMA,
+                                   _MOMENTUM)
+  experiment.require_positive(_WARMUP_ROUNDS, allow_zero=True)
+  if not _EPOCHS.value and not _FORWARD_PASSES.value:
+    check_warmup(_ROUNDS.value)  # Else the rounds are known with the data.
+  if _MOMENTUM.value and server_optimizer_name() == 'adam':
+    raise experiment.FlagError(
+        '--momentum applies to --optimizer=sgd|nesterov; '
+        "Adam's is --adam_beta1.")
   if _DIRECTIONS.value == 'per_client' and _MODE.value != 'fedsgd':
     raise experiment.FlagError(
         '--directions=per_client applies to --mode=fedsgd (one_epoch '
@@ -171,7 +223,16 @@ def validate_flags() -> None:
         '--directions=per_client cannot use --aggregator=dp: the server '
         "rebuilds each client's estimate from its own scores; use "
         '--directions=shared.')
+  experiment.require_dp_delta()
   experiment.validate_task_flags()
+
+
+def check_warmup(rounds: int) -> None:
+  """FlagError unless --warmup_rounds is below the run's `rounds`."""
+  if _WARMUP_ROUNDS.value >= rounds:
+    raise experiment.FlagError(
+        f'--warmup_rounds={_WARMUP_ROUNDS.value} must be below the run\'s '
+        f'{rounds} rounds.')
 
 
 def _plot(history: dict[int, dict[str, float]], key: str, path: str,
@@ -188,15 +249,29 @@ def rounds_per_epoch_of(task: experiment.TrainingTask) -> int:
   / --batch_size), the mean over (at most 20 of) the training clients."""
   if _MODE.value == 'one_epoch':
     return 1
-  if not _EPOCHS.value and _EMA_EVERY.value:
-    return 1  # Not needed.
   client_ids = list(task.train.client_ids)[:20]
   sizes = [int(task.train.create_tf_dataset_for_client(c).reduce(
       0, lambda n, _: n + 1)) for c in client_ids]
   return max(1, int(np.ceil(np.mean(sizes) / _BATCH_SIZE.value)))
 
 
+def forward_passes_per_client_per_round(task: experiment.TrainingTask
+                                        ) -> float:
+  """`baffle.forward_passes_per_step` times a client's steps per round: 1
+  in fedsgd; in one_epoch one per batch of its round's data, the mean over
+  (at most 20 of) the training clients."""
+  per_step = baffle.forward_passes_per_step(_ESTIMATOR.value, _K.value)
+  if _MODE.value == 'fedsgd':
+    return float(per_step)
+  steps = [int(task.preprocess_train(
+      task.train.create_tf_dataset_for_client(c), 0).reduce(
+          0, lambda n, _: n + 1)) for c in list(task.train.client_ids)[:20]]
+  return float(per_step * np.mean(steps))
+
+
 _WITHOUT_EMA_KEY = 'evaluation/without_ema/central/accuracy'
+_TRAIN_ACCURACY_KEY = 'client_work/train/accuracy'
+_TRAIN_EXAMPLES_KEY = 'client_work/train/num_examples'
 
 
 def _cosine_key(field: str) -> str:
@@ -226,11 +301,53 @@ def _diagnostics_by_round(history: dict[int, dict[str, float]]
   return fields
 
 
+def train_accuracy(history: dict[int, dict[str, float]], rounds: int,
+                    rounds_per_epoch: int) -> Optional[float]:
+  """The clients' accuracy on their own batches (at the weights each round
+  starts from) over the last epoch's rounds, example-weighted; None if the
+  model has no accuracy metric."""
+  last = [history[r] for r in range(max(1, rounds - rounds_per_epoch + 1),
+                                    rounds + 1) if r in history]
+  pairs = [(m[_TRAIN_ACCURACY_KEY], m.get(_TRAIN_EXAMPLES_KEY, 1.0))
+           for m in last if _TRAIN_ACCURACY_KEY in m]
+  if not pairs:
+    return None
+  return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
+
+
 def adam_from_flags(learning_rate: float) -> tff.learning.optimizers.Optimizer:
   """TFF's Adam with --adam_beta1, --adam_beta2 and --adam_epsilon."""
   return tff.learning.optimizers.build_adam(
       learning_rate, beta_1=_ADAM_BETA1.value, beta_2=_ADAM_BETA2.value,
       epsilon=_ADAM_EPSILON.value)
+
+
+def server_optimizer_from_flags(rounds: int
+                                ) -> tff.learning.optimizers.Optimizer:
+  """--optimizer at --lr, scheduled by --lr_schedule and
+  --warmup_rounds over `rounds` steps (BAFFLE's server, and the experiments'
+  backprop FedSGD's)."""
+  name = server_optimizer_name()
+  if name == 'adam':
+    optimizer = adam_from_flags(_LR.value)
+  elif name == 'nesterov':
+    optimizer = fad_optimizers.build_nesterov_sgdm(_LR.value,
+                                                   _MOMENTUM.value)
+  else:
+    optimizer = tff.learning.optimizers.build_sgdm(
+        _LR.value, _MOMENTUM.value or None)
+  if _LR_SCHEDULE.value == 'constant' and not _WARMUP_ROUNDS.value:
+    return optimizer
+  return tff.learning.optimizers.schedule_learning_rate(
+      optimizer, fad_optimizers.learning_rate_schedule(
+          _LR.value, rounds, _LR_SCHEDULE.value, _WARMUP_ROUNDS.value))
+
+
+def server_optimizer_name() -> str:
+  """--optimizer, or its default for --mode."""
+  if _OPTIMIZER.value:
+    return _OPTIMIZER.value
+  return 'adam' if _MODE.value == 'fedsgd' else 'sgd'
 
 
 def client_optimizer_from_flags() -> tff.learning.optimizers.Optimizer:
@@ -259,9 +376,19 @@ def _run() -> dict[str, Any]:
                               resize_digits=_RESIZE_DIGITS.value)
   model = task.model
   rounds_per_epoch = rounds_per_epoch_of(task)
-  rounds = (_EPOCHS.value * rounds_per_epoch if _EPOCHS.value
-            else _ROUNDS.value)
+  passes_per_round = forward_passes_per_client_per_round(task)
+  if _FORWARD_PASSES.value:
+    rounds = int(_FORWARD_PASSES.value // passes_per_round)
+    if rounds < 1:
+      raise experiment.FlagError(
+          f'--forward_passes={_FORWARD_PASSES.value} pays for no round: one '
+          f'costs {passes_per_round:g} per client.')
+  elif _EPOCHS.value:
+    rounds = _EPOCHS.value * rounds_per_epoch
+  else:
+    rounds = _ROUNDS.value
   ema_every = _EMA_EVERY.value or rounds_per_epoch
+  check_warmup(rounds)
 
   if _AGGREGATOR.value == 'dp':
     aggregator = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
@@ -271,12 +398,14 @@ def _run() -> dict[str, Any]:
     aggregator = None  # Its own aggregation (build_baffle).
   else:
     aggregator = tff.aggregators.MeanFactory()
-  server_optimizer = (adam_from_flags(_LR.value) if _MODE.value == 'fedsgd'
-                      else tff.learning.optimizers.build_sgdm(_LR.value))
+  server_optimizer = server_optimizer_from_flags(rounds)
   client_optimizer = client_optimizer_from_flags()
+  private = _AGGREGATOR.value == 'dp'
   process = baffle.build_baffle(
       model, client_optimizer,
       server_optimizer, model_aggregator=aggregator,
+      # Under DP the training metrics (plain sums) are not released.
+      metrics_aggregator=fm.release_no_metrics if private else None,
       num_perturbations=_K.value, sigma=_SIGMA.value,
       estimator=_ESTIMATOR.value, mode=_MODE.value,
       clip_value=_CLIP.value or None, ema_decay=_EMA.value or None,
@@ -288,6 +417,14 @@ def _run() -> dict[str, Any]:
   # aggregation weight and the metrics' sums.
   upload = tff_fad.communication_cost(
       process.next, _CLIENTS_PER_ROUND.value).client_to_server_bytes_per_client
+
+  report = None
+  if private:
+    report = baffle.round_privacy_report(
+        model, num_perturbations=_K.value, model_aggregator=aggregator,
+        mode=_MODE.value, metrics_released=False,
+        sampling_rate=_CLIENTS_PER_ROUND.value / _NUM_CLIENTS.value,
+        rounds=rounds, delta=experiment.DP_DELTA.value)
 
   # fedsgd uses one minibatch per client and round.
   select_clients = experiment.client_selector(
@@ -330,7 +467,11 @@ def _run() -> dict[str, Any]:
         f'estimator={_ESTIMATOR.value}, '
         f'mode={_MODE.value}, {rounds} rounds x '
         f'{_CLIENTS_PER_ROUND.value} clients ({rounds_per_epoch} rounds per '
-        f'epoch); upload {upload} bytes per client per round', flush=True)
+        f'epoch); upload {upload} bytes and {passes_per_round:g} forward '
+        f'passes per client per round ({passes_per_round * rounds:,g} in '
+        'all)', flush=True)
+  if report is not None:
+    experiment.print_privacy(report)
   state, resumed_from, final = experiment.train(
       process, select_clients, output_dir=output_dir, rounds=rounds,
       evaluate=evaluate, eval_every=_EVAL_EVERY.value, progress=progress,
@@ -345,7 +486,11 @@ def _run() -> dict[str, Any]:
       task=task.description,
       **test_summary,
       rounds=rounds,
+      forward_passes_per_client_per_round=passes_per_round,
+      forward_passes_per_client=passes_per_round * rounds,
+      final_train_accuracy=train_accuracy(history, rounds, rounds_per_epoch),
       upload_bytes_per_client_per_round=upload,
+      privacy=experiment.privacy_summary(report),
       upload_scalars_per_client_per_round=(
           _K.value if _MODE.value == 'fedsgd' else task.num_params),
       num_params=task.num_params,
@@ -356,7 +501,8 @@ def _run() -> dict[str, Any]:
   summary = run_dir.write_summary(output_dir, summary, history)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
         f"{test_summary['final_test_accuracy']:.4f} (after "
-        f'{rounds} rounds, {summary["wall_time_seconds"]} s)')
+        f'{rounds} rounds, {passes_per_round * rounds:,g} forward passes per '
+        f'client, {summary["wall_time_seconds"]} s)')
   print(f'Outputs written to {os.path.abspath(output_dir)}: metrics.csv, '
         'tensorboard/, accuracy.png, summary.json')
   return summary

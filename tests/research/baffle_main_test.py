@@ -80,7 +80,7 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
              for name in files)
 
 
-def test_dp_aggregator_runs(tmp_path):
+def test_dp_aggregator_runs_and_reports_epsilon(tmp_path, capfd):
   out = str(tmp_path / 'dp')
   with flagsaver.flagsaver(output_dir=out, aggregator='dp',
                            **dict(_TINY, rounds=1)):
@@ -89,6 +89,27 @@ def test_dp_aggregator_runs(tmp_path):
     summary = json.load(f)
   assert summary['flags']['aggregator'] == 'dp'
   assert 0.0 <= summary['final_test_accuracy'] <= 1.0
+  # One DP release of the K scores a round; the metrics are not released.
+  privacy = summary['privacy']
+  assert privacy['releases_per_round'] == ['value dp: scores (model_aggregator)']
+  assert privacy['sampling_rate'] == 0.5 and privacy['rounds'] == 1
+  assert 0 < privacy['epsilon'] < float('inf')
+  assert summary['final_train_accuracy'] is None
+  printed = capfd.readouterr().out
+  assert f"({privacy['epsilon']:.4g}, 1e-05)-DP over 1 rounds" in printed
+
+
+def test_forward_pass_budget_sets_the_rounds(tmp_path, capfd):
+  out = str(tmp_path / 'budget')
+  # central, K=4: 2 * 4 + 1 = 9 passes a round; 40 pay for 4 rounds.
+  with flagsaver.flagsaver(output_dir=out, estimator='central',
+                           forward_passes=40, **_TINY):
+    summary = baffle_main.run()
+  assert summary['rounds'] == 4
+  assert summary['forward_passes_per_client_per_round'] == 9
+  assert summary['forward_passes_per_client'] == 36
+  assert 0.0 <= summary['final_train_accuracy'] <= 1.0
+  assert '36 forward passes per client' in capfd.readouterr().out
 
 
 def test_rejects_stray_arguments(tmp_path):
@@ -108,6 +129,11 @@ def test_rejects_stray_arguments(tmp_path):
     (dict(directions='per_client', aggregator='dp'), '--directions'),
     (dict(directions='per_client', mode='one_epoch'), '--directions'),
     (dict(output_dir=''), '--output_dir'),
+    (dict(momentum=1.0, optimizer='sgd'), '--momentum'),
+    (dict(momentum=0.9), '--momentum applies to'),
+    (dict(warmup_rounds=200), '--warmup_rounds=200 must be below'),
+    (dict(forward_passes=100, epochs=2), '--forward_passes and --epochs'),
+    (dict(dp_delta=1.0), '--dp_delta'),
 ])
 def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
   values = dict(output_dir=str(tmp_path))
