@@ -45,13 +45,27 @@ cosine to the backprop gradient by epoch), `paper.md` and `paper.png`
 weights (`ema: true`) and the raw weights the EMA averages (`ema: false`);
 the EMA does not change training. Runs already in --output_dir/paper.json
 are kept, not rerun, so the grid can be run in parts.
+
+`--experiment=budget` runs `BUDGET_RUNS` on `--recipe=budget` (LeNet, a
+forward-pass budget per client spent on many cheap rounds) and backprop
+FedSGD and FedAvg for the rounds the budget pays BAFFLE:
+
+  python -m research.baffle.experiments --experiment=budget \
+      --output_dir out/baffle_budget
+
+It writes `budget.json` (the paper table's fields plus
+`forward_passes_per_client`, `backward_passes_per_client`, `optimizer`,
+`lr`, `schedule` and `train_accuracy`: the clients' accuracy on their own
+batches over the last epoch of rounds), `budget.md` and `budget.png` (test
+accuracy against passes per client, log x). Finished runs are kept the same
+way; a stopped run resumes from its last save in its directory.
 """
 
 import collections
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -76,12 +90,13 @@ _REPORT_ROUNDS = flags.DEFINE_list(
     'evaluated: a multiple of --eval_every); default: every evaluation.')
 
 # --experiment: 'estimators' (the default: BAFFLE for each of --Ks and
-# --estimators against the baselines) or 'paper' (the paper's table with the
-# official recipe, PAPER_RUNS).
-EXPERIMENTS = ('estimators', 'paper')
+# --estimators against the baselines), 'paper' (the paper's table with the
+# official recipe, PAPER_RUNS) or 'budget' (forward-pass budgets,
+# BUDGET_RUNS).
+EXPERIMENTS = ('estimators', 'paper', 'budget')
 _PAPER_RUNS = flags.DEFINE_list(
-    'paper_runs', None, '--experiment=paper: the runs of PAPER_RUNS to run, '
-    'by name (default: all).')
+    'paper_runs', None, '--experiment=paper|budget: the runs of PAPER_RUNS '
+    '(or BUDGET_RUNS) to run, by name (default: all).')
 
 BASELINES = ('fedsgd', 'fedavg')
 
@@ -107,14 +122,46 @@ PAPER_RUNS = collections.OrderedDict([
 ])
 
 
+def _rounds_paid_by(budget: int, num_perturbations: int = 10,
+                    estimator: str = 'central') -> int:
+  """BAFFLE FedSGD rounds a client's forward-pass budget pays for."""
+  return budget // baffle.forward_passes_per_step(estimator,
+                                                  num_perturbations)
+
+
+# --experiment=budget: BAFFLE on LeNet at a fixed forward-pass budget per
+# client, on top of --recipe=budget (K=10 central, server Adam beta_1 0.97
+# at 1e-2 with cosine decay, shared directions, 10 IID clients): the
+# optimizer and the directions varied at the budget of the paper table's
+# K=100 row (26,000 passes) and the best at its K=500 row's (130,000); and
+# backprop FedSGD and FedAvg for the rounds the budget pays BAFFLE.
+BUDGET_RUNS = collections.OrderedDict([
+    ('baffle_shared_adam_cosine_26k', dict(forward_passes=26_000,
+                                           eval_every=130)),
+    ('baffle_shared_adam_constant_26k', dict(
+        forward_passes=26_000, eval_every=130, lr_schedule='constant',
+        adam_beta1=0.9)),
+    ('baffle_per_client_adam_cosine_26k', dict(
+        forward_passes=26_000, eval_every=130, directions='per_client')),
+    ('baffle_shared_adam_cosine_130k', dict(forward_passes=130_000)),
+    ('baffle_per_client_adam_cosine_130k', dict(
+        forward_passes=130_000, directions='per_client')),
+    ('fedsgd_26k_rounds', dict(method='fedsgd', rounds=_rounds_paid_by(
+        26_000), eval_every=130)),
+    ('fedavg_26k_rounds', dict(method='fedavg', rounds=_rounds_paid_by(
+        26_000), eval_every=130)),
+])
+
+
 def _baseline_process(algorithm: str, model):
-  """TFF's FedSGD (server Adam at --lr with --adam_*) or FedAvg (one local
-  epoch of --client_optimizer at --client_lr, server SGD 1.0): BAFFLE's own
-  server and local optimizers. TFF's Adam has no weight decay."""
+  """TFF's FedSGD (BAFFLE's server optimizer: --optimizer at --lr,
+  --lr_schedule over --rounds) or FedAvg (one local epoch of
+  --client_optimizer at --client_lr, server SGD 1.0): BAFFLE's own server
+  and local optimizers. TFF's Adam has no weight decay."""
   if algorithm == 'fedsgd':
     return tff.learning.algorithms.build_fed_sgd(
-        model, server_optimizer_fn=baffle_main.adam_from_flags(
-            baffle_main._LR.value))  # pylint: disable=protected-access
+        model, server_optimizer_fn=baffle_main.server_optimizer_from_flags(
+            experiment.ROUNDS.value))
   return tff.learning.algorithms.build_weighted_fed_avg(
       model, client_optimizer_fn=baffle_main.client_optimizer_from_flags(),
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
@@ -162,6 +209,10 @@ def run_baseline(algorithm: str, output_dir: str) -> dict[str, Any]:
   return collections.OrderedDict(
       final_test_accuracy=test_summary['final_test_accuracy'],
       accuracy_by_round=test_summary['accuracy_by_round'],
+      # FedAvg's round is a local epoch; FedSGD's a batch per client.
+      final_train_accuracy=baffle_main.train_accuracy(
+          history, rounds, 1 if algorithm == 'fedavg' else
+          baffle_main.rounds_per_epoch_of(task)),
       upload_bytes=tff_fad.communication_cost(
           process.next, experiment.CLIENTS_PER_ROUND.value
       ).client_to_server_bytes_per_client,
@@ -193,13 +244,11 @@ def _paper_run_flags(name: str, output_dir: str) -> tuple[str, dict]:
                       **values)
 
 
-def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
-  """Runs `names` of PAPER_RUNS not yet in `<output_dir>/paper.json`.
-
-  Each run is written to paper.json as soon as it ends. Returns all rows.
-  """
-  # pylint: disable=protected-access
-  results_path = os.path.join(output_dir, 'paper.json')
+def _run_grid(results_path: str, names: Sequence[str],
+              run_rows: Callable[[str], list[dict]]) -> list[dict]:
+  """Runs each of `names` not yet in the JSON list at `results_path`
+  (`run_rows(name)` gives its rows), writing the list after each run.
+  Returns all rows."""
   rows = []
   if os.path.exists(results_path):
     with open(results_path) as f:
@@ -209,52 +258,192 @@ def run_paper_grid(output_dir: str, names: Sequence[str]) -> list[dict]:
     if name in done:
       print(f'{name}: in {results_path}, not rerun', flush=True)
       continue
-    method, values = _paper_run_flags(name, output_dir)
-    run_dir_path = values['output_dir']
-    with flagsaver.flagsaver(**values):
-      baffle_main.apply_recipe()
-      task = experiment.load_task(
-          pad_digits_to_32x32=True,
-          resize_digits=baffle_main._RESIZE_DIGITS.value)
-      if method == 'baffle':
-        per_epoch = baffle_main.rounds_per_epoch_of(task)
-        with flagsaver.flagsaver(log_gradient_cosine=True,
-                                 eval_every=per_epoch):
-          summary = baffle_main.run()
-        common = dict(
-            method='baffle', rounds=summary['rounds'], K=baffle_main._K.value,
-            directions=('per_client' if baffle_main._MODE.value == 'one_epoch'
-                        else baffle_main._DIRECTIONS.value),
-            estimator=baffle_main._ESTIMATOR.value,
-            mode=baffle_main._MODE.value, rounds_per_epoch=per_epoch,
-            upload_bytes=summary['upload_bytes_per_client_per_round'],
-            gradient_cosine_by_round=summary['gradient_cosine_by_round'],
-            predicted_gradient_cosine_by_round=summary[
-                'predicted_gradient_cosine_by_round'],
-            expected_gradient_cosine=summary['expected_gradient_cosine'])
-        for ema, suffix in ((True, ''), (False, '_without_ema')):
-          rows.append(_paper_row(
-              name, ema=ema,
-              final_test_accuracy=summary['final_test_accuracy' + suffix],
-              accuracy_by_round=summary['accuracy_by_round' + suffix],
-              wall_seconds=summary['wall_time_seconds'], **common))
-      else:
-        with flagsaver.flagsaver(mode='fedsgd'):
-          per_epoch = (baffle_main.rounds_per_epoch_of(task)
-                       if method == 'fedsgd' else 1)
-        rounds = baffle_main._EPOCHS.value * per_epoch
-        with flagsaver.flagsaver(rounds=rounds, eval_every=per_epoch):
-          summary = run_baseline(method, run_dir_path)
-        rows.append(_paper_row(
-            name, method=method, rounds=rounds,
-            final_test_accuracy=summary['final_test_accuracy'],
-            accuracy_by_round=summary['accuracy_by_round'],
-            wall_seconds=summary['wall_time_seconds'],
-            rounds_per_epoch=per_epoch, upload_bytes=summary['upload_bytes']))
+    rows.extend(run_rows(name))
     with open(results_path + '.tmp', 'w') as f:
       json.dump(rows, f, indent=1)
     os.replace(results_path + '.tmp', results_path)
   return rows
+
+
+def _paper_rows(name: str, output_dir: str) -> list[dict]:
+  """The paper.json rows of one run of PAPER_RUNS (two for BAFFLE: its EMA
+  and raw weights)."""
+  # pylint: disable=protected-access
+  rows = []
+  method, values = _paper_run_flags(name, output_dir)
+  run_dir_path = values['output_dir']
+  with flagsaver.flagsaver(**values):
+    baffle_main.apply_recipe()
+    task = experiment.load_task(
+        pad_digits_to_32x32=True,
+        resize_digits=baffle_main._RESIZE_DIGITS.value)
+    if method == 'baffle':
+      per_epoch = baffle_main.rounds_per_epoch_of(task)
+      with flagsaver.flagsaver(log_gradient_cosine=True,
+                               eval_every=per_epoch):
+        summary = baffle_main.run()
+      common = dict(
+          method='baffle', rounds=summary['rounds'], K=baffle_main._K.value,
+          directions=('per_client' if baffle_main._MODE.value == 'one_epoch'
+                      else baffle_main._DIRECTIONS.value),
+          estimator=baffle_main._ESTIMATOR.value,
+          mode=baffle_main._MODE.value, rounds_per_epoch=per_epoch,
+          upload_bytes=summary['upload_bytes_per_client_per_round'],
+          gradient_cosine_by_round=summary['gradient_cosine_by_round'],
+          predicted_gradient_cosine_by_round=summary[
+              'predicted_gradient_cosine_by_round'],
+          expected_gradient_cosine=summary['expected_gradient_cosine'])
+      for ema, suffix in ((True, ''), (False, '_without_ema')):
+        rows.append(_paper_row(
+            name, ema=ema,
+            final_test_accuracy=summary['final_test_accuracy' + suffix],
+            accuracy_by_round=summary['accuracy_by_round' + suffix],
+            wall_seconds=summary['wall_time_seconds'], **common))
+    else:
+      with flagsaver.flagsaver(mode='fedsgd'):
+        per_epoch = (baffle_main.rounds_per_epoch_of(task)
+                     if method == 'fedsgd' else 1)
+      rounds = baffle_main._EPOCHS.value * per_epoch
+      with flagsaver.flagsaver(rounds=rounds, eval_every=per_epoch):
+        summary = run_baseline(method, run_dir_path)
+      rows.append(_paper_row(
+          name, method=method, rounds=rounds,
+          final_test_accuracy=summary['final_test_accuracy'],
+          accuracy_by_round=summary['accuracy_by_round'],
+          wall_seconds=summary['wall_time_seconds'],
+          rounds_per_epoch=per_epoch, upload_bytes=summary['upload_bytes']))
+  return rows
+
+
+def _budget_run_flags(name: str, output_dir: str) -> tuple[str, dict]:
+  """A BUDGET_RUNS entry's method and the flag values it trains with."""
+  values = dict(BUDGET_RUNS[name])
+  method = values.pop('method', 'baffle')
+  return method, dict(recipe='budget', output_dir=os.path.join(output_dir, name),
+                      **values)
+
+
+def _optimizer_description() -> str:
+  """The server optimizer of the flags, e.g. 'adam(0.97, 0.999)'."""
+  # pylint: disable=protected-access
+  name = baffle_main.server_optimizer_name()
+  if name == 'adam':
+    return (f'adam({baffle_main._ADAM_BETA1.value:g}, '
+            f'{baffle_main._ADAM_BETA2.value:g})')
+  return f'{name}({baffle_main._MOMENTUM.value:g})'
+
+
+def _budget_row(name: str, output_dir: str) -> collections.OrderedDict:
+  """budget.json's row of one run of BUDGET_RUNS: the paper table's fields,
+  then the budget (passes per client: forward; and backward for backprop),
+  the server optimizer and schedule and the clients' train accuracy."""
+  # pylint: disable=protected-access
+  method, values = _budget_run_flags(name, output_dir)
+  with flagsaver.flagsaver(**values):
+    baffle_main.apply_recipe()
+    common = dict(
+        optimizer=_optimizer_description(),
+        lr=baffle_main._LR.value,
+        schedule=(baffle_main._LR_SCHEDULE.value
+                  + (f', warm-up {baffle_main._WARMUP_ROUNDS.value}'
+                     if baffle_main._WARMUP_ROUNDS.value else '')),
+        epochs=None)
+    if method == 'baffle':
+      summary = baffle_main.run()
+      return _paper_row(
+          name, method='baffle', rounds=summary['rounds'],
+          final_test_accuracy=summary['final_test_accuracy'],
+          accuracy_by_round=summary['accuracy_by_round'],
+          wall_seconds=summary['wall_time_seconds'],
+          K=baffle_main._K.value, directions=baffle_main._DIRECTIONS.value,
+          estimator=baffle_main._ESTIMATOR.value,
+          mode=baffle_main._MODE.value, ema=False,
+          forward_passes_per_client=summary['forward_passes_per_client'],
+          backward_passes_per_client=0,
+          train_accuracy=summary['final_train_accuracy'],
+          upload_bytes=summary['upload_bytes_per_client_per_round'],
+          **common)
+    task = experiment.load_task(
+        pad_digits_to_32x32=True,
+        resize_digits=baffle_main._RESIZE_DIGITS.value)
+    # A FedSGD step is one batch; a FedAvg round a local epoch of them.
+    steps = 1 if method == 'fedsgd' else baffle_main.rounds_per_epoch_of(task)
+    rounds = experiment.ROUNDS.value
+    summary = run_baseline(method, values['output_dir'])
+    if method == 'fedavg':
+      common['optimizer'] = (f'client {baffle_main._CLIENT_OPTIMIZER.value} '
+                             f'{baffle_main._CLIENT_LR.value:g}, server sgd '
+                             '1.0')
+      common.update(lr=1.0, schedule='constant')
+    return _paper_row(
+        name, method=method, rounds=rounds,
+        final_test_accuracy=summary['final_test_accuracy'],
+        accuracy_by_round=summary['accuracy_by_round'],
+        wall_seconds=summary['wall_time_seconds'],
+        forward_passes_per_client=steps * rounds,
+        backward_passes_per_client=steps * rounds,
+        train_accuracy=summary['final_train_accuracy'],
+        upload_bytes=summary['upload_bytes'], **common)
+
+
+def make_budget_table(rows: Sequence[dict]) -> str:
+  """The markdown table of budget.json's rows."""
+  header = ['run', 'method', 'directions', 'K', 'estimator',
+            'server optimizer', 'lr, schedule', 'passes / client (fwd + bwd)',
+            'rounds', 'final test accuracy', 'best (round)',
+            'train accuracy', 'wall time (s)']
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  dash = lambda v: '-' if v is None else str(v)
+  for row in rows:
+    by_round = {int(r): a for r, a in row['accuracy_by_round'].items()}
+    best = max(by_round, key=lambda r: (by_round[r], -r))
+    passes = f"{row['forward_passes_per_client']:,.0f}"
+    if row['backward_passes_per_client']:
+      passes += f" + {row['backward_passes_per_client']:,.0f}"
+    train = row['train_accuracy']
+    cells = [row['run'], row['method'], dash(row['directions']),
+             dash(row['K']), dash(row['estimator']), row['optimizer'],
+             f"{row['lr']:g}, {row['schedule']}", passes,
+             f"{row['rounds']:,}", f"{row['final_test_accuracy']:.4f}",
+             f'{by_round[best]:.4f} ({best:,})',
+             '-' if train is None else f'{train:.4f}',
+             f"{row['wall_seconds']:.0f}"]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot_budget(rows: Sequence[dict], path: str) -> None:
+  """Test accuracy against passes per client (log x): BAFFLE's forward
+  passes, backprop's forward + backward passes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # No display; write a file.
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  colours = plt.get_cmap('tab10').colors
+  for i, row in enumerate(rows):
+    per_round = (row['forward_passes_per_client']
+                 + row['backward_passes_per_client']) / row['rounds']
+    points = sorted((max(int(r), 1) * per_round, a)
+                    for r, a in row['accuracy_by_round'].items())
+    if row['method'] == 'baffle':
+      label = (f"BAFFLE {row['directions']} K={row['K']} {row['estimator']}, "
+               f"{row['optimizer']} {row['schedule']}")
+    else:
+      label = f"{row['method']} (backprop, fwd + bwd passes)"
+    ax.plot(*zip(*points), marker='.', label=label,
+            color=colours[i % len(colours)],
+            linestyle='-' if row['method'] == 'baffle' else '--')
+  ax.set_xscale('log')
+  ax.axhline(0.1, color='gray', linestyle=':')
+  ax.set_xlabel('passes through the network per client')
+  ax.set_ylabel('test accuracy')
+  ax.set_ylim(0, 1)
+  ax.set_title('LeNet, embedded digits, 10 IID clients of 400, batch 32')
+  ax.legend(fontsize=7, loc='upper left')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def make_paper_table(rows: Sequence[dict]) -> str:
@@ -335,21 +524,32 @@ def plot_paper(rows: Sequence[dict], path: str) -> None:
   plt.close(fig)
 
 
-def paper_main(output_dir: str) -> None:
-  names = _PAPER_RUNS.value or list(PAPER_RUNS)
+def grid_main(output_dir: str, grid: str) -> None:
+  """Runs --experiment=paper|budget (`grid`): the runs of --paper_runs (or
+  all) not yet in `<output_dir>/<grid>.json`, each added to it as it ends;
+  then writes `<grid>.md` (the table) and `<grid>.png`."""
+  runs, run_flags, run_rows, make_grid_table, plot = {
+      'paper': (PAPER_RUNS, _paper_run_flags, _paper_rows, make_paper_table,
+                plot_paper),
+      'budget': (BUDGET_RUNS, _budget_run_flags,
+                 lambda name, out: [_budget_row(name, out)],
+                 make_budget_table, plot_budget),
+  }[grid]
+  names = _PAPER_RUNS.value or list(runs)
   for name in names:
-    if name not in PAPER_RUNS:
+    if name not in runs:
       raise experiment.FlagError(f'--paper_runs: {name!r} is not one of '
-                                 f'{list(PAPER_RUNS)}.')
+                                 f'{list(runs)}.')
   experiment.validate_runs(
       baffle_main.validate_flags,
-      [_paper_run_flags(name, output_dir)[1] for name in names])
+      [run_flags(name, output_dir)[1] for name in names])
   os.makedirs(output_dir, exist_ok=True)
-  rows = run_paper_grid(output_dir, names)
-  table = make_paper_table(rows)
-  with open(os.path.join(output_dir, 'paper.md'), 'w') as f:
+  rows = _run_grid(os.path.join(output_dir, f'{grid}.json'), names,
+                   lambda name: run_rows(name, output_dir))
+  table = make_grid_table(rows)
+  with open(os.path.join(output_dir, f'{grid}.md'), 'w') as f:
     f.write(table + '\n')
-  plot_paper(rows, os.path.join(output_dir, 'paper.png'))
+  plot(rows, os.path.join(output_dir, f'{grid}.png'))
   print(table)
 
 
@@ -376,7 +576,7 @@ def main(argv):
 
 
 def run_experiment() -> None:
-  """--experiment=estimators or paper, into --output_dir."""
+  """--experiment=estimators, paper or budget, into --output_dir."""
   output_dir = experiment.required_output_dir()
   which = experiment.experiment_name(EXPERIMENTS)
   for name in _ESTIMATORS.value:
@@ -387,8 +587,8 @@ def run_experiment() -> None:
     if name not in BASELINES:
       raise experiment.FlagError(
           f'--baselines: {name!r} is not one of {BASELINES}.')
-  if which == 'paper':
-    paper_main(output_dir)
+  if which in ('paper', 'budget'):
+    grid_main(output_dir, which)
     return
   ks = experiment.parse_numbers(_KS, int)
   report_rounds = experiment.parse_numbers(_REPORT_ROUNDS, int)
@@ -407,6 +607,7 @@ def run_experiment() -> None:
         method='BAFFLE', K=values['K'], estimator=values['estimator'],
         final_test_accuracy=summary['final_test_accuracy'],
         accuracy_by_round=summary['accuracy_by_round'],
+        final_train_accuracy=summary['final_train_accuracy'],
         upload_bytes=summary['upload_bytes_per_client_per_round'],
         wall_time_seconds=summary['wall_time_seconds'],
         wall_time_seconds_before_resuming=summary[

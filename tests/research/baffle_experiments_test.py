@@ -1,5 +1,6 @@
 """Tests of research/baffle/experiments.py: the table and a 1-round run."""
 
+import collections
 import json
 import os
 import pathlib
@@ -130,6 +131,59 @@ def test_paper_grid_writes_rows_table_and_plot_and_keeps_finished_runs(
   assert 'fedavg_lenet: in ' in capfd.readouterr().out
   with open(os.path.join(out, 'paper.json')) as f:
     assert json.load(f) == rows
+
+
+_BUDGET_FIELDS = ('forward_passes_per_client', 'backward_passes_per_client',
+                  'train_accuracy', 'optimizer', 'lr', 'schedule')
+
+
+def test_budget_grid_spends_the_budget_and_writes_rows_table_and_plot(
+    tmp_path, monkeypatch, capfd):
+  out = str(tmp_path / 'budget')
+  # The grid's machinery on a tiny budget: 3 rounds of K=10 central
+  # (21 passes each), and FedSGD for the same rounds.
+  monkeypatch.setattr(experiments, 'BUDGET_RUNS', collections.OrderedDict([
+      ('baffle_tiny', dict(forward_passes=70, eval_every=1)),
+      ('fedsgd_tiny', dict(method='fedsgd', rounds=3, eval_every=1)),
+  ]))
+  tiny = dict(output_dir=out, experiment='budget', num_clients=4,
+              clients_per_round=2, batch_size=200)
+  with flagsaver.flagsaver(**tiny):
+    experiments.main(['experiments'])
+  with open(os.path.join(out, 'budget.json')) as f:
+    rows = json.load(f)
+  baffle_row, fedsgd_row = rows
+  for row in rows:
+    assert tuple(row)[1:1 + len(_PAPER_FIELDS)] == _PAPER_FIELDS
+    assert set(_BUDGET_FIELDS) <= set(row)
+    assert 0.0 <= row['train_accuracy'] <= 1.0
+    assert set(row['accuracy_by_round']) == {'0', '1', '2', '3'}
+  assert (baffle_row['K'], baffle_row['estimator']) == (10, 'central')
+  assert baffle_row['directions'] == 'shared' and baffle_row['rounds'] == 3
+  assert baffle_row['forward_passes_per_client'] == 63
+  assert baffle_row['backward_passes_per_client'] == 0
+  assert baffle_row['optimizer'] == 'adam(0.97, 0.999)'
+  assert (baffle_row['lr'], baffle_row['schedule']) == (0.01, 'cosine')
+  # FedSGD: a forward and a backward pass per round, the same server.
+  assert fedsgd_row['rounds'] == 3
+  assert fedsgd_row['forward_passes_per_client'] == 3
+  assert fedsgd_row['backward_passes_per_client'] == 3
+  assert fedsgd_row['optimizer'] == baffle_row['optimizer']
+  with open(os.path.join(out, 'baffle_tiny', 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['flags']['recipe'] == 'budget'
+  assert summary['final_test_accuracy'] == baffle_row['final_test_accuracy']
+  with open(os.path.join(out, 'budget.md')) as f:
+    table = f.read()
+  assert table.count('\n| ') == 2 and '| 63 |' in table
+  assert '| 3 + 3 |' in table
+  with open(os.path.join(out, 'budget.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  capfd.readouterr()
+  with flagsaver.flagsaver(**tiny):
+    experiments.main(['experiments'])
+  assert 'baffle_tiny: in ' in capfd.readouterr().out
 
 
 def test_paper_grid_names_an_unknown_run(tmp_path):
