@@ -474,8 +474,12 @@ def client_selector(task: TrainingTask, *, clients_per_round: int, seed: int,
   """Round -> the round's client datasets; a function of (seed, round).
 
   The one sampler of every binary and experiment script: clients are drawn
-  without replacement by `default_rng([seed, round])` and shuffled with a
-  seed of `(seed, round)`, so a resumed run sees the same data.
+  without replacement by `default_rng([seed, round])` and each client's data
+  is shuffled with its own seed, a function of `(seed, round, client)`, so a
+  resumed run sees the same data. (One seed for all clients of a round
+  applied one permutation to each: the embedded digits' IID clients hold
+  their examples in index order, in which labels nearly repeat 0..9, so every
+  client's first batch had nearly the same labels.)
   `batches_per_client` keeps only the first batches (BAFFLE's FedSGD and
   TFF's FedSGD take one). A FlagError if the task has fewer training clients
   than `clients_per_round` (--clients_per_round).
@@ -490,9 +494,11 @@ def client_selector(task: TrainingTask, *, clients_per_round: int, seed: int,
     chosen = rng.choice(len(client_ids), clients_per_round, replace=False)
     datasets = []
     for i in chosen:
+      shuffle_seed = int(np.random.default_rng(
+          [seed, round_num, int(i)]).integers(2**62))
       dataset = task.preprocess_train(
           task.train.create_tf_dataset_for_client(client_ids[i]),
-          seed * 100_003 + round_num)
+          shuffle_seed)
       if batches_per_client:
         dataset = dataset.take(batches_per_client)
       datasets.append(dataset)
