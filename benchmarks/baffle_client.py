@@ -23,10 +23,21 @@ interleaved in a random order per repeat; a figure is the median of
   * `baffle_P<P>` for each P in `--parallel_perturbations`: `baffle` with
     `parallel_perturbations=P`, P perturbed models per batched forward pass
     (`baffle_P1` is `baffle`).
+  * `baffle_central`, `baffle_jvp`: the same with the other estimators.
+  * `inference_large`: one forward pass on `--peak_batch_size` examples, the
+    most FLOP/s this process gets from the model's forward pass.
   * `round_P<P>`: one in-training round, `build_baffle(...).next` on
     `--round_clients` clients of the embedded digits (one batch each, drawn
     as `research/baffle/main.py` draws them: shuffled `tf.data` datasets),
     divided by the number of clients; for P=1 and the largest P.
+
+FLOP efficiency: a client step's achieved FLOP/s (the model's forward
+FLOPs on the batch, x the passes `baffle.forward_passes_per_step` counts,
+over the step's time) divided by `inference_large`'s FLOP/s. FLOPs are 2 x
+the multiply-adds of the graph's convolutions and matrix products (read
+from the traced graph's shapes; elementwise ops, under 1% for these
+models, are not counted). So 1.0 means the step runs its passes as fast as
+this machine runs the model at all; `jvp` passes count twice.
 
 Peak memory (CPU: `tf.config.experimental.get_memory_info` does not apply):
 each variant runs in a fresh subprocess that imports TF/TFF, builds the model
@@ -79,6 +90,9 @@ _IMAGE = flags.DEFINE_list('image_shape', ['32', '32', '1'],
 _PARALLEL = flags.DEFINE_list(
     'parallel_perturbations', ['1', '4', '10', '25'],
     'Values of P (perturbed models per batched forward pass) to measure.')
+_PEAK_BATCH = flags.DEFINE_integer(
+    'peak_batch_size', 1024, 'Batch of the forward pass whose FLOP/s is the '
+    'reference of the FLOP efficiency.')
 _ROUND_CLIENTS = flags.DEFINE_integer(
     'round_clients', 10, 'Clients of the timed in-training round (0: skip).')
 _BASE_MEMORY_VARIANTS = ('inference', 'baffle', 'baffle_central',
@@ -110,16 +124,50 @@ def _memory_variants() -> tuple[str, ...]:
       f'baffle_P{p}' for p in _parallel_values() if p > 1)
 
 
-def _setup(model_name: str, batch_size: int, num_perturbations: int):
-  """Returns (functional model, weights, batch, dict of variant callables)."""
+_Setup = collections.namedtuple(
+    '_Setup', 'net model weights batch seed variants tracers forward')
+
+
+def _random_batch(batch_size: int, rng: np.random.Generator):
+  return collections.OrderedDict(
+      x=tf.constant(rng.random((batch_size, *_image_shape()), np.float32)),
+      y=tf.constant(rng.integers(0, 10, batch_size).astype(np.int32)))
+
+
+def _graph_flops(graph) -> int:
+  """2 x the multiply-adds of the convolutions and matrix products in
+  `graph` and the functions it calls (shapes must be static)."""
+  total = 0
+  for op in graph.get_operations():
+    if op.type in ('PartitionedCall', 'StatefulPartitionedCall'):
+      # pylint: disable-next=protected-access
+      total += _graph_flops(graph._get_function(op.get_attr('f').name).graph)
+    elif op.type == 'Conv2D':
+      height, width, channels_in, _ = op.inputs[1].shape
+      total += (2 * op.outputs[0].shape.num_elements() * height * width *
+                channels_in)
+    elif op.type == 'MatMul':
+      rows_a, cols_a = op.inputs[0].shape
+      inner = rows_a if op.get_attr('transpose_a') else cols_a
+      total += 2 * op.outputs[0].shape.num_elements() * inner
+    elif op.type in ('Conv3D', 'DepthwiseConv2dNative', 'BatchMatMulV2',
+                     'Einsum', 'While', 'StatelessWhile'):
+      raise NotImplementedError(
+          f'_graph_flops does not count {op.type} ({op.name}); a count '
+          'without it would be wrong.')
+  return total
+
+
+def _setup(model_name: str, batch_size: int,
+           num_perturbations: int) -> _Setup:
+  """The model, weights, one batch, seed, and each variant's callable and
+  graph builder."""
   image_shape = _image_shape()
   net = models.get_net(model_name, image_shape)
   model = models.to_functional_model(net, image_shape, seed=SEED)
   weights = [tf.constant(w) for w in model.initial_weights[0]]
   rng = np.random.default_rng(SEED)
-  batch = collections.OrderedDict(
-      x=tf.constant(rng.random((batch_size, *image_shape), np.float32)),
-      y=tf.constant(rng.integers(0, 10, batch_size).astype(np.int32)))
+  batch = _random_batch(batch_size, rng)
   seed = tf.constant([SEED, 1], tf.int64)
 
   def loss(trainable, b):
@@ -185,7 +233,7 @@ def _setup(model_name: str, batch_size: int, num_perturbations: int):
   for p, fn in stacked.items():
     tracers[f'baffle_P{p}'] = (
         lambda fn=fn: fn.get_concrete_function(weights, batch, seed))
-  return net, model, weights, batch, seed, variants, tracers
+  return _Setup(net, model, weights, batch, seed, variants, tracers, forward)
 
 
 def _status_kb(field: str) -> int:
@@ -210,8 +258,8 @@ def _reset_peak() -> None:
 
 def _memory_child() -> None:
   """Runs --memory_variant in this (fresh) process and prints peak RSS."""
-  _, _, _, _, _, variants, tracers = _setup(_MODEL.value, _BATCH.value,
-                                            _K.value)
+  setup = _setup(_MODEL.value, _BATCH.value, _K.value)
+  variants, tracers = setup.variants, setup.tracers
   variant = _MEMORY_VARIANT.value
   if variant != 'baseline':
     if variant not in tracers:
@@ -256,8 +304,9 @@ def _round_fns(model, parallel_values) -> dict:
     # research.experiment.client_selector's datasets for --batch_size with
     # one batch per client (not imported: its flags clash with these).
     return [fed.train.create_tf_dataset_for_client(c).shuffle(
-        1000, seed=SEED * 100_003 + round_num).batch(_BATCH.value).take(1)
-            for c in fed.client_ids]
+        1000, seed=int(np.random.default_rng([SEED, round_num, i]).integers(
+            2**62))).batch(_BATCH.value).take(1)
+            for i, c in enumerate(fed.client_ids)]
 
   fns = collections.OrderedDict()
   for p in sorted({parallel_values[0], parallel_values[-1]}):
@@ -277,8 +326,15 @@ def _round_fns(model, parallel_values) -> dict:
 
 
 def _time_model(model_name: str) -> dict:
-  net, model, weights, batch, seed, variants, _ = _setup(
-      model_name, _BATCH.value, _K.value)
+  setup = _setup(model_name, _BATCH.value, _K.value)
+  model, weights, batch, seed, variants = (
+      setup.model, setup.weights, setup.batch, setup.seed, setup.variants)
+  large_batch = _random_batch(_PEAK_BATCH.value, np.random.default_rng(SEED))
+  flops = dict(
+      batch=_graph_flops(
+          setup.forward.get_concrete_function(weights, batch).graph),
+      large_batch=_graph_flops(
+          setup.forward.get_concrete_function(weights, large_batch).graph))
   client_work = baffle.build_client_work(
       model, num_perturbations=_K.value, sigma=SIGMA, estimator='forward',
       mode='fedsgd')
@@ -292,7 +348,10 @@ def _time_model(model_name: str) -> dict:
       baffle=variants['baffle'],
       baffle_tff=lambda: client_work(weights_value, seed_np, [batch_np]),
       backprop=variants['backprop'],
-      forwards=variants['forwards'])
+      forwards=variants['forwards'],
+      baffle_central=variants['baffle_central'],
+      baffle_jvp=variants['baffle_jvp'],
+      inference_large=lambda: setup.forward(weights, large_batch).numpy())
   for p in parallel_values[1:]:
     timed[f'baffle_P{p}'] = variants[f'baffle_P{p}']
   rounds = _round_fns(model, parallel_values)
@@ -318,7 +377,18 @@ def _time_model(model_name: str) -> dict:
   seconds = {k: statistics.median(v) for k, v in times.items()}
   for name in rounds:
     seconds[name] /= _ROUND_CLIENTS.value  # Per client.
-  return dict(num_params=net.num_params, seconds=seconds)
+  peak = flops['large_batch'] / seconds['inference_large']
+  efficiency = collections.OrderedDict()
+  for estimator in baffle.ESTIMATORS:
+    name = 'baffle' if estimator == 'forward' else f'baffle_{estimator}'
+    passes = baffle.forward_passes_per_step(estimator, _K.value)
+    achieved = flops['batch'] * passes / seconds[name]
+    efficiency[estimator] = collections.OrderedDict(
+        forward_passes=passes, achieved_flops_per_second=achieved,
+        over_peak=achieved / peak)
+  return dict(num_params=setup.net.num_params, seconds=seconds,
+              forward_flops=flops, peak_flops_per_second=peak,
+              flop_efficiency=efficiency)
 
 
 def main(argv):
@@ -359,6 +429,10 @@ def main(argv):
           batch_size=_BATCH.value, K=k, repeats=_REPEATS.value,
           round_clients=_ROUND_CLIENTS.value,
           seconds=s,
+          forward_flops=timing['forward_flops'],
+          peak_batch_size=_PEAK_BATCH.value,
+          peak_flops_per_second=timing['peak_flops_per_second'],
+          flop_efficiency=timing['flop_efficiency'],
           time_ratios=collections.OrderedDict(
               baffle_over_backprop=s['baffle'] / s['backprop'],
               baffle_over_forwards=s['baffle'] / s['forwards'],
@@ -391,6 +465,20 @@ def main(argv):
         f"{s['baffle_tff']:.4f} | {s['backprop']:.4f} | {s['forwards']:.4f} | "
         f"{ratio(r['time_ratios']['baffle_over_backprop'])} | "
         f"{ratio(r['time_ratios']['baffle_over_forwards'])} |")
+  lines += [
+      '', f'FLOP efficiency, K={k}: achieved FLOP/s of the step (forward '
+      f'FLOPs x passes / time) over a batch-{_PEAK_BATCH.value} forward '
+      'pass\'s',
+      '| model | forward GFLOP (batch) | peak GFLOP/s | forward | central | '
+      'jvp (passes x2) |',
+      '|---|---|---|---|---|---|']
+  for r in results:
+    e = r['flop_efficiency']
+    lines.append(
+        f"| {r['model']} | {r['forward_flops']['batch'] / 1e9:.3f} | "
+        f"{r['peak_flops_per_second'] / 1e9:.1f} | "
+        f"{e['forward']['over_peak']:.2f} | {e['central']['over_peak']:.2f} | "
+        f"{e['jvp']['over_peak']:.2f} |")
   lines += [
       '', f'Peak RSS above the baseline process (MB), K={k}',
       '| model | inference | BAFFLE forward | BAFFLE central | BAFFLE jvp | '
