@@ -81,13 +81,21 @@ def test_end_to_end_writes_outputs(tmp_path, capfd):
 
 
 def test_dp_aggregator_runs_and_reports_epsilon(tmp_path, capfd):
+  # The budget recipe (shared directions, K=10 central, LeNet) through DP,
+  # on a budget of one round (21 passes).
   out = str(tmp_path / 'dp')
-  with flagsaver.flagsaver(output_dir=out, aggregator='dp',
-                           **dict(_TINY, rounds=1)):
+  tiny_clients = dict(clients_per_round=2, num_clients=4, batch_size=8,
+                      eval_every=1)
+  with flagsaver.flagsaver(output_dir=out, aggregator='dp', recipe='budget',
+                           forward_passes=21, **tiny_clients):
     baffle_main.main(['main'])
   with open(os.path.join(out, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['flags']['aggregator'] == 'dp'
+  assert summary['flags']['model'] == 'lenet'
+  assert summary['flags']['estimator'] == 'central'
+  assert summary['flags']['directions'] == 'shared'
+  assert summary['rounds'] == 1
   assert 0.0 <= summary['final_test_accuracy'] <= 1.0
   # One DP release of the K scores a round; the metrics are not released.
   privacy = summary['privacy']
