@@ -304,7 +304,7 @@ def _paper_rows(name: str, output_dir: str) -> list[dict]:
         per_epoch = (baffle_main.rounds_per_epoch_of(task)
                      if method == 'fedsgd' else 1)
       rounds = baffle_main._EPOCHS.value * per_epoch
-      with flagsaver.flagsaver(rounds=rounds, eval_every=per_epoch):
+      with flagsaver.flagsaver(rounds=rounds, epochs=0, eval_every=per_epoch):
         summary = run_baseline(method, run_dir_path)
       rows.append(_paper_row(
           name, method=method, rounds=rounds,

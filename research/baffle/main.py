@@ -155,6 +155,17 @@ BUDGET_RECIPE = dict(
 RECIPES = {'paper': PAPER_RECIPE, 'budget': BUDGET_RECIPE}
 
 
+# Each sets the number of rounds.
+_LENGTH_FLAGS = ('rounds', 'epochs', 'forward_passes')
+
+
+def _explicit_length_flags() -> list[str]:
+  # --epochs=0 and --forward_passes=0 mean "not set".
+  return [name for name in _LENGTH_FLAGS
+          if not flags.FLAGS[name].using_default_value
+          and flags.FLAGS[name].value]
+
+
 def apply_recipe() -> dict[str, Any]:
   """Sets the flags of --recipe that were not given explicitly.
 
@@ -166,6 +177,9 @@ def apply_recipe() -> dict[str, Any]:
   recipe = dict(RECIPES[_RECIPE.value])
   if _RECIPE.value == 'paper' and _MODE.value == 'one_epoch':
     recipe.update(_PAPER_ONE_EPOCH)
+  if _explicit_length_flags():  # The run's length is the user's.
+    for name in _LENGTH_FLAGS:
+      recipe.pop(name, None)
   applied = {}
   for name, value in recipe.items():
     if flags.FLAGS[name].using_default_value:
@@ -202,9 +216,11 @@ def validate_flags() -> None:
   experiment.require_positive(
       _CLIP, _DP_NOISE, _CLIENT_CLIP, _WEIGHT_DECAY, _EMA_EVERY, _EPOCHS,
       _ADAM_EPSILON, _FORWARD_PASSES, allow_zero=True)
-  if _FORWARD_PASSES.value and _EPOCHS.value:
+  explicit = _explicit_length_flags()
+  if len(explicit) > 1:
     raise experiment.FlagError(
-        '--forward_passes and --epochs each set the rounds; give one.')
+        f'{" and ".join("--" + name for name in explicit)} each set the '
+        'rounds; give one.')
   experiment.require_unit_interval(_ADAM_BETA1, _ADAM_BETA2, _EMA,
                                    _MOMENTUM)
   experiment.require_positive(_WARMUP_ROUNDS, allow_zero=True)

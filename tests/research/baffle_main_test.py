@@ -110,8 +110,9 @@ def test_dp_aggregator_runs_and_reports_epsilon(tmp_path, capfd):
 def test_forward_pass_budget_sets_the_rounds(tmp_path, capfd):
   out = str(tmp_path / 'budget')
   # central, K=4: 2 * 4 + 1 = 9 passes a round; 40 pay for 4 rounds.
+  tiny = {k: v for k, v in _TINY.items() if k != 'rounds'}
   with flagsaver.flagsaver(output_dir=out, estimator='central',
-                           forward_passes=40, **_TINY):
+                           forward_passes=40, **tiny):
     summary = baffle_main.run()
   assert summary['rounds'] == 4
   assert summary['forward_passes_per_client_per_round'] == 9
@@ -140,7 +141,9 @@ def test_rejects_stray_arguments(tmp_path):
     (dict(momentum=1.0, optimizer='sgd'), '--momentum'),
     (dict(momentum=0.9), '--momentum applies to'),
     (dict(warmup_rounds=200), '--warmup_rounds=200 must be below'),
-    (dict(forward_passes=100, epochs=2), '--forward_passes and --epochs'),
+    (dict(forward_passes=100, epochs=2), '--epochs and --forward_passes'),
+    (dict(forward_passes=100, rounds=2), '--rounds and --forward_passes'),
+    (dict(recipe='budget', rounds=2, epochs=2), '--rounds and --epochs'),
     (dict(dp_delta=1.0), '--dp_delta'),
 ])
 def test_bad_flag_values_name_the_flag(tmp_path, overrides, flag_name):
@@ -207,3 +210,20 @@ def test_paper_recipe_runs_an_epoch(tmp_path):
   # aggregation weight + 3 metric sums.
   assert summary['upload_bytes_per_client_per_round'] == 4 * (4 + 1 + 3) + 8
   assert 0.0 <= summary['final_test_accuracy'] <= 1.0
+
+
+@pytest.mark.parametrize('recipe', ['paper', 'budget'])
+@pytest.mark.parametrize('length', [dict(rounds=3), dict(epochs=2),
+                                    dict(forward_passes=500)])
+def test_a_run_length_given_explicitly_replaces_the_recipes(
+    tmp_path, recipe, length):
+  # --recipe=paper sets --epochs=20 and --recipe=budget --forward_passes:
+  # with --rounds given as well, the recipe's length silently won, or the
+  # two were refused as if the user had given both.
+  with flagsaver.flagsaver(output_dir=str(tmp_path), recipe=recipe, **length):
+    baffle_main.validate_flags()
+    for name in ('rounds', 'epochs', 'forward_passes'):
+      if name not in length and name != 'rounds':
+        assert not FLAGS[name].value, name
+    (name, value), = length.items()
+    assert FLAGS[name].value == value
