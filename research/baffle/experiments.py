@@ -424,18 +424,22 @@ def plot_budget(rows: Sequence[dict], path: str) -> None:
   for i, row in enumerate(rows):
     per_round = (row['forward_passes_per_client']
                  + row['backward_passes_per_client']) / row['rounds']
-    points = sorted((max(int(r), 1) * per_round, a)
-                    for r, a in row['accuracy_by_round'].items())
+    # Round 0 (no passes) has no place on a log axis; chance is drawn.
+    points = sorted((int(r) * per_round, a)
+                    for r, a in row['accuracy_by_round'].items() if int(r))
+    budget = (f", {row['forward_passes_per_client'] / 1000:,.0f}k passes"
+              if row['method'] == 'baffle' else
+              f", {row['rounds']:,} rounds")
     if row['method'] == 'baffle':
       label = (f"BAFFLE {row['directions']} K={row['K']} {row['estimator']}, "
-               f"{row['optimizer']} {row['schedule']}")
+               f"{row['optimizer']} {row['schedule']}{budget}")
     else:
-      label = f"{row['method']} (backprop, fwd + bwd passes)"
+      label = f"{row['method']} (backprop, fwd + bwd passes){budget}"
     ax.plot(*zip(*points), marker='.', label=label,
             color=colours[i % len(colours)],
             linestyle='-' if row['method'] == 'baffle' else '--')
   ax.set_xscale('log')
-  ax.axhline(0.1, color='gray', linestyle=':')
+  ax.axhline(0.1, color='gray', linestyle=':', label='chance (round 0)')
   ax.set_xlabel('passes through the network per client')
   ax.set_ylabel('test accuracy')
   ax.set_ylim(0, 1)
@@ -513,7 +517,7 @@ def plot_paper(rows: Sequence[dict], path: str) -> None:
       ax.plot(*zip(*points), marker='.', label=label,
               color=colours[row['run']],
               linestyle=':' if row['ema'] is False else '-')
-    ax.axhline(0.1, color='gray', linestyle=':')
+    ax.axhline(0.1, color='gray', linestyle=':', label='chance (round 0)')
     ax.set_xlabel('epoch')
     ax.set_ylabel('test accuracy')
     ax.set_ylim(0, 1)
