@@ -214,3 +214,16 @@ def test_committed_paper_results_have_the_fields_and_are_the_readme_table():
   assert {row['directions'] for row in rows} == {'per_client', 'shared', None}
   # The README's table is the one these rows make, so neither drifts.
   assert experiments.make_paper_table(rows) in (_ROOT / 'README.md').read_text()
+
+
+def test_committed_budget_results_have_the_fields_and_are_the_readme_table():
+  rows = json.loads(
+      (_ROOT / 'research' / 'baffle' / 'results' / 'budget.json').read_text())
+  for row in rows:
+    assert set(_PAPER_FIELDS) <= set(row), row['run']
+    for field in ('forward_passes_per_client', 'backward_passes_per_client',
+                  'optimizer', 'schedule', 'train_accuracy'):
+      assert field in row, (row['run'], field)
+    assert row['forward_passes_per_client'] <= 130_000, row['run']
+  assert experiments.make_budget_table(rows) in (
+      _ROOT / 'README.md').read_text()
