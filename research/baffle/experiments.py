@@ -444,7 +444,7 @@ def plot_budget(rows: Sequence[dict], path: str) -> None:
   ax.set_ylabel('test accuracy')
   ax.set_ylim(0, 1)
   ax.set_title('LeNet, embedded digits, 10 IID clients of 400, batch 32')
-  ax.legend(fontsize=7, loc='upper left')
+  ax.legend(fontsize=7, loc='lower right')  # Backprop runs along the top.
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
