@@ -236,11 +236,17 @@ def _paper_row(name: str, *, method: str, rounds: int,
   return row
 
 
-def _paper_run_flags(name: str, output_dir: str) -> tuple[str, dict]:
-  """A PAPER_RUNS entry's method and the flag values its run trains with."""
-  values = dict(PAPER_RUNS[name])
+def _grid_runs(grid: str) -> collections.OrderedDict:
+  """--experiment=paper|budget's runs (looked up when called)."""
+  return {'paper': PAPER_RUNS, 'budget': BUDGET_RUNS}[grid]
+
+
+def _run_flags(grid: str, name: str, output_dir: str) -> tuple[str, dict]:
+  """A run of `grid`'s method and the flag values it trains with: its
+  entry on top of `--recipe=<grid>`."""
+  values = dict(_grid_runs(grid)[name])
   method = values.pop('method', 'baffle')
-  return method, dict(recipe='paper', output_dir=os.path.join(output_dir, name),
+  return method, dict(recipe=grid, output_dir=os.path.join(output_dir, name),
                       **values)
 
 
@@ -270,7 +276,7 @@ def _paper_rows(name: str, output_dir: str) -> list[dict]:
   and raw weights)."""
   # pylint: disable=protected-access
   rows = []
-  method, values = _paper_run_flags(name, output_dir)
+  method, values = _run_flags('paper', name, output_dir)
   run_dir_path = values['output_dir']
   with flagsaver.flagsaver(**values):
     baffle_main.apply_recipe()
@@ -315,14 +321,6 @@ def _paper_rows(name: str, output_dir: str) -> list[dict]:
   return rows
 
 
-def _budget_run_flags(name: str, output_dir: str) -> tuple[str, dict]:
-  """A BUDGET_RUNS entry's method and the flag values it trains with."""
-  values = dict(BUDGET_RUNS[name])
-  method = values.pop('method', 'baffle')
-  return method, dict(recipe='budget', output_dir=os.path.join(output_dir, name),
-                      **values)
-
-
 def _optimizer_description() -> str:
   """The server optimizer of the flags, e.g. 'adam(0.97, 0.999)'."""
   # pylint: disable=protected-access
@@ -338,7 +336,7 @@ def _budget_row(name: str, output_dir: str) -> collections.OrderedDict:
   then the budget (passes per client: forward; and backward for backprop),
   the server optimizer and schedule and the clients' train accuracy."""
   # pylint: disable=protected-access
-  method, values = _budget_run_flags(name, output_dir)
+  method, values = _run_flags('budget', name, output_dir)
   with flagsaver.flagsaver(**values):
     baffle_main.apply_recipe()
     common = dict(
@@ -532,11 +530,10 @@ def grid_main(output_dir: str, grid: str) -> None:
   """Runs --experiment=paper|budget (`grid`): the runs of --paper_runs (or
   all) not yet in `<output_dir>/<grid>.json`, each added to it as it ends;
   then writes `<grid>.md` (the table) and `<grid>.png`."""
-  runs, run_flags, run_rows, make_grid_table, plot = {
-      'paper': (PAPER_RUNS, _paper_run_flags, _paper_rows, make_paper_table,
-                plot_paper),
-      'budget': (BUDGET_RUNS, _budget_run_flags,
-                 lambda name, out: [_budget_row(name, out)],
+  runs = _grid_runs(grid)
+  run_rows, make_grid_table, plot = {
+      'paper': (_paper_rows, make_paper_table, plot_paper),
+      'budget': (lambda name, out: [_budget_row(name, out)],
                  make_budget_table, plot_budget),
   }[grid]
   names = _PAPER_RUNS.value or list(runs)
@@ -546,7 +543,7 @@ def grid_main(output_dir: str, grid: str) -> None:
                                  f'{list(runs)}.')
   experiment.validate_runs(
       baffle_main.validate_flags,
-      [run_flags(name, output_dir)[1] for name in names])
+      [_run_flags(grid, name, output_dir)[1] for name in names])
   os.makedirs(output_dir, exist_ok=True)
   rows = _run_grid(os.path.join(output_dir, f'{grid}.json'), names,
                    lambda name: run_rows(name, output_dir))
