@@ -113,13 +113,26 @@ WORKERS = flags.DEFINE_list(
     'workers', [], 'host:port of running TFF worker services; each round\'s '
     'clients are split over them (TFF\'s mergeable execution; a round with '
     'several aggregation layers, e.g. --fad_mode=reverse, runs in stages). '
-    'Empty: the local runtime. Trust boundary: ' + workers.TRUST_WARNING + ' Only '
-    'loopback addresses are accepted without --allow_remote_workers. '
-    '`python -m tff_fad.local_workers run -n 2 -- <this command>` starts local '
-    'workers in a private network namespace and passes this flag.')
+    'Empty: the local runtime. Trust boundary: ' + workers.TRUST_WARNING + ' '
+    'Workers on other machines run behind TLS fronts (`python -m '
+    'tff_fad.local_workers serve`) and are reached with --worker_tls_*; '
+    'without those, only loopback addresses are accepted unless '
+    '--allow_remote_workers. `python -m tff_fad.local_workers run -n 2 -- '
+    '<this command>` starts local workers in a private network namespace and '
+    'passes this flag.')
+WORKER_TLS_CA = flags.DEFINE_string(
+    'worker_tls_ca', None, 'PEM CA certificate that signed the --workers\' '
+    'certificates: connect with TLS (`python -m tff_fad.worker_tls '
+    'make-certs` makes a test CA).')
+WORKER_TLS_CERT = flags.DEFINE_string(
+    'worker_tls_cert', None, 'PEM client certificate this driver presents to '
+    'the --workers (signed by their CA).')
+WORKER_TLS_KEY = flags.DEFINE_string(
+    'worker_tls_key', None, 'Private key of --worker_tls_cert (PEM).')
 ALLOW_REMOTE_WORKERS = flags.DEFINE_bool(
-    'allow_remote_workers', False, 'Accept non-loopback --workers: only for '
-    'workers on machines and networks you trust.')
+    'allow_remote_workers', False, 'Accept non-loopback --workers over '
+    'plaintext (without --worker_tls_ca): only for workers on machines and '
+    'networks you trust.')
 SAVE_EVERY = flags.DEFINE_integer(
     'save_every', 5, 'Rounds between saves of the training state to '
     '<output_dir>/program_state; run the same command again to resume from '
@@ -298,12 +311,36 @@ def validate_execution_flags() -> None:
                       f'{value}.')
   if SAVE_EVERY.value < 0:
     raise FlagError(f'--save_every must be >= 0, got {SAVE_EVERY.value}.')
+  tls = worker_tls_settings()
   if WORKERS.value:
     try:
-      workers.parse_addresses(WORKERS.value,
-                              allow_remote=ALLOW_REMOTE_WORKERS.value)
+      workers.parse_addresses(
+          WORKERS.value, allow_remote=ALLOW_REMOTE_WORKERS.value or bool(tls))
     except ValueError as e:
       raise FlagError(f'--workers: {e}') from None
+
+
+def worker_tls_settings():
+  """The --worker_tls_* flags as a `WorkerTls`, or None without them.
+
+  Raises:
+    FlagError: For a certificate without its key (or the reverse), either
+      without --worker_tls_ca, or a file that is missing or not PEM.
+  """
+  ca, cert, key = WORKER_TLS_CA.value, WORKER_TLS_CERT.value, WORKER_TLS_KEY.value
+  if not (ca or cert or key):
+    return None
+  if not ca:
+    raise FlagError('--worker_tls_cert / --worker_tls_key need '
+                    '--worker_tls_ca (the CA that signed the workers\' '
+                    'certificates).')
+  if bool(cert) != bool(key):
+    raise FlagError('Give --worker_tls_cert and --worker_tls_key together.')
+  try:
+    return workers.WorkerTls(ca, cert or None, key or None)
+  except ValueError as e:
+    raise FlagError(f'--worker_tls_ca / --worker_tls_cert / --worker_tls_key: '
+                    f'{e}') from None
 
 
 def validate_task_flags() -> None:
@@ -669,7 +706,7 @@ def execution_context():
   """The TFF context of the training loop: --workers, or the local one."""
   if not WORKERS.value:
     return contextlib.nullcontext()
-  return workers.worker_context(WORKERS.value,
+  return workers.worker_context(WORKERS.value, tls=worker_tls_settings(),
                                 allow_remote=ALLOW_REMOTE_WORKERS.value)
 
 

@@ -51,7 +51,8 @@ _OUTPUTS = (FLAGS_FILE, METRICS_FILE, SUMMARY_FILE, STATE_DIR, 'tensorboard',
 # Flags that may change when a run is resumed: they do not change what is
 # computed (only how, where, or for how long).
 RESUMABLE_CHANGES = frozenset({
-    'rounds', 'workers', 'allow_remote_workers', 'save_every', 'eval_every',
+    'rounds', 'workers', 'allow_remote_workers', 'worker_tls_ca',
+    'worker_tls_cert', 'worker_tls_key', 'save_every', 'eval_every',
     'output_dir', 'task_cache_dir', 'overwrite'})
 # Flags that do not change a finished run's results (its rounds and
 # evaluations): a run finished with only these changed is the same run.

@@ -204,3 +204,84 @@ def test_cli_run_names_a_missing_command(command, message):
   result = _run_cli('run', '-n', '1', '--shared_network', '--', *command)
   assert result.returncode == 1
   assert message in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# serve: one worker for other machines, behind a TLS front.
+
+
+@pytest.fixture(scope='module')
+def certificates(tmp_path_factory):
+  from tff_fad import worker_tls  # pylint: disable=g-import-not-at-top
+  return worker_tls.make_certificates(
+      str(tmp_path_factory.mktemp('certs')), ['127.0.0.1', 'localhost'])
+
+
+def test_cli_serve_without_tls_is_refused_unless_insecure(tmp_path):
+  ready = tmp_path / 'ready.json'
+  result = _run_cli('serve', '--listen', '127.0.0.1:0', '--ready_file',
+                    str(ready))
+  assert result.returncode == 1
+  assert ('serve needs --tls_ca, --tls_cert, --tls_key' in result.stderr
+          and '--insecure' in result.stderr), result.stderr
+  assert not ready.exists()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--tls_ca={ca_cert}'], 'serve needs --tls_cert, --tls_key'),
+    (['--tls_ca={ca_cert}', '--tls_cert={worker_cert}',
+      '--tls_key={driver_key}'],
+     "--tls_cert / --tls_key: cannot load '{worker_cert}' with "
+     "'{driver_key}' (KEY_VALUES_MISMATCH)"),
+    (['--tls_ca=/no/such/ca.pem', '--tls_cert={worker_cert}',
+      '--tls_key={worker_key}'], "--tls_ca: no such file '/no/such/ca.pem'"),
+    (['--tls_ca={worker_key}', '--tls_cert={worker_cert}',
+      '--tls_key={worker_key}'], "--tls_ca: '{worker_key}' holds no PEM CA "
+     'certificate'),
+    (['--insecure', '--tls_ca={ca_cert}'],
+     '--insecure with --tls_ca: give the TLS files or --insecure, not both'),
+    (['--listen=0.0.0.0:http'], "--listen: Worker address '0.0.0.0:http' is "
+     'not host:port'),
+])
+def test_cli_serve_names_bad_tls_settings(certificates, flags, message):
+  flags = [f.format(**certificates) for f in flags]
+  if not any(f.startswith('--listen') for f in flags):
+    flags.append('--listen=127.0.0.1:0')
+  result = _run_cli('serve', *flags)
+  assert result.returncode == 1, result.stderr
+  assert message.format(**certificates) in result.stderr
+
+
+def test_cli_serve_insecure_serves_plaintext_from_a_private_namespace(tmp_path):
+  with local_workers.ServedWorkers(1, insecure=True,
+                                   log_dir=str(tmp_path)) as served:
+    with open(tmp_path / 'serve_0.log') as f:
+      assert 'PLAINTEXT (--insecure)' in f.read()
+    # The front relays to the worker: it answers HTTP/2 as a gRPC server.
+    host, port = served.addresses[0].rsplit(':', 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+      s.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + bytes(
+          [0, 0, 0, 4, 0, 0, 0, 0, 0]))
+      s.settimeout(10)
+      assert s.recv(9)[3] == 4  # A SETTINGS frame.
+    with pytest.raises(ConnectionRefusedError):
+      socket.create_connection((host, served.worker_ports[0]), timeout=5)
+    pids = served.pids + served.worker_pids
+  assert not any(local_workers.is_running(p) for p in pids)
+
+
+def test_make_certs_cli_writes_private_keys_for_their_owner_only(tmp_path):
+  import ssl  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, '-m', 'tff_fad.worker_tls', 'make-certs', '--out_dir',
+       str(tmp_path), '--worker_hosts', 'worker-1.example,10.0.0.5'],
+      capture_output=True, text=True, cwd=_REPO, check=False)
+  assert result.returncode == 0, result.stderr
+  assert sorted(os.listdir(tmp_path)) == [
+      'ca.key', 'ca.pem', 'driver.key', 'driver.pem', 'worker.key',
+      'worker.pem']
+  for key in ('ca.key', 'driver.key', 'worker.key'):
+    assert os.stat(tmp_path / key).st_mode & 0o777 == 0o600
+  worker = ssl._ssl._test_decode_cert(str(tmp_path / 'worker.pem'))  # pylint: disable=protected-access
+  assert worker['subjectAltName'] == (('DNS', 'worker-1.example'),
+                                      ('IP Address', '10.0.0.5'))

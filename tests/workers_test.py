@@ -1,7 +1,10 @@
 """Tests of tff_fad.workers: rounds split over TFF worker services."""
 
+import datetime
 import os
+import re
 import signal
+import socket
 import time
 
 import numpy as np
@@ -11,6 +14,7 @@ import tensorflow_federated as tff
 
 from tff_fad import data as fad_data
 from tff_fad import local_workers
+from tff_fad import worker_tls
 from tff_fad import workers
 from tff_fad.learning import baffle
 from tff_fad.learning import hypergradient_fed_avg
@@ -253,3 +257,142 @@ def test_a_dead_worker_is_named_instead_of_hanging(digits_setup):
   assert time.monotonic() - start < 60
 
 
+
+
+# ---------------------------------------------------------------------------
+# Workers behind TLS fronts (`python -m tff_fad.local_workers serve`).
+
+
+def _load_ca(pki):
+  from cryptography import x509  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  with open(pki['ca_cert'], 'rb') as f:
+    cert = x509.load_pem_x509_certificate(f.read())
+  with open(pki['ca_key'], 'rb') as f:
+    key = serialization.load_pem_private_key(f.read(), None)
+  return cert, key
+
+
+@pytest.fixture(scope='module')
+def pki(tmp_path_factory):
+  """The cluster's CA, another CA, and certificates past their end date."""
+  root = tmp_path_factory.mktemp('pki')
+  cluster = worker_tls.make_certificates(str(root / 'cluster'), ['127.0.0.1'])
+  other = worker_tls.make_certificates(str(root / 'other'), ['127.0.0.1'],
+                                       ca_name='another CA')
+  ten_days_ago = (datetime.datetime.now(datetime.timezone.utc)
+                  - datetime.timedelta(days=10))
+  expired = worker_tls.make_certificates(
+      str(root / 'expired'), ['127.0.0.1'], days=1, not_before=ten_days_ago,
+      ca=_load_ca(cluster))
+  return {'cluster': cluster, 'other': other, 'expired': expired}
+
+
+def _tls(pki, ca='cluster', client='cluster'):
+  client = pki[client] if client else None
+  return workers.WorkerTls(pki[ca]['ca_cert'],
+                           client['driver_cert'] if client else None,
+                           client['driver_key'] if client else None)
+
+
+@pytest.fixture(scope='module')
+def two_tls_workers(pki):
+  cluster = pki['cluster']
+  with local_workers.ServedWorkers(
+      2, tls_ca=cluster['ca_cert'], tls_cert=cluster['worker_cert'],
+      tls_key=cluster['worker_key']) as served:
+    yield served
+  for pid in served.pids + served.worker_pids:
+    assert not local_workers.is_running(pid), pid
+
+
+def test_two_tls_workers_give_the_one_process_result(two_tls_workers, pki,
+                                                     digits_setup):
+  model, round_data = digits_setup
+  process = _BUILDERS['hypergradient_forward'](model)
+  local_state, local_metrics = _train(process, round_data, rounds=2)
+  with workers.worker_context(two_tls_workers.addresses, tls=_tls(pki)):
+    tls_state, tls_metrics = _train(process, round_data, rounds=2)
+  tolerance = _TOLERANCE['hypergradient_forward']
+  _assert_states_close(local_state, tls_state, tolerance)
+  _assert_states_close(local_metrics, tls_metrics, tolerance)
+  with open(os.path.join(two_tls_workers.log_dir, 'serve_0.log')) as f:
+    assert 'accepted, client certificate commonName=tff_fad driver' in f.read()
+
+
+@pytest.mark.parametrize('ca, client, reason', [
+    ('cluster', None, 'this driver presented no client certificate'),
+    ('cluster', 'other', "this driver's certificate is not signed by the "
+     "worker's CA"),
+    ('cluster', 'expired', "this driver's certificate has expired"),
+    # The driver's side: the worker's certificate is of a CA it does not
+    # trust.
+    ('other', 'other', 'its certificate does not verify against'),
+])
+def test_a_driver_the_worker_does_not_trust_is_refused_with_the_reason(
+    two_tls_workers, pki, ca, client, reason):
+  start = time.monotonic()
+  with pytest.raises(workers.WorkerRefusedError) as e:
+    workers.create_worker_context(two_tls_workers.addresses,
+                                  tls=_tls(pki, ca, client))
+  assert str(e.value).startswith(f'TFF worker {two_tls_workers.addresses[0]}')
+  assert reason in str(e.value)
+  assert time.monotonic() - start < 10  # Not gRPC's 20 s connect timeout.
+  # The front named the refused driver in its log.
+  if ca == 'cluster':
+    with open(os.path.join(two_tls_workers.log_dir, 'serve_0.log')) as f:
+      assert ': refused: ' in f.read()
+
+
+def test_a_plaintext_driver_is_refused_with_the_reason(two_tls_workers):
+  with pytest.raises(workers.WorkerRefusedError,
+                     match=re.escape(two_tls_workers.addresses[0]) +
+                     r': it closed the plaintext connection: it serves TLS'):
+    workers.create_worker_context(two_tls_workers.addresses)
+
+
+def test_an_expired_worker_certificate_is_refused_by_the_driver(pki):
+  cluster, expired = pki['cluster'], pki['expired']
+  with local_workers.ServedWorkers(
+      1, tls_ca=cluster['ca_cert'], tls_cert=expired['worker_cert'],
+      tls_key=expired['worker_key']) as served:
+    with pytest.raises(workers.WorkerRefusedError,
+                       match=re.escape(served.addresses[0]) +
+                       r': its certificate does not verify .*'
+                       r'certificate has expired'):
+      workers.create_worker_context(served.addresses, tls=_tls(pki))
+
+
+def test_a_tls_driver_is_refused_by_a_plaintext_worker(two_workers, pki):
+  with pytest.raises(workers.WorkerRefusedError,
+                     match=re.escape(two_workers.addresses[0]) +
+                     r': it does not speak TLS \(a plaintext TFF worker\?\)'):
+    workers.create_worker_context(two_workers.addresses, tls=_tls(pki))
+
+
+def test_the_workers_plaintext_port_is_not_reachable_beside_the_front(
+    two_tls_workers):
+  for address, port, pid in zip(two_tls_workers.addresses,
+                                two_tls_workers.worker_ports,
+                                two_tls_workers.worker_pids):
+    host = address.rpartition(':')[0]
+    # The worker listens on all interfaces, of a network namespace of its
+    # own: from the front's interface its port is closed.
+    with pytest.raises(ConnectionRefusedError):
+      socket.create_connection((host, port), timeout=5).close()
+    assert (os.readlink(f'/proc/{pid}/ns/net')
+            != os.readlink('/proc/self/ns/net'))
+    # The front itself answers.
+    socket.create_connection((host, int(address.rpartition(':')[2])),
+                             timeout=5).close()
+
+
+def test_remote_addresses_need_tls_or_an_explicit_opt_in(pki):
+  with pytest.raises(ValueError, match='not a loopback address.*'
+                     'Connect with TLS'):
+    workers.create_worker_context('192.0.2.1:8000')
+  # With TLS the address is accepted; nothing listens there (TEST-NET-1).
+  with pytest.raises(workers.WorkerUnavailableError,
+                     match=r'192\.0\.2\.1:8000: not reachable within 1 s'):
+    workers.create_worker_context('192.0.2.1:8000', tls=_tls(pki),
+                                  connect_timeout_seconds=1)

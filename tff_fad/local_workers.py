@@ -55,16 +55,23 @@ class WorkerUnavailableError(WorkerError):
   """A TFF worker could not be reached, or stopped responding."""
 
 
+class WorkerRefusedError(WorkerError):
+  """A TFF worker and this driver do not trust each other (TLS), or do not
+  speak the same protocol (TLS against plaintext)."""
+
+
 # ---------------------------------------------------------------------------
 # Addresses.
 
 
-def _split_host_port(address: str):
+def _split_host_port(address: str, *, any_port: bool = False):
   if address.startswith('['):  # [v6]:port
     host, sep, port = address[1:].partition(']:')
   else:
     host, sep, port = address.rpartition(':')
-  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+  lowest = 0 if any_port else 1
+  if (not sep or not host or not port.isdigit()
+      or not lowest <= int(port) < 65536):
     raise ValueError(f'Worker address {address!r} is not host:port (e.g. '
                      "'localhost:8000' or '[::1]:8000').")
   return host, int(port)
@@ -114,8 +121,11 @@ def parse_addresses(spec: Union[str, Sequence[str]], *,
     if not allow_remote and not is_loopback(host):
       raise ValueError(
           f'Worker address {address!r} is not a loopback address. '
-          f'{TRUST_WARNING} Allow remote workers explicitly (allow_remote=True,'
-          ' or --allow_remote_workers) only for a trusted network.')
+          f'{TRUST_WARNING} Connect with TLS to workers behind `python -m '
+          'tff_fad.local_workers serve` (tls=WorkerTls(...), or '
+          '--worker_tls_ca, --worker_tls_cert, --worker_tls_key), or allow '
+          'plaintext explicitly (allow_remote=True, or '
+          '--allow_remote_workers) only on a network you trust.')
   return addresses
 
 
@@ -241,6 +251,95 @@ class LocalWorkers:
     self.stop()
 
 
+class ServedWorkers:
+  """Workers behind TLS fronts (`serve`), on this machine: for tests and
+  benchmarks of what a multi-machine cluster runs.
+
+  Each is a `python -m tff_fad.local_workers serve` process (its TFF worker
+  in a private network namespace) that dies with this process.
+
+  Attributes:
+    addresses: `host:port` of each front.
+    pids: The `serve` processes.
+    worker_pids: Their TFF worker processes.
+    worker_ports: The ports those listen on, inside their namespaces.
+    log_dir: Each `serve`'s output (serve_<i>.log) and its worker's.
+  """
+
+  def __init__(self, num_workers: int, *, tls_ca: Optional[str] = None,
+               tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+               insecure: bool = False, host: str = '127.0.0.1',
+               log_dir: Optional[str] = None,
+               ready_timeout_seconds: float = 60.0):
+    if not isinstance(num_workers, int) or num_workers < 1:
+      raise ValueError(f'num_workers must be a positive int, got {num_workers!r}.')
+    self.log_dir = log_dir or tempfile.mkdtemp(prefix='tff_fad_served_')
+    os.makedirs(self.log_dir, exist_ok=True)
+    flags = (['--insecure'] if insecure else
+             [f'--tls_ca={tls_ca}', f'--tls_cert={tls_cert}',
+              f'--tls_key={tls_key}'])
+    self._children: List[subprocess.Popen] = []
+    self.addresses, self.pids, self.worker_pids, self.worker_ports = (
+        [], [], [], [])
+    ready_files = []
+    try:
+      for i in range(num_workers):
+        ready_files.append(os.path.join(self.log_dir, f'serve_{i}.json'))
+        with open(os.path.join(self.log_dir, f'serve_{i}.log'), 'ab') as log:
+          self._children.append(runtime.popen_dying_with_parent(
+              [sys.executable, '-m', 'tff_fad.local_workers', 'serve',
+               f'--listen={host}:0', f'--ready_file={ready_files[-1]}',
+               f'--log_dir={self.log_dir}'] + flags,
+              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+      self._wait_until_ready(ready_files, ready_timeout_seconds)
+    except BaseException:
+      self.stop()
+      raise
+
+  def _wait_until_ready(self, ready_files, timeout_seconds: float) -> None:
+    import json  # pylint: disable=g-import-not-at-top
+    deadline = time.monotonic() + timeout_seconds
+    for i, (child, path) in enumerate(zip(self._children, ready_files)):
+      while not os.path.exists(path):
+        log = os.path.join(self.log_dir, f'serve_{i}.log')
+        if child.poll() is not None:
+          with open(log) as f:
+            tail = f.read().strip().splitlines()[-1:] or ['(no output)']
+          raise WorkerUnavailableError(
+              f'serve #{i}', f'exited with code {child.returncode} while '
+              f'starting: {tail[0]}')
+        if time.monotonic() > deadline:
+          raise WorkerUnavailableError(
+              f'serve #{i}', f'not ready within {timeout_seconds:g} s; see '
+              f'{log}.')
+        time.sleep(0.05)
+      with open(path) as f:
+        ready = json.load(f)
+      self.addresses.append(ready['address'])
+      self.pids.append(ready['pid'])
+      self.worker_pids.append(ready['worker_pid'])
+      self.worker_ports.append(ready['worker_port'])
+
+  def stop(self, timeout_seconds: float = 10.0) -> None:
+    """Stops the fronts, whose workers stop with them. Safe to call twice."""
+    runtime.interrupt_then_kill(
+        [c.pid for c in self._children if c.poll() is None],
+        lambda pid: not is_running(pid), timeout_seconds)
+    for child in self._children:
+      child.wait()
+    deadline = time.monotonic() + timeout_seconds
+    while (any(is_running(p) for p in self.worker_pids)
+           and time.monotonic() < deadline):
+      time.sleep(0.05)
+    self._children = []
+
+  def __enter__(self) -> 'ServedWorkers':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.stop()
+
+
 def stop_pids(pids: Sequence[int], timeout_seconds: float = 10.0) -> int:
   """Stops the TFF workers among `pids` (SIGINT, then SIGKILL).
 
@@ -291,15 +390,17 @@ def in_private_network() -> bool:
   return [name for _, name in socket.if_nameindex()] == ['lo']
 
 
-def _enter_private_network(argv: List[str]) -> None:
+def _enter_private_network(argv: List[str], **extra_env: str) -> None:
   """Re-executes this command in a new user + network namespace.
 
   Inside, only a loopback interface exists: the workers (and the command)
   are reachable by nothing outside, whatever interfaces they listen on.
+  Inheritable file descriptors stay open across the re-execution (sockets
+  keep the namespace they were opened in).
   """
   command = ['unshare', '--user', '--map-root-user', '--net', '--',
              sys.executable, '-m', 'tff_fad.local_workers'] + argv
-  env = dict(os.environ, **{_REEXECUTED_ENV: str(os.getpid())})
+  env = dict(os.environ, **{_REEXECUTED_ENV: str(os.getpid())}, **extra_env)
   try:
     probe = subprocess.run(['unshare', '--user', '--map-root-user', '--net',
                             'true'], capture_output=True, text=True,
@@ -309,6 +410,14 @@ def _enter_private_network(argv: List[str]) -> None:
   if probe is None or probe.returncode != 0:
     reason = ('the unshare tool (util-linux) is missing' if probe is None
               else probe.stderr.strip() or f'exit code {probe.returncode}')
+    if argv[0] == 'serve':
+      sys.exit(
+          'error: cannot start the worker in a private network namespace '
+          f'({reason}). Outside one, its plaintext port would be reachable '
+          'on every interface of this machine, past the TLS front. Allow '
+          'unprivileged user namespaces (e.g. sysctl '
+          'kernel.unprivileged_userns_clone=1, or on Ubuntu 24.04 '
+          'kernel.apparmor_restrict_unprivileged_userns=0).')
     sys.exit(
         'error: cannot start the workers in a private network namespace '
         f'({reason}). {TRUST_WARNING} To start them on this machine\'s '
@@ -338,6 +447,112 @@ def _run(args) -> int:
     except KeyboardInterrupt:
       child.send_signal(signal.SIGINT)
       return child.wait()
+
+
+# The listening socket `serve` opened on this machine's network, handed to
+# its re-execution inside the private network namespace.
+_LISTEN_FD_ENV = 'TFF_FAD_WORKER_LISTEN_FD'
+
+
+def _listen_host_port(address: str):
+  try:
+    return _split_host_port(address, any_port=True)
+  except ValueError as e:
+    sys.exit(f'error: --listen: {e}')
+
+
+def _listen(address: str) -> socket.socket:
+  host, port = _listen_host_port(address)
+  try:
+    family = (socket.AF_INET6 if ipaddress.ip_address(host).version == 6
+              else socket.AF_INET)
+  except ValueError:  # A host name.
+    family = socket.AF_INET
+  try:
+    return socket.create_server((host, port), family=family, backlog=128)
+  except OSError as e:
+    sys.exit(f'error: --listen {address}: cannot listen there ({e}).')
+
+
+def _serve_checked_args(args):
+  """The TLS context of `serve`'s flags, or None with --insecure; or exits."""
+  given = [f for f, v in (('--tls_ca', args.tls_ca), ('--tls_cert',
+                          args.tls_cert), ('--tls_key', args.tls_key)) if v]
+  if args.insecure:
+    if given:
+      sys.exit(f'error: --insecure with {", ".join(given)}: give the TLS '
+               'files or --insecure, not both.')
+    return None
+  if len(given) != 3:
+    missing = sorted({'--tls_ca', '--tls_cert', '--tls_key'} - set(given))
+    sys.exit(
+        f'error: serve needs {", ".join(missing)}: a worker for other '
+        'machines accepts only drivers presenting a certificate signed by '
+        '--tls_ca (`python -m tff_fad.worker_tls make-certs` makes a test '
+        f'CA). Without TLS, {TRUST_WARNING} To serve plaintext anyway, on '
+        'a network you trust, pass --insecure.')
+  from tff_fad import worker_tls  # pylint: disable=g-import-not-at-top
+  try:
+    return worker_tls.server_ssl_context(args.tls_ca, args.tls_cert,
+                                         args.tls_key)
+  except worker_tls.TlsSettingsError as e:
+    sys.exit(f'error: {e}')
+
+
+def _serve(args, argv: List[str], reexecuted: bool) -> int:
+  """A worker for other machines: TLS front outside, worker inside."""
+  _listen_host_port(args.listen)
+  context = _serve_checked_args(args)
+  inherited = os.environ.pop(_LISTEN_FD_ENV, None)
+  if not reexecuted:
+    listening = _listen(args.listen)
+    os.set_inheritable(listening.fileno(), True)
+    _enter_private_network(argv, **{_LISTEN_FD_ENV: str(listening.fileno())})
+  if inherited is None:
+    sys.exit('error: serve lost its listening socket on re-execution.')
+  if not in_private_network():
+    sys.exit('error: the network namespace made by unshare has interfaces '
+             'other than loopback; not starting the worker.')
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from tff_fad import worker_tls  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(format='%(asctime)s %(name)s: %(message)s',
+                      level=logging.INFO, stream=sys.stderr)
+  listening = socket.socket(fileno=int(inherited))
+  host, port = listening.getsockname()[:2]
+  address = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+  with LocalWorkers(1, log_dir=args.log_dir) as local:
+    worker_port = _split_host_port(local.addresses[0])[1]
+
+    async def serve():
+      started = asyncio.Event()
+      front = asyncio.create_task(worker_tls.serve_front(
+          listening, worker_port, context, started=started))
+      await started.wait()
+      if args.ready_file:
+        temporary = args.ready_file + '.tmp'
+        with open(temporary, 'w') as f:
+          json.dump({'address': address, 'tls': context is not None,
+                     'pid': os.getpid(), 'worker_pid': local.pids[0],
+                     'worker_port': worker_port, 'log_dir': local.log_dir},
+                    f)
+        os.replace(temporary, args.ready_file)
+      who = ('TLS; only clients presenting a certificate signed by '
+             f'{args.tls_ca} get in' if context is not None else
+             f'PLAINTEXT (--insecure): {TRUST_WARNING}')
+      print(f'tff_fad.local_workers: serving a TFF worker at {address} '
+            f'({who}). The worker itself listens on 127.0.0.1:{worker_port} '
+            'in a private network namespace, reachable only through this '
+            f'front. Worker log in {local.log_dir}. Stop with Ctrl-C.',
+            file=sys.stderr, flush=True)
+      await front
+
+    try:
+      asyncio.run(serve())
+    except KeyboardInterrupt:
+      pass
+  return 0
 
 
 def _start(args) -> int:
@@ -383,22 +598,44 @@ def main(argv: Optional[List[str]] = None) -> int:
   start = commands.add_parser(
       'start', help='start detached workers and print their addresses')
   start.add_argument('-n', '--num_workers', type=int, default=2)
-  start.add_argument('--shared_network', action='store_true', required=True,
-                     help='required: detached workers listen on all '
-                     "interfaces of this machine's network")
+  start.add_argument('--insecure', '--shared_network', dest='shared_network',
+                     action='store_true', required=True,
+                     help='required: detached workers serve plaintext on all '
+                     "interfaces of this machine's network (for workers "
+                     'other machines use, `serve` with TLS)')
   start.add_argument('--pid_file', default='.tff_workers.pids')
   start.add_argument('--log_dir', default=None)
+  serve = commands.add_parser(
+      'serve', help='serve one worker to drivers on other machines, behind '
+      'a TLS front that requires a client certificate')
+  serve.add_argument('--listen', required=True,
+                     help='host:port the TLS front accepts on, e.g. '
+                     '0.0.0.0:8000 (port 0: any free port)')
+  serve.add_argument('--tls_ca', help='PEM CA certificate: drivers must '
+                     'present a certificate it signed')
+  serve.add_argument('--tls_cert', help="PEM certificate of this worker, for "
+                     'the host name or address drivers use')
+  serve.add_argument('--tls_key', help='its private key (PEM)')
+  serve.add_argument('--insecure', action='store_true',
+                     help='serve plaintext without TLS: anyone who can reach '
+                     '--listen can run code on this machine')
+  serve.add_argument('--ready_file', default=None,
+                     help='write {address, tls, pid, worker_port, ...} as '
+                     'JSON here once serving')
+  serve.add_argument('--log_dir', default=None)
   stop = commands.add_parser('stop', help='stop workers from `start`')
   stop.add_argument('--pid_file', default='.tff_workers.pids')
   args = parser.parse_args(argv)
   if args.action in ('run', 'start') and args.num_workers < 1:
     parser.error(f'--num_workers must be >= 1, got {args.num_workers}.')
+  reexecuted = os.environ.pop(_REEXECUTED_ENV, None) == str(os.getpid())
+  if reexecuted:
+    _bring_up_loopback()  # A new network namespace starts with it down.
+  if args.action == 'serve':
+    return _serve(args, argv, reexecuted)
   if args.action == 'run':
     if args.command and args.command[0] == '--':
       args.command = args.command[1:]
-    reexecuted = os.environ.pop(_REEXECUTED_ENV, None) == str(os.getpid())
-    if reexecuted:
-      _bring_up_loopback()  # A new network namespace starts with it down.
     if not args.shared_network and not in_private_network():
       if reexecuted:
         sys.exit('error: the network namespace made by unshare has interfaces '

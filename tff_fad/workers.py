@@ -30,9 +30,12 @@ test context runs them): invoking one raises `NotMergeableError`.
 Computations without aggregation (initialization, `get_model_weights`) run on
 one worker.
 
-Trust boundary: workers serve unauthenticated gRPC on all interfaces (see
-`tff_fad.local_workers`). `parse_addresses` refuses non-loopback addresses
-unless `allow_remote=True`.
+Trust boundary: TFF's workers serve unauthenticated, plaintext gRPC on all
+interfaces (see `tff_fad.local_workers`). Workers on other machines run
+behind a TLS front (`python -m tff_fad.local_workers serve`) and the driver
+connects with `tls=tff_fad.worker_tls.WorkerTls(ca, cert, key)`: mutual TLS,
+each side's certificate signed by the same CA. Without `tls`, non-loopback
+addresses are refused unless `allow_remote=True`.
 
   with tff_fad.local_workers.LocalWorkers(2) as local:
     with tff_fad.workers.worker_context(local.addresses):
@@ -54,12 +57,15 @@ from tensorflow_federated.python.core.impl.execution_contexts import mergeable_c
 from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
 from tff_fad import stages
+from tff_fad import worker_tls
 from tff_fad.core import transforms
 from tff_fad.local_workers import LocalWorkers
 from tff_fad.local_workers import parse_addresses
 from tff_fad.local_workers import TRUST_WARNING
 from tff_fad.local_workers import WorkerError
+from tff_fad.local_workers import WorkerRefusedError
 from tff_fad.local_workers import WorkerUnavailableError
+from tff_fad.worker_tls import WorkerTls
 
 # As TFF's own local executor factory: model-sized values must fit.
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
@@ -149,8 +155,18 @@ class _AddressedStub(tff.framework.RemoteExecutorStub):
     return self._stub.is_ready
 
 
-def _connect(address: str, timeout_seconds: float) -> grpc.Channel:
-  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+def _connect(address: str, timeout_seconds: float,
+             tls: Optional[WorkerTls]) -> grpc.Channel:
+  # gRPC would only report a channel that never becomes ready, after the
+  # timeout; one handshake of our own says why a worker refuses us.
+  refusal = worker_tls.check_worker(address, tls, timeout_seconds)
+  if refusal:
+    raise WorkerRefusedError(address, refusal)
+  if tls is None:
+    channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  else:
+    channel = grpc.secure_channel(address, tls.channel_credentials(),
+                                  _GRPC_OPTIONS)
   try:
     grpc.channel_ready_future(channel).result(timeout=timeout_seconds)
   except grpc.FutureTimeoutError:
@@ -347,16 +363,18 @@ class _StagedWorkerContext(tff.framework.MergeableCompExecutionContext):
 
 
 def create_worker_context(
-    addresses: Union[str, Sequence[str]], *, allow_remote: bool = False,
-    connect_timeout_seconds: float = 20.0,
+    addresses: Union[str, Sequence[str]], *, tls: Optional[WorkerTls] = None,
+    allow_remote: bool = False, connect_timeout_seconds: float = 20.0,
     num_subrounds: Optional[int] = None,
 ) -> tff.framework.MergeableCompExecutionContext:
   """A TFF context that splits each computation's clients over workers.
 
   Args:
     addresses: `host:port` of running TFF worker services.
-    allow_remote: Accept non-loopback addresses (see the trust boundary in the
-      module docstring).
+    tls: Connect with mutual TLS (workers behind `python -m
+      tff_fad.local_workers serve`); any address is then accepted.
+    allow_remote: Without `tls`, accept non-loopback addresses over
+      plaintext (see the trust boundary in the module docstring).
     connect_timeout_seconds: How long to wait for each worker to answer.
     num_subrounds: Parts the clients are split into (default: one per
       worker; more parts than workers run in turn).
@@ -367,10 +385,15 @@ def create_worker_context(
   Raises:
     ValueError: For bad addresses (see `parse_addresses`).
     WorkerUnavailableError: If a worker does not answer, naming it.
+    WorkerRefusedError: If a worker refuses this driver (TLS: no
+      certificate, an expired one, one of another CA; plaintext to a TLS
+      worker) or its certificate does not verify, naming it and why.
   """
-  addresses = parse_addresses(addresses, allow_remote=allow_remote)
-  contexts = [_async_worker_context(a, _connect(a, connect_timeout_seconds))
-              for a in addresses]
+  addresses = parse_addresses(addresses,
+                              allow_remote=allow_remote or tls is not None)
+  contexts = [
+      _async_worker_context(a, _connect(a, connect_timeout_seconds, tls))
+      for a in addresses]
   return _StagedWorkerContext(contexts, num_subrounds=num_subrounds)
 
 

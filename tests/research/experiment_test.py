@@ -33,6 +33,13 @@ def parsed_flags():
     (dict(workers=['localhost']), "--workers: Worker address 'localhost' is "
                                   'not host:port'),
     (dict(save_every=-1), '--save_every must be >= 0, got -1'),
+    (dict(worker_tls_cert='driver.pem', worker_tls_key='driver.key'),
+     '--worker_tls_cert / --worker_tls_key need --worker_tls_ca'),
+    (dict(worker_tls_ca=__file__, worker_tls_cert='driver.pem'),
+     'Give --worker_tls_cert and --worker_tls_key together'),
+    (dict(worker_tls_ca='/no/such/ca.pem'),
+     "--worker_tls_ca / --worker_tls_cert / --worker_tls_key: ca_cert: no "
+     "such file '/no/such/ca.pem'"),
 ])
 def test_bad_execution_flags_are_named(values, message):
   with flagsaver.flagsaver(**values):
@@ -63,6 +70,19 @@ def test_remote_workers_need_the_opt_in_flag():
   with flagsaver.flagsaver(workers=['10.1.2.3:8000'],
                            allow_remote_workers=True):
     experiment.validate_execution_flags()
+
+
+def test_remote_workers_are_accepted_over_tls(tmp_path):
+  from tff_fad import worker_tls  # pylint: disable=g-import-not-at-top
+  pki = worker_tls.make_certificates(str(tmp_path), ['10.1.2.3'])
+  with flagsaver.flagsaver(workers=['10.1.2.3:8000'],
+                           worker_tls_ca=pki['ca_cert'],
+                           worker_tls_cert=pki['driver_cert'],
+                           worker_tls_key=pki['driver_key']):
+    experiment.validate_execution_flags()
+    tls = experiment.worker_tls_settings()
+  assert (tls.ca_cert, tls.cert, tls.key) == (
+      pki['ca_cert'], pki['driver_cert'], pki['driver_key'])
 
 
 @pytest.mark.parametrize('main, values, message', [

@@ -10,6 +10,7 @@ import pytest
 
 from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import local_workers
+from tff_fad import worker_tls
 
 FLAGS = flags.FLAGS
 
@@ -40,14 +41,22 @@ def test_hypergradient_run_writes_outputs(tmp_path):
   assert len(rows) == 1 + 3  # Header, the initial evaluation, two rounds.
 
 
-def test_reverse_mode_on_two_workers_gives_the_one_process_run(tmp_path):
+def test_reverse_mode_on_two_tls_workers_gives_the_one_process_run(tmp_path):
+  # The multi-machine recipe, on loopback: workers behind TLS fronts, the
+  # driver's certificate and CA given by flags.
   flags_ = dict(TINY, rounds=3, fad_mode='reverse')
   with flagsaver.flagsaver(output_dir=str(tmp_path / 'one_process'),
                            **flags_):
     expected = hypergradient_main.run()
-  with local_workers.LocalWorkers(2) as local:
+  pki = worker_tls.make_certificates(str(tmp_path / 'certs'), ['127.0.0.1'])
+  with local_workers.ServedWorkers(
+      2, tls_ca=pki['ca_cert'], tls_cert=pki['worker_cert'],
+      tls_key=pki['worker_key']) as served:
     with flagsaver.flagsaver(output_dir=str(tmp_path / 'workers'),
-                             workers=local.addresses, **flags_):
+                             workers=served.addresses,
+                             worker_tls_ca=pki['ca_cert'],
+                             worker_tls_cert=pki['driver_cert'],
+                             worker_tls_key=pki['driver_key'], **flags_):
       actual = hypergradient_main.run()
   rates = actual['server_learning_rate_by_round']
   assert set(rates) == {'1', '2', '3'}
