@@ -17,14 +17,15 @@ BAZEL ?= bazel
 BAZEL_ARGS ?=
 
 .PHONY: help venv test demo demo-workers bench bench-core bench-baffle \
-	bench-scaling bench-stages lock bazel bazel-setup bazel-test clean
+	bench-scaling bench-stages bench-tls certs lock bazel bazel-setup bazel-test clean
 
 help:
 	@echo "make demo        run the main job (research/hypergradient_fedavg/main.py) on embedded data"
 	@echo "                 (outputs in $(DEMO_OUT); extra flags via DEMO_ARGS=...)"
 	@echo "make test        run the whole pytest suite"
 	@echo "make demo-workers  the demo with each round split over 2 local TFF workers"
-	@echo "make bench       all benchmarks (bench-core, bench-baffle, bench-scaling, bench-stages)"
+	@echo "make certs       a throwaway CA and certificates for TLS workers (WORKER_HOSTS=h1,h2)"
+	@echo "make bench       all benchmarks (bench-core, bench-baffle, bench-scaling, bench-stages, bench-tls)"
 	@echo "make bazel-test  install Bazel if missing and run 'bazel test //...'"
 	@echo "make lock        recompile requirements/requirements.lock"
 	@echo "make clean       remove .venv, .bazel-local and Bazel outputs"
@@ -50,8 +51,16 @@ demo-workers: venv
 	    $(PY) -m research.hypergradient_fedavg.main \
 	    --output_dir=$(DEMO_OUT)_workers $(DEMO_ARGS)
 
+# A throwaway CA, a worker and a driver certificate for a test cluster of
+# workers behind TLS fronts (python -m tff_fad.local_workers serve).
+CERTS_DIR ?= certs
+WORKER_HOSTS ?= 127.0.0.1,localhost
+certs: venv
+	$(PY) -m tff_fad.worker_tls make-certs --out_dir $(CERTS_DIR) \
+	    --worker_hosts $(WORKER_HOSTS)
+
 # Long-running measurements (results are reported in the README).
-bench: bench-core bench-baffle bench-scaling bench-stages
+bench: bench-core bench-baffle bench-scaling bench-stages bench-tls
 
 bench-core: venv
 	$(PY) -m benchmarks.core_modes --repeats=21 \
@@ -67,9 +76,17 @@ bench-scaling: venv
 # Programs of several aggregation stages on 1 vs 2 pinned workers.
 bench-stages: venv
 	$(PY) -m benchmarks.scaling --clients_per_round=100,1000 --repeats=5 \
-	    --contexts=local,1_worker_pinned,2_workers_pinned \
+	    --contexts=local,1_worker_pinned,2_workers_pinned,2_workers_pinned_tls \
 	    --algorithms=tff_fed_avg,hypergradient_fed_avg,hypergradient_fed_avg_reverse,fed_avg_2_rounds_gradient,client_tensors_only,client_datasets_only \
 	    --output=benchmarks/results/scaling_stages.json
+
+# What TLS between the driver and its workers costs a round: 2 pinned workers
+# with and without TLS fronts, side by side (tls_over_plaintext_2_pinned_workers).
+bench-tls: venv
+	$(PY) -m benchmarks.scaling --clients_per_round=100 --repeats=15 \
+	    --contexts=local,2_workers_pinned,2_workers_pinned_tls \
+	    --algorithms=tff_fed_avg,hypergradient_fed_avg,hypergradient_fed_avg_reverse,fed_avg_2_rounds_gradient,client_tensors_only,client_datasets_only \
+	    --output=benchmarks/results/scaling_tls.json
 
 # Recompile the lock (uv is installed in .venv by the bootstrap). Relative
 # paths keep the command recorded in the lock's header reproducible. uv also

@@ -21,7 +21,7 @@ On the embedded digits (4,000 training images split IID into 1,000 clients of
     (`client_tensors_only`, `client_datasets_only`): what each stage pays to
     send the client data to the workers again;
 
-with 10, 100 and 1,000 clients per round, in five execution contexts:
+with 10, 100 and 1,000 clients per round, in six execution contexts:
 
   * `local`: TFF's default context (the C++ runtime in one worker process
     TFF starts itself);
@@ -31,7 +31,12 @@ with 10, 100 and 1,000 clients per round, in five execution contexts:
   * the same with each worker pinned to one core (`sched_setaffinity`): one
     worker's TensorFlow thread pools already use every core of this machine,
     so only pinned workers show what splitting a round buys when each worker
-    has a machine (here, a core) of its own.
+    has a machine (here, a core) of its own;
+  * 2 pinned workers behind TLS fronts (`tff_fad.local_workers.ServedWorkers`,
+    what `python -m tff_fad.local_workers serve` runs on each machine of a
+    cluster), each front pinned to its worker's core, the driver connecting
+    with mutual TLS: `tls_over_plaintext_2_pinned_workers` is what
+    encryption and authentication cost a round.
 
 For each number of clients, every algorithm builds its process and client
 data once and runs one warm-up round in every context (compilation, executor
@@ -55,6 +60,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 from absl import app
@@ -66,6 +72,7 @@ import tensorflow_federated as tff
 import tff_fad
 from tff_fad import data as fad_data
 from tff_fad import local_workers
+from tff_fad import worker_tls
 from tff_fad import workers
 from tff_fad.learning import baffle
 from tff_fad.learning import functional_models as fm
@@ -89,12 +96,15 @@ _OUTPUT = flags.DEFINE_string('output', 'benchmarks/results/scaling.json',
                               'Where to write JSON.')
 
 _BASELINE = 'tff_fed_avg'
-# (label, flag name, workers, each pinned to one core); 'local' is TFF's
-# default context.
-_CONTEXTS = (('local', 'local', 0, False), ('1 worker', '1_worker', 1, False),
-             ('2 workers', '2_workers', 2, False),
-             ('1 worker, 1 core', '1_worker_pinned', 1, True),
-             ('2 workers, 1 core each', '2_workers_pinned', 2, True))
+# (label, flag name, workers, each pinned to one core, behind TLS fronts);
+# 'local' is TFF's default context.
+_CONTEXTS = (('local', 'local', 0, False, False),
+             ('1 worker', '1_worker', 1, False, False),
+             ('2 workers', '2_workers', 2, False, False),
+             ('1 worker, 1 core', '1_worker_pinned', 1, True, False),
+             ('2 workers, 1 core each', '2_workers_pinned', 2, True, False),
+             ('2 workers, 1 core each, TLS', '2_workers_pinned_tls', 2, True,
+              True))
 _CONTEXT_NAMES = flags.DEFINE_list(
     'contexts', [c[1] for c in _CONTEXTS],
     f'Execution contexts to time, among {[c[1] for c in _CONTEXTS]}; '
@@ -273,16 +283,33 @@ def main(argv):
     if unknown:
       raise app.UsageError(f'--contexts: unknown {sorted(unknown)}; choose '
                            f'among {[c[1] for c in _CONTEXTS]}.')
-    for label, flag_name, num_workers, pinned in _CONTEXTS[1:]:
+    for label, flag_name, num_workers, pinned, tls in _CONTEXTS[1:]:
       if flag_name not in _CONTEXT_NAMES.value:
         continue
-      local = started.enter_context(local_workers.LocalWorkers(num_workers))
+      if tls:
+        # What a cluster runs (`local_workers serve`), on loopback: each
+        # worker behind a mutual-TLS front, pinned with it to its core.
+        pki = worker_tls.make_certificates(
+            started.enter_context(tempfile.TemporaryDirectory()),
+            ['127.0.0.1'])
+        served = started.enter_context(local_workers.ServedWorkers(
+            num_workers, tls_ca=pki['ca_cert'], tls_cert=pki['worker_cert'],
+            tls_key=pki['worker_key']))
+        addresses, pids = served.addresses, list(zip(served.worker_pids,
+                                                     served.pids))
+        driver_tls = workers.WorkerTls(pki['ca_cert'], pki['driver_cert'],
+                                       pki['driver_key'])
+      else:
+        local = started.enter_context(local_workers.LocalWorkers(num_workers))
+        addresses, pids = local.addresses, [(p,) for p in local.pids]
+        driver_tls = None
       if pinned:
-        for i, pid in enumerate(local.pids):
-          _pin(pid, cores[i % len(cores)])
+        for i, pids_of_worker in enumerate(pids):
+          for pid in pids_of_worker:
+            _pin(pid, cores[i % len(cores)])
       # Created once, as a training run does: the context caches its
       # compilations to mergeable form across rounds.
-      context = workers.create_worker_context(local.addresses)
+      context = workers.create_worker_context(addresses, tls=driver_tls)
       contexts[label] = functools.partial(stack.install, context)
     for clients in [int(c) for c in _CLIENTS.value]:
       # The baseline first, so every row has its ratio.
@@ -300,7 +327,10 @@ def main(argv):
                 if baseline else None),
             speedup_2_over_1_worker=_ratio(seconds, '1 worker', '2 workers'),
             speedup_2_over_1_pinned_worker=_ratio(
-                seconds, '1 worker, 1 core', '2 workers, 1 core each'))
+                seconds, '1 worker, 1 core', '2 workers, 1 core each'),
+            tls_over_plaintext_2_pinned_workers=_ratio(
+                seconds, '2 workers, 1 core each, TLS',
+                '2 workers, 1 core each'))
         rows.append(row)
         print(f'{clients:>5} clients  {name:<34} ' + '  '.join(
             f'{k} {v:7.3f} s' for k, v in seconds.items()) + (
