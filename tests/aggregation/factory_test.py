@@ -172,3 +172,29 @@ def test_reverse_cotangent_noise_matches_configuration():
   # The exact cotangent is 0; the DP sum adds N(0, (z clip)^2) (the DP
   # query's division by clients_per_round is undone to release a sum).
   np.testing.assert_allclose(np.std(ct), z * clip, rtol=0.08)
+
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_seeded_tangents_through_a_factory_point_equal_the_plain_sum(k):
+  seed = np.array([7, 11], np.int64)
+  point = aggregation.AggregationPoint(
+      exact_dp(), T, tangent_factory=exact_dp(), name='update',
+      num_directions=k)
+  value, tangent, _ = tff_fad.jvp(
+      _program(point), wrt='w', num_directions=k, tangent_seed=True,
+      has_aux=True)(
+          W0, point.initialize(), DATA, seed)
+
+  @tff_fad.federated_computation(W, D)
+  def plain(w, d):
+    products = tff_fad.federated_map(lambda w, d: w * d,
+                                     (tff_fad.federated_broadcast(w), d))
+    return tff_fad.federated_mean(products)
+
+  plain_value, plain_tangent = tff_fad.jvp(
+      plain, wrt='w', num_directions=k, tangent_seed=True)(W0, DATA, seed)
+  np.testing.assert_allclose(value, plain_value, rtol=1e-6)
+  np.testing.assert_allclose(tangent, plain_tangent, rtol=1e-5, atol=1e-6)
+  directions = tff_fad.seeded_tangents(tf.constant(seed), [np.float32(W0)], k)[0]
+  np.testing.assert_allclose(
+      tangent, np.multiply.outer(directions, EXACT_TANGENT), rtol=1e-5)

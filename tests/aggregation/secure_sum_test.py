@@ -176,3 +176,49 @@ def test_broadcast_feeding_secure_sum_and_dp_point_is_refused_in_reverse():
   with pytest.raises(tff_fad.NotDifferentiableError,
                      match='cannot be combined'):
     tff_fad.grad(mixed)
+
+
+# Seeded tangents (jvp(tangent_seed=True)) through a secure sum: the same
+# numbers as through federated_sum, within the tangent's quantization bound.
+# Values and tangents stay inside their ranges (no clipping): |w d| <= 8,
+# |direction * d| <= 2.5 * 2 for these seeded directions.
+SMALL_DATA = [np.array([1.0, 2.0], np.float32),
+              np.array([-1.5, 0.5], np.float32),
+              np.array([0.25, -2.0], np.float32)]
+SEED = np.array([7, 11], np.int64)
+
+
+def _scaled(aggregate):
+  @tff_fad.federated_computation(W, D)
+  def program(w, d):
+    products = tff_fad.federated_map(lambda w, d: w * d,
+                                     (tff_fad.federated_broadcast(w), d))
+    return aggregate(products)
+
+  return program
+
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_seeded_tangents_through_a_secure_sum_equal_the_plain_sums(k):
+  # Failed with "TypeError: Expected a Python types that is convertible to a
+  # tff.Value, found <class 'NoneType'>": the secure sum packs value and
+  # tangent into one message, and a seeded dual had no packed form.
+  secure = _scaled(lambda x: aggregation.federated_secure_sum(
+      x, clip_range=RANGE, num_clients_bound=BOUND, bitwidth=BITS,
+      tangent_clip_range=T_RANGE))
+  plain = _scaled(tff_fad.federated_sum)
+  value, tangent = tff_fad.jvp(secure, num_directions=k, tangent_seed=True)(
+      W0, SMALL_DATA, SEED)
+  plain_value, plain_tangent = tff_fad.jvp(
+      plain, num_directions=k, tangent_seed=True)(W0, SMALL_DATA, SEED)
+  directions = tff_fad.seeded_tangents(tf.constant(SEED), [np.float32(W0)], k)[0]
+  assert np.all(np.abs(np.multiply.outer(directions, SMALL_DATA)) < 6)
+  np.testing.assert_allclose(value, plain_value, atol=_bound(RANGE))
+  np.testing.assert_allclose(tangent, plain_tangent, atol=_bound(T_RANGE))
+  np.testing.assert_allclose(
+      plain_tangent, np.multiply.outer(directions, np.sum(SMALL_DATA, 0)),
+      rtol=1e-5)
+  used = cost.intrinsics_used(tff_fad.jvp(secure, num_directions=k,
+                                          tangent_seed=True))
+  assert used.get('federated_secure_sum_bitwidth') == 1
+  assert not {'federated_sum', 'federated_mean'} & set(used)

@@ -82,8 +82,7 @@ class PrivateBroadcast(primitives.Broadcast):
     return tff.federated_broadcast(inputs[0])
 
   def jvp(self, inputs, active, num_directions):
-    return primitives.Dual(
-        packed=primitives.emit_broadcast(inputs[0].packed()))
+    return inputs[0].broadcast()
 
   def why_not_differentiable(self, node: ir.Node, mode: str) -> str:
     if mode not in REVERSE_MODES:

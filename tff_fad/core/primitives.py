@@ -153,7 +153,9 @@ class Dual:
 
   def packed(self):
     if self._packed is None:
-      self._packed = emit_zip((self._primal, self._tangent))
+      # Through the accessors: a subclass may hold its value and tangent in
+      # another form (a SeededDual holds <value, seed>).
+      self._packed = emit_zip((self.primal(), self.tangent()))
     return self._packed
 
   def primal(self):
@@ -165,6 +167,10 @@ class Dual:
     if self._tangent is None:
       self._tangent = self._packed[1]
     return self._tangent
+
+  def broadcast(self) -> 'Dual':
+    """The dual at the clients: value and tangent in one message."""
+    return Dual(packed=emit_broadcast(self.packed()))
 
 
 class SeededDual(Dual):
@@ -202,7 +208,10 @@ class SeededDual(Dual):
     """Inside a local function: the tangent of the `<value, seed>` pair."""
     return _SeededTangentLike(pair[1], self.specs, self.position, pair[0])
 
-  def broadcast(self) -> 'SeededDual':
+  def broadcast(self) -> 'Dual':
+    if self._tangent is not None:  # Already materialized: send it.
+      return super().broadcast()
+    # The seed travels, not the tangents.
     return SeededDual(emit_broadcast(self.pair), self.specs, self.position,
                       self.num_directions)
 
@@ -325,9 +334,7 @@ class Broadcast(Primitive):
     return tff.federated_broadcast(inputs[0])
 
   def jvp(self, inputs, active, num_directions):
-    if _is_seeded(inputs[0]):
-      return inputs[0].broadcast()  # The seed travels, not the tangents.
-    return Dual(packed=emit_broadcast(inputs[0].packed()))
+    return inputs[0].broadcast()
 
   def transpose(self, cotangent, inputs, residuals, active):
     return [emit_sum(cotangent)]
