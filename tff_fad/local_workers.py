@@ -23,7 +23,6 @@ loopback interface: nothing outside can reach them. Without that isolation
 network; only use that on machines and networks you trust.
 """
 
-import importlib.util
 import ipaddress
 import os
 import signal
@@ -133,14 +132,7 @@ def parse_addresses(spec: Union[str, Sequence[str]], *,
 # Local workers.
 
 
-def worker_binary_path() -> str:
-  """The `worker_binary` shipped in the installed tensorflow-federated."""
-  spec = importlib.util.find_spec('tensorflow_federated')
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'data',
-                      'worker_binary')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No TFF worker binary at {path}.')
-  return path
+worker_binary_path = runtime.worker_binary_path
 
 
 # Starts argv[2:] in a new session, logging to argv[1], prints its pid and

@@ -192,6 +192,26 @@ def popen_dying_with_parent(argv: Sequence[str], **kwargs) -> subprocess.Popen:
       list(argv), **kwargs)
 
 
+# As TFF's own local executor factory: model-sized values must fit.
+GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+GRPC_OPTIONS = (
+    ('grpc.max_message_length', GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_receive_message_length', GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_send_message_length', GRPC_MAX_MESSAGE_BYTES),
+)
+
+
+def worker_binary_path() -> str:
+  """The `worker_binary` shipped in the installed tensorflow-federated."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec('tensorflow_federated')
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'data',
+                      'worker_binary')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No TFF worker binary at {path}.')
+  return path
+
+
 class _LocalWorker:
   """TFF's local `ServiceManager`, with the worker started dying with us."""
 
@@ -203,8 +223,6 @@ class _LocalWorker:
     import grpc  # pylint: disable=g-import-not-at-top
     import portpicker  # pylint: disable=g-import-not-at-top
     import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-    from tff_fad import local_workers  # pylint: disable=g-import-not-at-top
-    from tff_fad import workers  # pylint: disable=g-import-not-at-top
 
     if self._stub is not None and self._stub.is_ready:
       return self._stub
@@ -215,10 +233,10 @@ class _LocalWorker:
     # A session of its own: a terminal's Ctrl-C reaches Python only, which
     # stops the worker after its clean-up instead of losing it mid-call.
     self._process = popen_dying_with_parent(
-        [local_workers.worker_binary_path(), f'--port={port}',
+        [worker_binary_path(), f'--port={port}',
          '--max_concurrent_computation_calls=-1'], start_new_session=True)
     self._stub = tff.framework.RemoteExecutorGrpcStub(grpc.insecure_channel(
-        f'localhost:{port}', workers._GRPC_OPTIONS))  # pylint: disable=protected-access
+        f'localhost:{port}', GRPC_OPTIONS))
     while not self._stub.is_ready:
       if self._process.poll() is not None:
         raise RuntimeError(f'TFF worker_binary exited with code '

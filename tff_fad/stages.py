@@ -33,15 +33,15 @@ import itertools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import tensorflow_federated as tff
-# TFF 0.87 exposes its compiler (building blocks, call-dominant form) only
-# here; `compile_to_mergeable_comp_form` is built from the same pieces.
-from tensorflow_federated.python.core.impl.compiler import building_blocks as bb
-from tensorflow_federated.python.core.impl.compiler import intrinsic_defs
-from tensorflow_federated.python.core.impl.compiler import transformation_utils
-from tensorflow_federated.python.core.impl.compiler import transformations
-from tensorflow_federated.python.core.impl.computation import computation_impl
 
 from tff_fad.core import cost
+# TFF's compiler (building blocks, call-dominant form), which
+# `compile_to_mergeable_comp_form` is built from; private in TFF 0.87.
+from tff_fad.core.tff_internals import building_blocks as bb
+from tff_fad.core.tff_internals import computation_impl
+from tff_fad.core.tff_internals import intrinsic_defs
+from tff_fad.core.tff_internals import transformation_utils
+from tff_fad.core.tff_internals import transformations
 
 _AGGREGATIONS = frozenset(
     d.uri for d in intrinsic_defs.get_aggregation_intrinsics())

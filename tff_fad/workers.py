@@ -50,15 +50,16 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import grpc
 import tensorflow_federated as tff
-# The steps of the mergeable context's invocation of one compiled form (merge,
-# after-merge, repackaging), and its cardinality inference, are not exported
-# in TFF 0.87.
-from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as tff_mergeable
-from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
+from tff_fad import runtime
 from tff_fad import stages
 from tff_fad import worker_tls
 from tff_fad.core import transforms
+# The steps of the mergeable context's invocation of one compiled form (merge,
+# after-merge, repackaging), and its cardinality inference: private in TFF
+# 0.87.
+from tff_fad.core.tff_internals import cardinalities_utils
+from tff_fad.core.tff_internals import mergeable_context as tff_mergeable
 from tff_fad.local_workers import LocalWorkers
 from tff_fad.local_workers import parse_addresses
 from tff_fad.local_workers import TRUST_WARNING
@@ -67,13 +68,6 @@ from tff_fad.local_workers import WorkerRefusedError
 from tff_fad.local_workers import WorkerUnavailableError
 from tff_fad.worker_tls import WorkerTls
 
-# As TFF's own local executor factory: model-sized values must fit.
-_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
-_GRPC_OPTIONS = [
-    ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
-    ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
-    ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
-]
 # gRPC codes that mean the worker went away (or restarted and lost its
 # executors). TFF's context would retry these forever.
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE,
@@ -163,10 +157,10 @@ def _connect(address: str, timeout_seconds: float,
   if refusal:
     raise WorkerRefusedError(address, refusal)
   if tls is None:
-    channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+    channel = grpc.insecure_channel(address, runtime.GRPC_OPTIONS)
   else:
     channel = grpc.secure_channel(address, tls.channel_credentials(),
-                                  _GRPC_OPTIONS)
+                                  runtime.GRPC_OPTIONS)
   try:
     grpc.channel_ready_future(channel).result(timeout=timeout_seconds)
   except grpc.FutureTimeoutError:

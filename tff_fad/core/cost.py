@@ -11,10 +11,10 @@ import dataclasses
 from typing import Any, Dict, List, Tuple, Union
 
 import tensorflow_federated as tff
-# Building blocks are TFF's compiled form; 0.87 exposes them only here.
-from tensorflow_federated.python.core.impl.compiler import building_blocks as bb
 
 from tff_fad.core import types as fad_types
+# Building blocks are TFF's compiled form, private in TFF 0.87.
+from tff_fad.core.tff_internals import building_blocks as bb
 
 DOWNLINK = frozenset({'federated_broadcast'})
 UPLINK = frozenset({
