@@ -415,7 +415,9 @@ def _run() -> dict[str, Any]:
   else:
     aggregator = tff.aggregators.MeanFactory()
   server_optimizer = server_optimizer_from_flags(rounds)
-  client_optimizer = client_optimizer_from_flags()
+  # Only 'one_epoch' clients take local steps.
+  client_optimizer = (client_optimizer_from_flags()
+                      if _MODE.value == 'one_epoch' else None)
   private = _AGGREGATOR.value == 'dp'
   process = baffle.build_baffle(
       model, client_optimizer,

@@ -344,6 +344,9 @@ def test_forward_passes_counted_are_those_a_client_runs(estimator, mode,
     (dict(client_clip_inf_norm=0.0), 'client_clip_inf_norm'),
     (dict(weight_decay=-1e-4), 'weight_decay'),
     (dict(ema_every=0), 'ema_every'),
+    # It was silently ignored: fedsgd clients take no step.
+    (dict(client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.5)),
+     "client_optimizer_fn applies to mode='one_epoch' only"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
   model = models.to_functional_model(_linear_net(4, 2), (2, 2, 1))

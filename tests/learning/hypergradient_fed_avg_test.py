@@ -265,6 +265,18 @@ def test_learning_rate_moves_against_the_hypergradient(setup):
   assert np.sign(step) == -np.sign(hypergradient)
 
 
+@pytest.mark.parametrize('mode', hg.MODES)
+def test_a_round_without_clients_has_no_loss_and_keeps_the_rate(setup, mode):
+  # It reported a post-update loss of 0.0.
+  process = setup.processes[mode]
+  state = process.initialize()
+  output = process.next(state, [])
+  hyperparameters = output.metrics['hyperparameters']
+  assert np.isnan(hyperparameters['post_update_loss'])
+  assert hyperparameters['hypergradient'] == 0.0  # Not NaN: the rate holds.
+  assert _log_lr(output.state) == pytest.approx(_log_lr(state))
+
+
 def test_communication_cost_of_the_modes(setup):
   # sklearn digits, linear model: 65 x 10 weights = 650 floats = 2,600 B.
   model_bytes = setup.net.num_params * 4

@@ -761,8 +761,8 @@ def build_baffle(
   Args:
     model_fn: A `tff.learning.models.FunctionalModel` or a no-argument
       function returning one; its trainable weights are perturbed.
-    client_optimizer_fn: The local optimizer of `'one_epoch'` (unused by
-      `'fedsgd'`, whose clients take no step); default SGD, rate 0.1.
+    client_optimizer_fn: The local optimizer of `'one_epoch'`; default SGD,
+      rate 0.1. Refused with `'fedsgd'`, whose clients take no step.
     server_optimizer_fn: Defaults to Adam(1e-2) for `'fedsgd'` (the official
       code's MNIST setting) and SGD(1.0) for `'one_epoch'` (FedAvg).
     client_weighting: `tff.learning.ClientWeighting` for weighted
@@ -815,6 +815,12 @@ def build_baffle(
   if directions not in DIRECTIONS:
     raise ValueError(f'directions must be one of {DIRECTIONS}, got '
                      f'{directions!r}.')
+  if mode == 'fedsgd' and client_optimizer_fn is not None:
+    raise ValueError(
+        "client_optimizer_fn applies to mode='one_epoch' only: 'fedsgd' "
+        'clients take no local step (they return K perturbed-loss scores, '
+        'and server_optimizer_fn applies the estimate). Leave it out, or '
+        "use mode='one_epoch'.")
   per_client = directions == 'per_client'
   if per_client and mode != 'fedsgd':
     raise ValueError("directions='per_client' applies to mode='fedsgd' "

@@ -336,6 +336,17 @@ def _current_model(model_weights, log_lr, pending, stored_log_lr):
   return (trainable, model_weights[1])
 
 
+def _mean_or_nan(loss_sum_and_count):
+  """The mean loss; NaN in a round without examples (there is no loss).
+
+  The derivative is 0 there: the division's denominator stays >= 1, so no
+  0/0 reaches the unselected branch's gradient.
+  """
+  loss_sum, count = loss_sum_and_count
+  return tf.where(count > 0, loss_sum / tf.maximum(count, 1.0),
+                  tf.constant(np.nan, loss_sum.dtype))
+
+
 def _post_update_loss_and_training(model, client_optimizer, client_weighting,
                                    post_update_loss, at_clients, data,
                                    loss_point=None, loss_state=None):
@@ -364,8 +375,7 @@ def _post_update_loss_and_training(model, client_optimizer, client_weighting,
         fm.build_local_training(model, client_optimizer, client_weighting),
         (fad.stop_gradient(at_clients), data))
   if loss_point is None:
-    loss = fad.federated_apply(lambda t: t[0] / tf.maximum(t[1], 1.0),
-                               fad.federated_sum(loss_and_count))
+    loss = fad.federated_apply(_mean_or_nan, fad.federated_sum(loss_and_count))
     return loss, client_outputs, None
   client_loss = fad.federated_map(lambda t: t[0] / tf.maximum(t[1], 1.0),
                                   loss_and_count)
