@@ -455,8 +455,14 @@ def _resumable_round(output_dir: str, values: dict, save_every: int,
     os.rename(path, aside)
     print(f'Skipping the save of round {skipped} ({path}: {problem}; kept as '
           f'{aside}); using the save of round {round_num}.', flush=True)
-  print(f'Resuming from the state saved after round {round_num} in '
-        f'{_state_dir(output_dir)}', flush=True)
+  if round_num == rounds:
+    print(f'All {rounds} rounds are already trained in {output_dir} (the '
+          f'state saved after round {round_num}): nothing to train; '
+          'evaluating the final state. Pass --overwrite to train again, or '
+          'a larger --rounds to go on.', flush=True)
+  else:
+    print(f'Resuming from the state saved after round {round_num} in '
+          f'{_state_dir(output_dir)}', flush=True)
   return round_num
 
 

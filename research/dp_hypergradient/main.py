@@ -9,11 +9,18 @@ hypergradient `dL/dlr = <grad L_i(w + lr u), u>`, aggregated by its own
 DP-Gaussian factory; the server then takes a step on `lr`. The privacy
 report counts the three DP releases per round and prints (epsilon, delta):
 
-  python -m research.dp_hypergradient.main --rounds 10
+  python -m research.dp_hypergradient.main --rounds 10 --output_dir out/dp
+
+With --output_dir it also writes metrics.csv (round, loss, dloss/dlr, the
+learning rate the round used) and summary.json (the privacy report's figures,
+the final learning rate and the flags).
 """
 
 import collections
+import csv
+import json
 import math
+import os
 import sys
 from typing import Any, Callable
 
@@ -63,6 +70,10 @@ _SAMPLING_RATE = flags.DEFINE_float(
     "round's clients are Poisson-sampled from the population.",
     flag_values=FLAGS)
 _DELTA = flags.DEFINE_float('delta', 1e-5, 'Target delta.', flag_values=FLAGS)
+_OUTPUT_DIR = flags.DEFINE_string(
+    'output_dir', None, 'Where to write metrics.csv and summary.json (created '
+    'if missing; those two files are replaced). Unset: print only.',
+    flag_values=FLAGS)
 
 
 def _require(name: str, holds: Callable[[float], bool], what: str) -> None:
@@ -149,18 +160,45 @@ def run() -> aggregation.PrivacyReport:
   w = np.zeros(DIM, np.float32)
   lr = np.float32(_SERVER_LR.value)
   update_state, loss_state = update_point.initialize(), loss_point.initialize()
+  rows = []
   for round_num in range(1, _ROUNDS.value + 1):
     loss, hypergrad, (w, update_state, loss_state) = hyper_round(
         w, lr, update_state, loss_state, data, np.float32(1.0))
     print(f'round {round_num:3d}: loss {loss:8.4f}  dloss/dlr '
           f'{hypergrad:8.4f}  lr {lr:.4f}')
+    rows.append((round_num, float(loss), float(hypergrad), float(lr)))
     lr = np.float32(max(lr - _HYPER_LR.value * hypergrad, 0.0))
   report = aggregation.privacy_report(
       fedavg_round, mode='forward', wrt='lr',
       sampling_rate=_SAMPLING_RATE.value, rounds=_ROUNDS.value,
       delta=_DELTA.value)
   print(report)
+  if _OUTPUT_DIR.value:
+    _write_outputs(_OUTPUT_DIR.value, rows, report, float(lr))
   return report
+
+
+def _write_outputs(output_dir: str, rows, report, final_lr: float) -> None:
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, 'metrics.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['round', 'loss', 'hypergradient', 'server_learning_rate'])
+    writer.writerows(rows)
+  summary = collections.OrderedDict(
+      final_loss=rows[-1][1], initial_server_learning_rate=_SERVER_LR.value,
+      final_server_learning_rate=final_lr,
+      privacy=collections.OrderedDict(
+          epsilon=report.epsilon, delta=report.delta,
+          sampling_rate=report.sampling_rate, rounds=report.rounds,
+          noise_multiplier=_NOISE.value,
+          effective_noise_multiplier=report.effective_noise_multiplier,
+          releases_per_round=[f'{r.kind} {r.mechanism}: {r.node}'
+                              for r in report.releases]),
+      flags={name: FLAGS[name].value for name in sorted(FLAGS)})
+  with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print(f'Outputs written to {os.path.abspath(output_dir)}: metrics.csv, '
+        'summary.json')
 
 
 def main(argv):

@@ -1,5 +1,6 @@
 """End-to-end test of research/dp_hypergradient/main.py with tiny settings."""
 
+import json
 import math
 import re
 
@@ -27,6 +28,29 @@ def test_trains_and_reports_three_dp_releases_per_round(tiny_flags, capfd):
   assert sorted((r.kind, r.mechanism) for r in report.releases) == [
       ('tangent', 'dp'), ('value', 'dp'), ('value', 'dp')]
   assert report.rounds == 2 and 0 < report.epsilon < math.inf
+
+
+def test_output_dir_holds_the_rounds_and_the_privacy_report(tmp_path, capfd):
+  output_dir = tmp_path / 'dp'
+  dp_main.parse_flags(['main', '--rounds=2', '--num_clients=4',
+                       '--examples_per_client=4', '--sampling_rate=0.1',
+                       f'--output_dir={output_dir}'])
+  try:
+    report = dp_main.run()
+  finally:
+    dp_main.FLAGS.unparse_flags()
+  printed = capfd.readouterr().out
+  rows = (output_dir / 'metrics.csv').read_text().splitlines()
+  assert rows[0] == 'round,loss,hypergradient,server_learning_rate'
+  assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
+  loss = float(rows[2].split(',')[1])
+  assert f'round   2: loss {loss:8.4f}' in printed
+  summary = json.loads((output_dir / 'summary.json').read_text())
+  assert summary['privacy']['epsilon'] == report.epsilon
+  assert summary['privacy']['rounds'] == 2
+  assert len(summary['privacy']['releases_per_round']) == 3
+  assert summary['flags']['rounds'] == 2
+  assert summary['final_loss'] == loss
 
 
 def test_stray_arguments_are_rejected():

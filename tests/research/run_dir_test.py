@@ -64,6 +64,20 @@ def _snapshot(output_dir):
           if p.is_file() and p.name != 'run.lock'}
 
 
+def test_rerunning_a_finished_run_says_it_trains_nothing(copy_of_run, capsys):
+  # It printed "Resuming from the state saved after round 3" and "after 3
+  # rounds (N s)", as if it had trained.
+  capsys.readouterr()
+  rows = _rounds(copy_of_run)
+  _run(copy_of_run)
+  out = capsys.readouterr().out
+  assert (f'All 3 rounds are already trained in {copy_of_run} (the state '
+          'saved after round 3): nothing to train') in out
+  assert 'Resuming' not in out
+  assert 'after 3 rounds (all trained by an earlier run)' in out
+  assert _rounds(copy_of_run) == rows
+
+
 def test_save_every_0_refuses_another_runs_results(copy_of_run):
   # The issue's sequence: a second run with other flags and no saving
   # rewrote metrics.csv; a third resumed the first's state on top of it.
