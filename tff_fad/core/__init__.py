@@ -11,7 +11,10 @@ from tff_fad.core.local_ad import seeded_direction
 from tff_fad.core.local_ad import seeded_tangents
 from tff_fad.core.modes import choose_mode
 from tff_fad.core.modes import CostModel
+from tff_fad.core.modes import grad
 from tff_fad.core.modes import ModeChoice
+from tff_fad.core.modes import value_and_grad
+from tff_fad.core.modes import vjp
 from tff_fad.core.local_ad import with_derivatives
 from tff_fad.core.primitives import federated_aggregate
 from tff_fad.core.primitives import federated_apply
@@ -24,8 +27,5 @@ from tff_fad.core.primitives import federated_sum
 from tff_fad.core.primitives import stop_gradient
 from tff_fad.core.transforms import federated_computation
 from tff_fad.core.transforms import FederatedComputation
-from tff_fad.core.transforms import grad
 from tff_fad.core.transforms import jvp
 from tff_fad.core.transforms import MODES
-from tff_fad.core.transforms import value_and_grad
-from tff_fad.core.transforms import vjp

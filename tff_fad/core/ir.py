@@ -20,6 +20,16 @@ import tensorflow_federated as tff
 from tff_fad.core import errors
 
 _ids = itertools.count()
+# `value[key]` is the `select` primitive. The rule table (primitives.py,
+# built on this module) installs it when it loads, so this module imports
+# nothing above it.
+_indexing: Optional[Callable[['Value', Any], 'Value']] = None
+
+
+def set_indexing(select: Callable[['Value', Any], 'Value']) -> None:
+  """Makes `value[key]` call `select(value, key)` (primitives.py's)."""
+  global _indexing
+  _indexing = select
 
 
 class Value:
@@ -51,9 +61,7 @@ class Value:
     return self.type_signature.member
 
   def __getitem__(self, key):
-    from tff_fad.core import primitives  # pylint: disable=g-import-not-at-top
-
-    return primitives.select(self, key)
+    return _indexing(self, key)
 
   def __hash__(self):
     return self._id

@@ -11,13 +11,19 @@ waits for the slowest client; the defaults price one like 500 kB); bytes
 decide when a mode must push one tangent per element of a large argument
 (forward mode's gradient) or re-send what stateless clients forgot
 (`reverse_recompute`). Local computation is not in the model.
+
+`tff_fad.vjp`, `grad` and `value_and_grad` are the transforms of
+`tff_fad.core.transforms` with `mode='auto'` added here: the transforms
+build a program in a given mode, this module chooses among them.
 """
 
 import dataclasses
+import functools
 from typing import Callable, Dict, Optional, Sequence, Union
 
 from tff_fad.core import cost
 from tff_fad.core import errors
+from tff_fad.core import transforms
 
 # The modes each transform can run in, in order of preference on a tie.
 CANDIDATES = {
@@ -107,8 +113,6 @@ def choose_mode(comp, wrt=0, *, num_clients: int = 1,
     FederatedADError: if no candidate mode can be built (the reasons are in
       the message).
   """
-  from tff_fad.core import transforms  # pylint: disable=g-import-not-at-top
-
   if transform not in CANDIDATES:
     raise errors.FederatedADError(
         f'choose_mode: transform must be one of {sorted(CANDIDATES)}, found '
@@ -144,3 +148,22 @@ def choose_mode(comp, wrt=0, *, num_clients: int = 1,
 
   chosen = min(programs, key=rank)
   return ModeChoice(chosen, costs, seconds, cost_model, programs)
+
+
+def _with_auto(build: Callable[..., object]) -> Callable[..., object]:
+  """`build` (a transform), also taking `mode='auto'`."""
+
+  @functools.wraps(build)
+  def transform(comp, wrt=0, mode: str = 'reverse', has_aux: bool = False):
+    if mode == 'auto':
+      choice = choose_mode(comp, wrt, transform=build.__name__,
+                           has_aux=has_aux)
+      return choice.programs[choice.mode]
+    return build(comp, wrt=wrt, mode=mode, has_aux=has_aux)
+
+  return transform
+
+
+vjp = _with_auto(transforms.vjp)
+grad = _with_auto(transforms.grad)
+value_and_grad = _with_auto(transforms.value_and_grad)

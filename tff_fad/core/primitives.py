@@ -966,6 +966,9 @@ def select(value: ir.Value, key) -> ir.Value:
   return bind(SELECT, [value], key=key)
 
 
+ir.set_indexing(select)
+
+
 def _with_member(structure, key, value):
   """`structure` (a dict, namedtuple, tuple or list) with its member `key`
   (a name or a position) set to `value`."""

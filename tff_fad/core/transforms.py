@@ -527,13 +527,6 @@ def _check_mode(mode: str):
     )
 
 
-def _auto(comp, wrt, transform: str, has_aux: bool) -> 'FederatedComputation':
-  """The transform in the mode `tff_fad.choose_mode` picks."""
-  from tff_fad.core import modes  # pylint: disable=g-import-not-at-top
-  choice = modes.choose_mode(comp, wrt, transform=transform, has_aux=has_aux)
-  return choice.programs[choice.mode]
-
-
 # ---------------------------------------------------------------------------
 # Forward mode.
 
@@ -826,8 +819,6 @@ def vjp(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
     structured like the output; the result is the cotangent of the `wrt`
     argument, placed like it (a tuple in `wrt` order if `wrt` is a sequence).
   """
-  if mode == 'auto':
-    return _auto(comp, wrt, 'vjp', has_aux)
   _check_reverse_mode(mode, 'vjp')
   program = _as_program(comp, 'vjp')
   positions = resolve_wrt(program, wrt)
@@ -952,8 +943,6 @@ def value_and_grad(comp: FederatedComputation, wrt: Wrt = 0,
     structured like its argument (a tuple in `wrt` order if `wrt` is a
     sequence).
   """
-  if mode == 'auto':
-    return _auto(comp, wrt, 'value_and_grad', has_aux)
   program, positions = _gradient_program(comp, wrt, mode, has_aux,
                                          'value_and_grad')
 
@@ -976,8 +965,6 @@ def grad(comp: FederatedComputation, wrt: Wrt = 0, mode: str = 'reverse',
     A `tff.Computation` `(primals...) -> gradient(s)` (or
     `-> (gradient(s), aux)` with `has_aux`).
   """
-  if mode == 'auto':
-    return _auto(comp, wrt, 'grad', has_aux)
   program, positions = _gradient_program(comp, wrt, mode, has_aux, 'grad')
 
   def body(args):
