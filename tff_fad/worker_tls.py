@@ -295,7 +295,7 @@ class _ServerTls:
     """Decrypted bytes; b'' once the driver has closed the connection."""
     while True:
       try:
-        data = self._tls.read(_RELAY_CHUNK_BYTES)
+        chunks = [self._tls.read(_RELAY_CHUNK_BYTES)]
       except ssl.SSLWantReadError:
         await self._send_pending()
         if not await self._receive():
@@ -303,8 +303,15 @@ class _ServerTls:
         continue
       except ssl.SSLError:  # close_notify, or EOF without it.
         return b''
+      # A read returns one TLS record (16 kB at most): decrypt all that has
+      # arrived, so the worker gets one write, not one per record.
+      while self._incoming.pending:
+        try:
+          chunks.append(self._tls.read(_RELAY_CHUNK_BYTES))
+        except ssl.SSLError:  # A partial record, or the end: next time.
+          break
       await self._send_pending()  # E.g. a key update's answer.
-      return data
+      return b''.join(chunks)
 
   async def write(self, data: bytes) -> None:
     self._tls.write(data)
