@@ -270,6 +270,18 @@ def test_cli_serve_insecure_serves_plaintext_from_a_private_namespace(tmp_path):
   assert not any(local_workers.is_running(p) for p in pids)
 
 
+def test_cli_serve_warns_of_a_key_others_can_read(certificates, tmp_path):
+  key = tmp_path / 'worker.key'
+  key.write_bytes(open(certificates['worker_key'], 'rb').read())
+  key.chmod(0o644)
+  with local_workers.ServedWorkers(
+      1, tls_ca=certificates['ca_cert'], tls_cert=certificates['worker_cert'],
+      tls_key=str(key), log_dir=str(tmp_path)):
+    log = (tmp_path / 'serve_0.log').read_text()
+  assert log.count(f'warning: --tls_key {key} is readable by other users '
+                   '(mode 644)') == 1
+
+
 def test_make_certs_cli_writes_private_keys_for_their_owner_only(tmp_path):
   import ssl  # pylint: disable=g-import-not-at-top
   result = subprocess.run(

@@ -466,7 +466,7 @@ def _listen(address: str) -> socket.socket:
     sys.exit(f'error: --listen {address}: cannot listen there ({e}).')
 
 
-def _serve_checked_args(args):
+def _serve_checked_args(args, reexecuted: bool):
   """The TLS context of `serve`'s flags, or None with --insecure; or exits."""
   given = [f for f, v in (('--tls_ca', args.tls_ca), ('--tls_cert',
                           args.tls_cert), ('--tls_key', args.tls_key)) if v]
@@ -485,16 +485,22 @@ def _serve_checked_args(args):
         'a network you trust, pass --insecure.')
   from tff_fad import worker_tls  # pylint: disable=g-import-not-at-top
   try:
-    return worker_tls.server_ssl_context(args.tls_ca, args.tls_cert,
-                                         args.tls_key)
+    context = worker_tls.server_ssl_context(args.tls_ca, args.tls_cert,
+                                            args.tls_key)
   except worker_tls.TlsSettingsError as e:
     sys.exit(f'error: {e}')
+  mode = os.stat(args.tls_key).st_mode & 0o777
+  if mode & 0o077 and not reexecuted:  # Said once, before re-executing.
+    print(f'warning: --tls_key {args.tls_key} is readable by other users '
+          f'(mode {mode:o}): whoever reads it can pose as this worker. '
+          f'`chmod 600 {args.tls_key}`.', file=sys.stderr, flush=True)
+  return context
 
 
 def _serve(args, argv: List[str], reexecuted: bool) -> int:
   """A worker for other machines: TLS front outside, worker inside."""
   _listen_host_port(args.listen)
-  context = _serve_checked_args(args)
+  context = _serve_checked_args(args, reexecuted)
   inherited = os.environ.pop(_LISTEN_FD_ENV, None)
   if not reexecuted:
     listening = _listen(args.listen)
