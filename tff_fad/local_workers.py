@@ -63,7 +63,8 @@ class WorkerRefusedError(WorkerError):
 # Addresses.
 
 
-def _split_host_port(address: str, *, any_port: bool = False):
+def split_host_port(address: str, *, any_port: bool = False):
+  """`(host, port)` of 'host:port' or '[v6]:port'; ValueError naming it."""
   if address.startswith('['):  # [v6]:port
     host, sep, port = address[1:].partition(']:')
   else:
@@ -113,7 +114,7 @@ def parse_addresses(spec: Union[str, Sequence[str]], *,
     raise ValueError('No worker addresses given (expected host:port,...).')
   seen = set()
   for address in addresses:
-    host, _ = _split_host_port(address)
+    host, _ = split_host_port(address)
     if address in seen:
       raise ValueError(f'Worker address {address!r} is given twice.')
     seen.add(address)
@@ -209,7 +210,7 @@ class LocalWorkers:
   def _wait_until_ready(self, timeout_seconds: float) -> None:
     deadline = time.monotonic() + timeout_seconds
     for address, pid in zip(self.addresses, self.pids):
-      host, port = _split_host_port(address)
+      host, port = split_host_port(address)
       while True:
         for child in self._children:
           child.poll()  # Reap, so an exited child reads as not running.
@@ -448,7 +449,7 @@ _LISTEN_FD_ENV = 'TFF_FAD_WORKER_LISTEN_FD'
 
 def _listen_host_port(address: str):
   try:
-    return _split_host_port(address, any_port=True)
+    return split_host_port(address, any_port=True)
   except ValueError as e:
     sys.exit(f'error: --listen: {e}')
 
@@ -521,7 +522,7 @@ def _serve(args, argv: List[str], reexecuted: bool) -> int:
   host, port = listening.getsockname()[:2]
   address = f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
   with LocalWorkers(1, log_dir=args.log_dir) as local:
-    worker_port = _split_host_port(local.addresses[0])[1]
+    worker_port = split_host_port(local.addresses[0])[1]
 
     async def serve():
       started = asyncio.Event()

@@ -136,14 +136,6 @@ def _alert(e: ssl.SSLError) -> str:
   return ''
 
 
-def _split(address: str):
-  if address.startswith('['):
-    host, _, port = address[1:].partition(']:')
-  else:
-    host, _, port = address.rpartition(':')
-  return host, int(port)
-
-
 def _speak_http2(sock, timeout_seconds: float) -> bytes:
   """Sends HTTP/2's client preface; the first bytes of the answer ('' at EOF).
 
@@ -154,9 +146,9 @@ def _speak_http2(sock, timeout_seconds: float) -> bytes:
   return sock.recv(9)
 
 
-def check_worker(address: str, tls: Optional[WorkerTls],
+def check_worker(host: str, port: int, tls: Optional[WorkerTls],
                  timeout_seconds: float = 10.0) -> Optional[str]:
-  """Why the worker at `address` refuses this driver, or None if it accepts.
+  """Why the worker at `host:port` refuses this driver, or None if it accepts.
 
   One TLS handshake (or none, with `tls=None`) and an HTTP/2 preface: gRPC
   would only say the channel never became ready, after its timeout.
@@ -166,7 +158,6 @@ def check_worker(address: str, tls: Optional[WorkerTls],
     Connection failures (nothing listening) also return None: the caller's
     gRPC connect reports those.
   """
-  host, port = _split(address)
   try:
     raw = socket.create_connection((host, port), timeout=timeout_seconds)
   except OSError:

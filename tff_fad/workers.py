@@ -51,6 +51,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 import grpc
 import tensorflow_federated as tff
 
+from tff_fad import local_workers
 from tff_fad import runtime
 from tff_fad import stages
 from tff_fad import worker_tls
@@ -153,7 +154,8 @@ def _connect(address: str, timeout_seconds: float,
              tls: Optional[WorkerTls]) -> grpc.Channel:
   # gRPC would only report a channel that never becomes ready, after the
   # timeout; one handshake of our own says why a worker refuses us.
-  refusal = worker_tls.check_worker(address, tls, timeout_seconds)
+  host, port = local_workers.split_host_port(address)
+  refusal = worker_tls.check_worker(host, port, tls, timeout_seconds)
   if refusal:
     raise WorkerRefusedError(address, refusal)
   if tls is None:
