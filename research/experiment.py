@@ -248,15 +248,16 @@ def print_privacy(report) -> None:
 
 def privacy_summary(report) -> Optional[collections.OrderedDict]:
   """A summary's `privacy` field: the report's figures, None without DP."""
-  if report is None:
-    return None
-  return collections.OrderedDict(
-      epsilon=report.epsilon, delta=report.delta,
-      sampling_rate=report.sampling_rate, rounds=report.rounds,
-      noise_multiplier=DP_NOISE.value,
-      effective_noise_multiplier=report.effective_noise_multiplier,
-      releases_per_round=[
-          f'{r.kind} {r.mechanism}: {r.node}' for r in report.releases])
+  return None if report is None else report.summary(DP_NOISE.value)
+
+
+def training_time(summary: dict, resumed_from: Optional[int],
+                  rounds: int) -> str:
+  """The final line's training time: the run's wall time, or, for a rerun of
+  a finished run, that an earlier run trained every round."""
+  if resumed_from == rounds:
+    return 'all trained by an earlier run'
+  return f'{summary["wall_time_seconds"]} s'
 
 
 def require_dp_delta() -> None:

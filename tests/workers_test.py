@@ -263,16 +263,6 @@ def test_a_dead_worker_is_named_instead_of_hanging(digits_setup):
 # Workers behind TLS fronts (`python -m tff_fad.local_workers serve`).
 
 
-def _load_ca(pki):
-  from cryptography import x509  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
-  with open(pki['ca_cert'], 'rb') as f:
-    cert = x509.load_pem_x509_certificate(f.read())
-  with open(pki['ca_key'], 'rb') as f:
-    key = serialization.load_pem_private_key(f.read(), None)
-  return cert, key
-
-
 @pytest.fixture(scope='module')
 def pki(tmp_path_factory):
   """The cluster's CA, another CA, and certificates past their end date."""
@@ -284,7 +274,7 @@ def pki(tmp_path_factory):
                   - datetime.timedelta(days=10))
   expired = worker_tls.make_certificates(
       str(root / 'expired'), ['127.0.0.1'], days=1, not_before=ten_days_ago,
-      ca=_load_ca(cluster))
+      ca=cluster['ca'])
   return {'cluster': cluster, 'other': other, 'expired': expired}
 
 

@@ -154,6 +154,11 @@ def is_running(pid: int) -> bool:
     return False
 
 
+def _check_num_workers(num_workers) -> None:
+  if not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f'num_workers must be a positive int, got {num_workers!r}.')
+
+
 class LocalWorkers:
   """TFF worker services started on this machine, on free ports.
 
@@ -174,8 +179,7 @@ class LocalWorkers:
   def __init__(self, num_workers: int, *, ports: Optional[Sequence[int]] = None,
                log_dir: Optional[str] = None, detach: bool = False,
                ready_timeout_seconds: float = 60.0):
-    if not isinstance(num_workers, int) or num_workers < 1:
-      raise ValueError(f'num_workers must be a positive int, got {num_workers!r}.')
+    _check_num_workers(num_workers)
     if ports is not None and len(ports) != num_workers:
       raise ValueError(f'{len(ports)} ports given for {num_workers} workers.')
     ports = list(ports) if ports else [portpicker.pick_unused_port()
@@ -264,8 +268,7 @@ class ServedWorkers:
                insecure: bool = False, host: str = '127.0.0.1',
                log_dir: Optional[str] = None,
                ready_timeout_seconds: float = 60.0):
-    if not isinstance(num_workers, int) or num_workers < 1:
-      raise ValueError(f'num_workers must be a positive int, got {num_workers!r}.')
+    _check_num_workers(num_workers)
     self.log_dir = log_dir or tempfile.mkdtemp(prefix='tff_fad_served_')
     os.makedirs(self.log_dir, exist_ok=True)
     flags = (['--insecure'] if insecure else
@@ -383,13 +386,15 @@ def in_private_network() -> bool:
   return [name for _, name in socket.if_nameindex()] == ['lo']
 
 
-def _enter_private_network(argv: List[str], **extra_env: str) -> None:
+def _enter_private_network(argv: List[str], what: str, without_it: str,
+                           **extra_env: str) -> None:
   """Re-executes this command in a new user + network namespace.
 
   Inside, only a loopback interface exists: the workers (and the command)
   are reachable by nothing outside, whatever interfaces they listen on.
   Inheritable file descriptors stay open across the re-execution (sockets
-  keep the namespace they were opened in).
+  keep the namespace they were opened in). Where no namespace can be made,
+  exits saying `what` cannot start, why, and `without_it`.
   """
   command = ['unshare', '--user', '--map-root-user', '--net', '--',
              sys.executable, '-m', 'tff_fad.local_workers'] + argv
@@ -403,18 +408,8 @@ def _enter_private_network(argv: List[str], **extra_env: str) -> None:
   if probe is None or probe.returncode != 0:
     reason = ('the unshare tool (util-linux) is missing' if probe is None
               else probe.stderr.strip() or f'exit code {probe.returncode}')
-    if argv[0] == 'serve':
-      sys.exit(
-          'error: cannot start the worker in a private network namespace '
-          f'({reason}). Outside one, its plaintext port would be reachable '
-          'on every interface of this machine, past the TLS front. Allow '
-          'unprivileged user namespaces (e.g. sysctl '
-          'kernel.unprivileged_userns_clone=1, or on Ubuntu 24.04 '
-          'kernel.apparmor_restrict_unprivileged_userns=0).')
-    sys.exit(
-        'error: cannot start the workers in a private network namespace '
-        f'({reason}). {TRUST_WARNING} To start them on this machine\'s '
-        'network anyway, pass --shared_network.')
+    sys.exit(f'error: cannot start {what} in a private network namespace '
+             f'({reason}). {without_it}')
   os.execvpe('unshare', command, env)
 
 
@@ -454,17 +449,13 @@ def _listen_host_port(address: str):
     sys.exit(f'error: --listen: {e}')
 
 
-def _listen(address: str) -> socket.socket:
-  host, port = _listen_host_port(address)
+def _listen(host: str, port: int) -> socket.socket:
   try:
     family = (socket.AF_INET6 if ipaddress.ip_address(host).version == 6
               else socket.AF_INET)
   except ValueError:  # A host name.
     family = socket.AF_INET
-  try:
-    return socket.create_server((host, port), family=family, backlog=128)
-  except OSError as e:
-    sys.exit(f'error: --listen {address}: cannot listen there ({e}).')
+  return socket.create_server((host, port), family=family, backlog=128)
 
 
 def _serve_checked_args(args, reexecuted: bool):
@@ -500,13 +491,22 @@ def _serve_checked_args(args, reexecuted: bool):
 
 def _serve(args, argv: List[str], reexecuted: bool) -> int:
   """A worker for other machines: TLS front outside, worker inside."""
-  _listen_host_port(args.listen)
+  host, port = _listen_host_port(args.listen)
   context = _serve_checked_args(args, reexecuted)
   inherited = os.environ.pop(_LISTEN_FD_ENV, None)
   if not reexecuted:
-    listening = _listen(args.listen)
+    try:
+      listening = _listen(host, port)
+    except OSError as e:
+      sys.exit(f'error: --listen {args.listen}: cannot listen there ({e}).')
     os.set_inheritable(listening.fileno(), True)
-    _enter_private_network(argv, **{_LISTEN_FD_ENV: str(listening.fileno())})
+    _enter_private_network(
+        argv, 'the worker',
+        'Outside one, its plaintext port would be reachable on every '
+        'interface of this machine, past the TLS front. Allow unprivileged '
+        'user namespaces (e.g. sysctl kernel.unprivileged_userns_clone=1, or '
+        'on Ubuntu 24.04 kernel.apparmor_restrict_unprivileged_userns=0).',
+        **{_LISTEN_FD_ENV: str(listening.fileno())})
   if inherited is None:
     sys.exit('error: serve lost its listening socket on re-execution.')
   if not in_private_network():
@@ -640,7 +640,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.exit('error: the network namespace made by unshare has interfaces '
                  f'other than loopback; not starting the workers. '
                  f'{TRUST_WARNING}')
-      _enter_private_network(argv)
+      _enter_private_network(
+          argv, 'the workers',
+          f'{TRUST_WARNING} To start them on this machine\'s network '
+          'anyway, pass --shared_network.')
     return _run(args)
   if args.action == 'start':
     return _start(args)

@@ -517,8 +517,7 @@ def _run() -> dict[str, Any]:
       **experiment.wall_time(start, history, resumed_from),
       flags=experiment.flag_values(__name__))
   summary = run_dir.write_summary(output_dir, summary, history)
-  trained = ('all trained by an earlier run' if resumed_from == rounds
-             else f'{summary["wall_time_seconds"]} s')
+  trained = experiment.training_time(summary, resumed_from, rounds)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
         f"{test_summary['final_test_accuracy']:.4f} (after "
         f'{rounds} rounds, {passes_per_round * rounds:,g} forward passes per '

@@ -187,13 +187,7 @@ def _write_outputs(output_dir: str, rows, report, final_lr: float) -> None:
   summary = collections.OrderedDict(
       final_loss=rows[-1][1], initial_server_learning_rate=_SERVER_LR.value,
       final_server_learning_rate=final_lr,
-      privacy=collections.OrderedDict(
-          epsilon=report.epsilon, delta=report.delta,
-          sampling_rate=report.sampling_rate, rounds=report.rounds,
-          noise_multiplier=_NOISE.value,
-          effective_noise_multiplier=report.effective_noise_multiplier,
-          releases_per_round=[f'{r.kind} {r.mechanism}: {r.node}'
-                              for r in report.releases]),
+      privacy=report.summary(_NOISE.value),
       flags={name: FLAGS[name].value for name in sorted(FLAGS)})
   with open(os.path.join(output_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

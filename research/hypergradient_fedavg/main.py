@@ -314,8 +314,7 @@ def _run() -> dict[str, Any]:
       **experiment.wall_time(start, history, resumed_from),
       flags=experiment.flag_values(__name__))
   summary = run_dir.write_summary(output_dir, summary, history)
-  trained = ('all trained by an earlier run' if resumed_from == _ROUNDS.value
-             else f'{summary["wall_time_seconds"]} s')
+  trained = experiment.training_time(summary, resumed_from, _ROUNDS.value)
   print(f"Final test accuracy ({test_summary['test_accuracy_from']}): "
         f"{test_summary['final_test_accuracy']:.4f}; server learning rate "
         f'{_SERVER_LR.value:g} -> {final_lr:.4f} after {_ROUNDS.value} rounds '

@@ -23,6 +23,7 @@ is not differentially private (a plain or secure sum of client data) makes
 epsilon infinite; the report names it.
 """
 
+import collections
 import dataclasses
 import math
 from typing import Any, List, Optional, Sequence
@@ -258,6 +259,22 @@ class PrivacyReport:
   @property
   def non_private_releases(self) -> List[Release]:
     return [r for r in self.releases if r.mechanism != 'dp']
+
+  def summary(self, noise_multiplier: Optional[float] = None
+              ) -> collections.OrderedDict:
+    """The figures as a JSON-ready mapping (a run summary's `privacy`).
+
+    Args:
+      noise_multiplier: The one the run configured, reported beside the
+        effective one.
+    """
+    return collections.OrderedDict(
+        epsilon=self.epsilon, delta=self.delta,
+        sampling_rate=self.sampling_rate, rounds=self.rounds,
+        noise_multiplier=noise_multiplier,
+        effective_noise_multiplier=self.effective_noise_multiplier,
+        releases_per_round=[f'{r.kind} {r.mechanism}: {r.node}'
+                            for r in self.releases])
 
   def __str__(self):
     lines = [
