@@ -32,9 +32,9 @@ with 10, 100 and 1,000 clients per round, in six execution contexts:
     worker's TensorFlow thread pools already use every core of this machine,
     so only pinned workers show what splitting a round buys when each worker
     has a machine (here, a core) of its own;
-  * 2 pinned workers behind TLS fronts (`tff_fad.local_workers.ServedWorkers`,
-    what `python -m tff_fad.local_workers serve` runs on each machine of a
-    cluster), each front pinned to its worker's core, the driver connecting
+  * 2 pinned workers behind TLS fronts
+    (`tff_fad.served_workers.ServedWorkers`, what `python -m
+    tff_fad.local_workers serve` runs on each machine of a cluster), each front pinned to its worker's core, the driver connecting
     with mutual TLS: `tls_over_plaintext_2_pinned_workers` is what
     encryption and authentication cost a round.
 
@@ -72,6 +72,7 @@ import tensorflow_federated as tff
 import tff_fad
 from tff_fad import data as fad_data
 from tff_fad import local_workers
+from tff_fad import served_workers
 from tff_fad import worker_tls
 from tff_fad import workers
 from tff_fad.learning import baffle
@@ -292,7 +293,7 @@ def main(argv):
         pki = worker_tls.make_certificates(
             started.enter_context(tempfile.TemporaryDirectory()),
             ['127.0.0.1'])
-        served = started.enter_context(local_workers.ServedWorkers(
+        served = started.enter_context(served_workers.ServedWorkers(
             num_workers, tls_ca=pki['ca_cert'], tls_cert=pki['worker_cert'],
             tls_key=pki['worker_key']))
         addresses, pids = served.addresses, list(zip(served.worker_pids,

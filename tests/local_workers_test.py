@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tff_fad import local_workers
+from tff_fad import served_workers
 from tff_fad import runtime
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +254,7 @@ def test_cli_serve_names_bad_tls_settings(certificates, flags, message):
 
 
 def test_cli_serve_insecure_serves_plaintext_from_a_private_namespace(tmp_path):
-  with local_workers.ServedWorkers(1, insecure=True,
+  with served_workers.ServedWorkers(1, insecure=True,
                                    log_dir=str(tmp_path)) as served:
     with open(tmp_path / 'serve_0.log') as f:
       assert 'PLAINTEXT (--insecure)' in f.read()
@@ -274,7 +275,7 @@ def test_cli_serve_warns_of_a_key_others_can_read(certificates, tmp_path):
   key = tmp_path / 'worker.key'
   key.write_bytes(open(certificates['worker_key'], 'rb').read())
   key.chmod(0o644)
-  with local_workers.ServedWorkers(
+  with served_workers.ServedWorkers(
       1, tls_ca=certificates['ca_cert'], tls_cert=certificates['worker_cert'],
       tls_key=str(key), log_dir=str(tmp_path)):
     log = (tmp_path / 'serve_0.log').read_text()

@@ -14,6 +14,7 @@ import tensorflow_federated as tff
 
 from tff_fad import data as fad_data
 from tff_fad import local_workers
+from tff_fad import served_workers
 from tff_fad import worker_tls
 from tff_fad import workers
 from tff_fad.learning import baffle
@@ -288,7 +289,7 @@ def _tls(pki, ca='cluster', client='cluster'):
 @pytest.fixture(scope='module')
 def two_tls_workers(pki):
   cluster = pki['cluster']
-  with local_workers.ServedWorkers(
+  with served_workers.ServedWorkers(
       2, tls_ca=cluster['ca_cert'], tls_cert=cluster['worker_cert'],
       tls_key=cluster['worker_key']) as served:
     yield served
@@ -343,7 +344,7 @@ def test_a_plaintext_driver_is_refused_with_the_reason(two_tls_workers):
 
 def test_an_expired_worker_certificate_is_refused_by_the_driver(pki):
   cluster, expired = pki['cluster'], pki['expired']
-  with local_workers.ServedWorkers(
+  with served_workers.ServedWorkers(
       1, tls_ca=cluster['ca_cert'], tls_cert=expired['worker_cert'],
       tls_key=expired['worker_key']) as served:
     with pytest.raises(workers.WorkerRefusedError,

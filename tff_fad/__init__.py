@@ -39,7 +39,7 @@ _EXPORTS = {
 # Subpackages: learning algorithms (tff_fad.learning.build_...), data, and
 # execution on several TFF workers (computations cut into stages).
 _SUBMODULES = ('aggregation', 'core', 'data', 'learning', 'local_workers',
-               'stages', 'worker_tls', 'workers')
+               'served_workers', 'stages', 'worker_tls', 'workers')
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ import pytest
 
 from research.hypergradient_fedavg import main as hypergradient_main
 from tff_fad import local_workers
+from tff_fad import served_workers
 from tff_fad import worker_tls
 
 FLAGS = flags.FLAGS
@@ -49,7 +50,7 @@ def test_reverse_mode_on_two_tls_workers_gives_the_one_process_run(tmp_path):
                            **flags_):
     expected = hypergradient_main.run()
   pki = worker_tls.make_certificates(str(tmp_path / 'certs'), ['127.0.0.1'])
-  with local_workers.ServedWorkers(
+  with served_workers.ServedWorkers(
       2, tls_ca=pki['ca_cert'], tls_cert=pki['worker_cert'],
       tls_key=pki['worker_key']) as served:
     with flagsaver.flagsaver(output_dir=str(tmp_path / 'workers'),
